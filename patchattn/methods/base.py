@@ -1,0 +1,124 @@
+"""Common base of the sparse attention methods and the mask shapes they produce.
+
+A method turns (queries, keys, the call's context) into a `Selection`: a description of which
+query-key pairs to compute. Selections know how to expand a chunk of query rows into a boolean
+keep-mask (the reference path and the test oracle) and carry the compact form (columns and
+diagonals, or key blocks) that the Triton kernels consume.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Dict, Optional, Type
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from ..plan import PlanError
+
+
+@dataclass
+class AttnContext:
+    """What a method may look at for one attention call (one layer, a subset of heads)."""
+
+    q_pos: torch.Tensor  # [M] absolute position of each query row
+    k_pos: torch.Tensor  # [N] absolute position of each key
+    kv_start: torch.Tensor  # [B] absolute position of the first valid (non-pad) key
+    base_rows: Any  # (start, end) -> bool [B,1,C,N]: causal/padding/sliding-window mask
+    scale: float
+    softcap: Optional[float]
+    layer: int
+
+    @property
+    def kv_len(self) -> int:
+        return int(self.k_pos.numel())
+
+
+class Selection:
+    """Which pairs a method keeps, on top of the base (causal/padding/window) mask."""
+
+    def rows(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        """bool [B, H|1, len(q_pos), len(k_pos)]: pairs kept for these query rows."""
+        raise NotImplementedError
+
+
+@dataclass
+class ColumnDiagonalSelection(Selection):
+    """Keep key columns and diagonals (d = q_pos - k_pos): streaming and vertical-slash."""
+
+    columns: torch.Tensor  # bool [B, H, N]: indexed by key index (k_pos - k_pos[0])
+    diagonals: torch.Tensor  # bool [B, H, N]: indexed by d >= 0
+
+    def rows(self, q_pos, k_pos):
+        cols = self.columns[:, :, None, :]  # [B,H,1,N]
+        d = (q_pos[:, None] - k_pos[None, :]).clamp(0, self.diagonals.shape[-1] - 1)  # [C,N]
+        diag = self.diagonals[:, :, d]  # [B,H,C,N]
+        return cols | diag
+
+
+@dataclass
+class BlockSelection(Selection):
+    """Keep (query block, key block) tiles; blocks are aligned to absolute positions."""
+
+    blocks: torch.Tensor  # bool [B, H, nqb, nkb]
+    block_size: int
+    first_q_block: int  # absolute block id of blocks[..., 0, :]
+    first_k_block: int
+
+    def rows(self, q_pos, k_pos):
+        qb = torch.div(q_pos, self.block_size, rounding_mode="floor") - self.first_q_block
+        kb = torch.div(k_pos, self.block_size, rounding_mode="floor") - self.first_k_block
+        return self.blocks[:, :, qb][:, :, :, kb]
+
+
+class AllPairs(Selection):
+    def rows(self, q_pos, k_pos):
+        return torch.ones(1, 1, q_pos.numel(), k_pos.numel(), dtype=torch.bool, device=q_pos.device)
+
+
+class Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SparseMethod:
+    """One attention method: a name, a validated parameter model and a selection rule."""
+
+    name: ClassVar[str]
+    Params: ClassVar[Type[Params]] = Params
+
+    def __init__(self, params: Dict[str, Any]):
+        self.params = self.Params(**params)
+
+    @classmethod
+    def validate_params(cls, params: Dict[str, Any]) -> Dict[str, Any]:
+        """Check parameters; return them in canonical form (defaults filled in)."""
+        try:
+            return cls.Params(**params).model_dump(mode="json")
+        except ValidationError as e:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or 'params'}: {err['msg'].removeprefix('Value error, ')}"
+                for err in e.errors()
+            )
+            raise PlanError(f"method {cls.name!r}: invalid params: {problems}") from None
+
+    def select(self, q: torch.Tensor, k: torch.Tensor, ctx: AttnContext) -> Selection:
+        """q [B,H,M,D] and k [B,H,N,D] for the heads this method runs on."""
+        raise NotImplementedError
+
+    def expected_density(self, n: int) -> float:
+        """Fraction of causal pairs computed at prompt length n (plan inspection, estimates)."""
+        raise NotImplementedError
+
+
+def causal_pairs(n: int) -> int:
+    return n * (n + 1) // 2
+
+
+def band_pairs(n: int, sink: int, window: int) -> int:
+    """Causal pairs inside `window` diagonals plus the first `sink` columns (no double count)."""
+    pairs = 0
+    window = min(window, n)
+    pairs += window * n - window * (window - 1) // 2  # diagonals 0..window-1
+    for j in range(min(sink, n)):  # column j, rows j+window..n-1 not already counted
+        pairs += max(0, n - j - window)
+    return pairs

@@ -1,0 +1,71 @@
+"""Vertical-slash attention (MInference-style), chosen online per head and per prompt.
+
+The last `last_q` queries are scored against all keys; their attention mass summed per key
+column gives the vertical scores and summed per diagonal (d = q_pos - k_pos) gives the slash
+scores. The top `vertical` columns and top `slash` diagonals are kept for every query, plus
+`sink` first tokens and a `window`-wide local band.
+"""
+
+from typing import Annotated, Union
+
+import torch
+from pydantic import Field
+
+from ..kernels.reference import softcapped
+from ..plan import BudgetRule, resolve_budget
+from .base import ColumnDiagonalSelection, Params, SparseMethod, band_pairs, causal_pairs
+from .streaming import local_diagonals, sink_columns
+
+Budget = Union[Annotated[int, Field(ge=0)], BudgetRule]
+
+
+class VerticalSlash(SparseMethod):
+    name = "vertical_slash"
+
+    class Params(Params):
+        vertical: Budget
+        slash: Budget
+        last_q: Annotated[int, Field(ge=1)] = 64
+        sink: Annotated[int, Field(ge=0)] = 4
+        window: Annotated[int, Field(ge=1)] = 64
+
+    def select(self, q, k, ctx):
+        n = ctx.kv_len
+        p = self.params
+        vertical_scores, slash_scores = estimate_vertical_slash(q, k, ctx, p.last_q)
+        columns = sink_columns(ctx, p.sink) | top_mask(vertical_scores, resolve_budget(p.vertical, n))
+        diagonals = local_diagonals(ctx, p.window) | top_mask(slash_scores, resolve_budget(p.slash, n))
+        return ColumnDiagonalSelection(columns=columns, diagonals=diagonals)
+
+    def expected_density(self, n: int) -> float:
+        # Upper bound: selected columns and diagonals counted as if disjoint and full length;
+        # a column of key j spans n - j rows, so take the mean length n / 2.
+        p = self.params
+        band = band_pairs(n, p.sink, p.window)
+        extra = (resolve_budget(p.vertical, n) + resolve_budget(p.slash, n)) * n / 2
+        return min(1.0, (band + extra) / causal_pairs(n))
+
+
+def top_mask(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """bool mask of the `count` highest entries along the last dim (ties broken by topk)."""
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    count = min(count, scores.shape[-1])
+    if count > 0:
+        mask.scatter_(-1, scores.topk(count, dim=-1).indices, True)
+    return mask
+
+
+def estimate_vertical_slash(q, k, ctx, last_q: int):
+    """Attention of the last `last_q` query rows, summed per key column and per diagonal."""
+    m = q.shape[-2]
+    start = max(0, m - last_q)
+    rows_pos = ctx.q_pos[start:]
+    scores = softcapped(torch.matmul(q[:, :, start:], k.transpose(-1, -2)).float() * ctx.scale, ctx.softcap)
+    keep = ctx.base_rows(start, m)  # [B,1,L,N]
+    probs = torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1).nan_to_num(0.0)
+    vertical = probs.sum(dim=-2)  # [B,H,N]
+    n = ctx.kv_len
+    diag = (rows_pos[:, None] - ctx.k_pos[None, :]).clamp(0, n - 1)  # [L,N]; masked probs are 0
+    slash = torch.zeros_like(vertical)
+    slash.scatter_add_(-1, diag.reshape(1, 1, -1).expand(*probs.shape[:2], -1), probs.flatten(-2))
+    return vertical, slash
