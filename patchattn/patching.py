@@ -382,3 +382,39 @@ def patched(model, plan: Plan):
         unpatch_model(model)
         if previous is not None:
             patch_model(model, previous.plan)
+
+
+def causal_lazy_mask(batch: int, q_len: int, kv_len: int, padding: Optional[torch.Tensor] = None,
+                     sliding_window: Optional[int] = None, device=None) -> LazyMask:
+    """The mask a causal LM builds for `q_len` new queries over `kv_len` keys (for direct use)."""
+    from transformers.masking_utils import causal_mask_function, sliding_window_causal_mask_function
+
+    fn = sliding_window_causal_mask_function(sliding_window) if sliding_window else causal_mask_function
+    if padding is not None:
+        padding = padding.to(torch.bool)  # what transformers hands its mask functions
+    return LazyMask(dict(batch_size=batch, q_length=q_len, kv_length=kv_len, q_offset=kv_len - q_len,
+                         kv_offset=0, mask_function=fn, attention_mask=padding,
+                         device=device or torch.device("cpu")))
+
+
+def run_method(method: SparseMethod, query, key, value, mask: LazyMask, *, scale: float,
+               softcap: Optional[float] = None, return_mask: bool = False):
+    """Run one method on all heads of q [B,H,M,D], k/v [B,Hkv,N,D] (tests, calibration, benchmarks).
+
+    Returns (out [B,H,M,D], kept_pairs [B,H]) and, if `return_mask`, the full keep mask
+    [B,H,M,N] the method used (small inputs only: it is materialised).
+    """
+    state = LayerState(0, [HeadGroup(method, torch.arange(query.shape[1]))], 0, "sdpa",
+                       LayerStats(0, [method.name] * query.shape[1]))
+    out = sparse_attention(state, query, key, value, mask, scale=scale, softcap=softcap, sliding_window=None)
+    kept = torch.tensor(state.stats.kept)
+    if not return_mask:
+        return out, kept
+    group_size = query.shape[1] // key.shape[1]
+    k = key.repeat_interleave(group_size, dim=1)
+    q_pos, k_pos = mask.positions()
+    ctx = AttnContext(q_pos=q_pos, k_pos=k_pos, kv_start=mask.kv_start(), base_rows=mask.rows,
+                      scale=scale, softcap=softcap, layer=0)
+    selection = method.select(query, k, ctx)
+    keep = mask.rows(0, q_pos.numel()) & selection.rows(q_pos, k_pos)
+    return out, kept, keep.expand(query.shape[0], query.shape[1], -1, -1)

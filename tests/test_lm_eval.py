@@ -1,0 +1,143 @@
+"""lm-eval integration: the `patchattn` model, generated task files, metric, CLI end to end."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("lm_eval")
+
+from conftest import STORIES, needs  # noqa: E402
+from patchattn.evals import lm_eval_tasks  # noqa: E402
+from test_synthetic import WordTokenizer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_SHAKESPEARE = STORIES.parents[1] / "corpora" / "tinyshakespeare" / "input.txt"
+
+
+class OffsetWordTokenizer(WordTokenizer):
+    """WordTokenizer that also reports character offsets (for perplexity chunking)."""
+
+    def __call__(self, text, verbose=True, return_offsets_mapping=False, **kw):
+        if not return_offsets_mapping:
+            return super().__call__(text, verbose, **kw)
+        spans = [m.span() for m in re.finditer(r"\w+|[^\w\s]", text)]
+        return {"input_ids": [0] * len(spans), "offset_mapping": spans}
+
+
+def _oracle_lm(right: bool):
+    from lm_eval.api.model import LM
+
+    class Oracle(LM):
+        """Answers generation requests with the gold answers (or with nonsense)."""
+
+        def generate_until(self, requests, disable_tqdm=False):
+            return [" " + ", ".join(r.doc["answers"]) if right else " no idea" for r in requests]
+
+        def loglikelihood(self, requests, disable_tqdm=False):
+            raise NotImplementedError
+
+        def loglikelihood_rolling(self, requests, disable_tqdm=False):
+            raise NotImplementedError
+
+    return Oracle()
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("lm_eval_tasks")
+    names = lm_eval_tasks.write_tasks(out, WordTokenizer(), lengths=[1024], samples=3)
+    return out, names
+
+
+def test_model_is_registered():
+    from lm_eval.api.registry import get_model
+
+    from patchattn.lm_eval_model import PatchAttnLM
+
+    assert get_model("patchattn") is PatchAttnLM
+
+
+def test_task_files_are_indexed(task_dir):
+    from lm_eval.tasks import TaskManager
+
+    out, names = task_dir
+    assert names == [f"patchattn_{t}_1k" for t in lm_eval_tasks.synthetic.DEFAULT_TASKS]
+    tm = TaskManager(include_path=str(out), include_defaults=False)
+    assert set(names) <= set(tm.all_tasks)
+    assert {"patchattn_ruler", "patchattn_ruler_1k"} <= set(tm.all_tags)
+
+
+@pytest.mark.parametrize("right", [True, False])
+def test_metric_scores_gold_as_one(task_dir, right):
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    out, names = task_dir
+    tm = TaskManager(include_path=str(out), include_defaults=False)
+    results = simple_evaluate(model=_oracle_lm(right), tasks=names, task_manager=tm)["results"]
+    for name in names:
+        assert results[name]["score,none"] == (1.0 if right else 0.0), name
+
+
+def test_ppl_chunks():
+    text = "One two three, four five. " * 200
+    chunks = lm_eval_tasks.ppl_chunks(OffsetWordTokenizer(), text, 101, 3)
+    assert len(chunks) == 3
+    assert all(len(re.findall(r"\w+|[^\w\s]", c)) == 100 for c in chunks)
+    assert "".join(chunks) == text[: sum(len(c) for c in chunks)]
+
+
+def test_length_label():
+    assert [lm_eval_tasks.length_label(n) for n in (2048, 4096, 8192, 1000)] == ["2k", "4k", "8k", "1000"]
+
+
+def _lm_eval_cmd():
+    # `patchattn lm-eval` once cli.py wires lm_eval_main; the module's own __main__ until then.
+    wired = "lm_eval_main" in (ROOT / "patchattn" / "cli.py").read_text()
+    return [sys.executable, "-m", "patchattn.cli", "lm-eval"] if wired else \
+        [sys.executable, "-m", "patchattn.lm_eval_model"]
+
+
+def _run_lm_eval(args, tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               OMP_NUM_THREADS="1", HF_DATASETS_CACHE=str(tmp_path / "hf_datasets"))
+    proc = subprocess.run(_lm_eval_cmd() + args, cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+@needs(STORIES)
+def test_lm_eval_cli_dense_and_patched(tmp_path):
+    import patchattn
+    from transformers import AutoConfig, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(STORIES)
+    ppl = TINY_SHAKESPEARE if TINY_SHAKESPEARE.exists() else None
+    names = lm_eval_tasks.write_tasks(tmp_path / "tasks", tok, tasks=["passkey"], lengths=[384],
+                                      samples=2, ppl_text=ppl, ppl_docs=1)
+    plan_path = tmp_path / "plan.json"
+
+    class Shell:  # Plan.uniform needs only `.config` of a model
+        config = AutoConfig.from_pretrained(STORIES)
+
+    patchattn.Plan.uniform(Shell(), "streaming", {"sink": 4, "window": 64}).save(plan_path)
+
+    common = ["run", "--model", "patchattn", "--include_path", str(tmp_path / "tasks"),
+              "--tasks", ",".join(names), "--batch_size", "1"]
+    dense = _run_lm_eval(common + ["--model_args", f"pretrained={STORIES}"], tmp_path)
+    patched = _run_lm_eval(common + ["--model_args", f"pretrained={STORIES},plan={plan_path}",
+                                     "--output_path", str(tmp_path / "results")], tmp_path)
+    for stdout in (dense, patched):
+        assert re.search(r"\|\s*patchattn_passkey_384\s*\|.*\|\s*score\s*\|", stdout), stdout
+        if ppl:
+            assert re.search(r"\|\s*patchattn_ppl_384\s*\|.*bits_per_byte", stdout), stdout
+    result = json.loads(next((tmp_path / "results").rglob("results_*.json")).read_text())
+    density = result["config"]["patchattn_density"]
+    assert density is not None and 0 < density < 1
+    assert result["config"]["patchattn_plan"] == str(plan_path)

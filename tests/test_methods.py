@@ -1,0 +1,69 @@
+"""Each sparse method, at a budget that skips pairs, equals a brute-force masked softmax over
+the mask it reports (fp32, random inputs, GQA, padding)."""
+
+import pytest
+import torch
+
+from patchattn import get_method
+from patchattn.kernels.reference import dense_reference
+from patchattn.patching import causal_lazy_mask, run_method
+
+SPARSE = [
+    ("streaming", {"sink": 2, "window": 7}),
+    ("streaming", {"sink": 0, "window": {"scale": 0.1, "power": 1.0, "min": 3}}),
+    ("vertical_slash", {"vertical": 5, "slash": 3, "last_q": 8, "sink": 1, "window": 4}),
+    ("vertical_slash", {"vertical": {"scale": 0.05}, "slash": 2, "last_q": 16, "window": 8}),
+    ("block_topk", {"block_size": 8, "top_k": 2}),
+    ("block_topk", {"block_size": 4, "gamma": 0.5}),
+]
+SHAPES = [  # batch, q heads, kv heads, prompt length, head dim, left padding of row 1
+    (1, 4, 4, 64, 16, 0),
+    (2, 6, 2, 97, 32, 13),
+    (2, 8, 1, 130, 8, 40),
+]
+
+
+@pytest.mark.parametrize("method_name,params", SPARSE)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_method_matches_bruteforce(method_name, params, shape, softcap):
+    b, h, hkv, n, d, pad = shape
+    g = torch.Generator().manual_seed(hash((method_name, shape)) % 2**31)
+    q, k, v = (torch.randn(b, hh, n, d, generator=g) for hh in (h, hkv, hkv))
+    padding = torch.ones(b, n, dtype=torch.long)
+    padding[-1, :pad] = 0
+    method = get_method(method_name)(get_method(method_name).validate_params(params))
+    mask = causal_lazy_mask(b, n, n, padding if pad else None)
+    scale = d ** -0.5
+    out, kept, keep = run_method(method, q, k, v, mask, scale=scale, softcap=softcap, return_mask=True)
+    base = mask.rows(0, n).expand_as(keep)
+    assert not (keep & ~base).any(), "a method kept a pair outside the causal/padding mask"
+    assert (base & ~keep).any(), "budget was meant to skip pairs"
+    expected = dense_reference(q, k, v, keep, scale, softcap)
+    valid_rows = base.any(-1)
+    diff = (out - expected)[valid_rows].abs().max().item()
+    assert diff <= 1e-5, f"max abs diff {diff}"
+    assert torch.equal(kept, keep.sum(dim=(-1, -2)).sum(0)), "telemetry must count exactly the kept pairs"
+
+
+def test_vertical_slash_keeps_the_heavy_column():
+    """A key that every query attends to strongly must be among the selected columns."""
+    b, h, n, d = 1, 2, 80, 16
+    q = torch.randn(b, h, n, d)
+    k = torch.randn(b, h, n, d) * 0.1
+    k[:, :, 37] = q.mean(dim=2) * 8  # key 37 aligns with all queries
+    method = get_method("vertical_slash")({"vertical": 1, "slash": 0, "last_q": 8, "sink": 0, "window": 1})
+    _, _, keep = run_method(method, q, k, k.clone(), causal_lazy_mask(b, n, n), scale=d ** -0.5, return_mask=True)
+    assert keep[0, :, 60:, 37].all()
+
+
+def test_block_topk_always_keeps_diagonal_and_sink_block():
+    b, h, n, d = 2, 2, 64, 8
+    q, k, v = (torch.randn(b, h, n, d) for _ in range(3))
+    padding = torch.ones(b, n, dtype=torch.long)
+    padding[1, :10] = 0  # row 1 starts at position 10: its sink block is block 1 (size 8)
+    method = get_method("block_topk")({"block_size": 8, "top_k": 1})
+    _, _, keep = run_method(method, q, k, v, causal_lazy_mask(b, n, n, padding), scale=0.3, return_mask=True)
+    for i in range(n):
+        assert keep[0, :, i, (i // 8) * 8].all()  # own (diagonal) block start is kept when causal
+    assert keep[0, :, 40:, 0].all() and keep[1, :, 40:, 10].all()
