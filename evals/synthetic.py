@@ -192,11 +192,13 @@ def _key(rng: random.Random) -> str:
     return f"{rng.choice(ADJECTIVES)}-{rng.choice(NOUNS)}"
 
 
-def _distinct(rng: random.Random, make: Callable[[random.Random], str], n: int) -> List[str]:
+def _distinct(rng: random.Random, make: Callable[[random.Random], str], n: int, avoid: str = "") -> List[str]:
+    """n different values, none contained in `avoid` (a value inside its key, e.g. word value
+    "river" for key "calm-river", would be answerable by echoing the question)."""
     seen: List[str] = []
     while len(seen) < n:
         v = make(rng)
-        if v not in seen:
+        if v not in seen and v not in avoid:
             seen.append(v)
     return seen
 
@@ -246,7 +248,8 @@ def _niah_question(kind: str, key: str) -> str:
 
 def _niah_single(rng, depth, hay, value_kind: str = "number"):
     kind, plural, make = _value_kind(value_kind)
-    key, value = _key(rng), make(rng)
+    key = _key(rng)
+    (value,) = _distinct(rng, make, 1, avoid=key)
     needle = f"One of the special magic {plural} for {key} is: {value}."
     return _haystack_task(_niah_prefix(plural), _niah_question(kind, key), [(needle, depth)], [value], hay)
 
@@ -254,7 +257,8 @@ def _niah_single(rng, depth, hay, value_kind: str = "number"):
 def _niah_multikey(rng, depth, hay, value_kind: str = "number", num_keys: int = 4):
     # The queried needle sits at `depth`; the distractors (other keys) are spread around it.
     kind, plural, make = _value_kind(value_kind)
-    keys, values = _distinct(rng, _key, num_keys), _distinct(rng, make, num_keys)
+    keys = _distinct(rng, _key, num_keys)
+    values = _distinct(rng, make, num_keys, avoid=" ".join(keys))
     needles = [(f"One of the special magic {plural} for {k} is: {v}.", d)
                for k, v, d in zip(keys, values, _spread(depth, num_keys))]
     return _haystack_task(_niah_prefix(plural), _niah_question(kind, keys[0]), needles, [values[0]], hay)
@@ -262,7 +266,8 @@ def _niah_multikey(rng, depth, hay, value_kind: str = "number", num_keys: int = 
 
 def _niah_multivalue(rng, depth, hay, value_kind: str = "number", num_values: int = 4):
     kind, plural, make = _value_kind(value_kind)
-    key, values = _key(rng), _distinct(rng, make, num_values)
+    key = _key(rng)
+    values = _distinct(rng, make, num_values, avoid=key)
     needles = [(f"One of the special magic {plural} for {key} is: {v}.", d)
                for v, d in zip(values, _spread(depth, num_values))]
     suffix = (
@@ -299,12 +304,13 @@ def _variable_tracking(rng, depth, hay, num_chains: int = 1, num_hops: int = 4):
     return _haystack_task(prefix, suffix, needles, query, hay)
 
 
-def _kv_retrieval(rng, depth, hay, pair_chars: int = 72):
+def _kv_retrieval(rng, depth, hay):
     """A JSON object of uuid -> uuid pairs is the whole context (no prose haystack).
 
     `k` counts characters of uuid material: k // 72 full pairs, then one pair of truncated
     uuids takes up the remainder, which lets the prompt length move in steps of ~1 token.
     """
+    pair_chars = 72  # two 36-character uuids
     pool: List[str] = []
 
     def uuid_at(i: int) -> str:
@@ -334,13 +340,14 @@ def _pseudo_word(rng: random.Random) -> str:
 
 
 def _common_words(rng, depth, hay, num_common: int = 10, freq_common: int = 30, freq_rare: int = 3,
-                  est_entries: int = 0):
+                  capacity: int = 0):
     """A numbered list where `num_common` words recur; `k` counts the rare-word entries.
 
-    The common words' frequency is capped at a third of the list (est_entries, measured by the
-    caller) so short prompts still have room for rare words; rare words always recur less.
+    The common words' frequency is capped so they fill at most a third of the list (`capacity`:
+    entries that fit the length, measured by the caller), leaving short prompts room for rare
+    words; rare words always recur less often than common ones.
     """
-    freq_common = max(2, min(freq_common, est_entries // (3 * num_common) if est_entries else freq_common))
+    freq_common = max(2, min(freq_common, capacity // (3 * num_common) if capacity else freq_common))
     freq_rare = max(1, min(freq_rare, freq_common - 1))
     real = list(dict.fromkeys(NOUNS + ADJECTIVES))
     rng.shuffle(real)
@@ -396,11 +403,12 @@ def count_tokens(tokenizer, text: str) -> int:
     return len(tokenizer(text, verbose=False)["input_ids"])
 
 
-def _fit(build: Callable[[int], _Built], tokenizer, target: int, k0: int) -> Tuple[_Built, int]:
+def _fit(build: Callable[[int], _Built], tokenizer, target: int, k0: int = 256) -> Tuple[_Built, int]:
     """The largest haystack size k whose prompt still fits in `target` tokens.
 
-    Token count grows about linearly with k, so secant steps from the measured counts land
-    within a few tokenizations; a bracket [lo, hi) keeps the search from oscillating.
+    Token count grows about linearly with k (words, list entries or characters, by task), so
+    secant steps from a probe at k0 land within a few tokenizations; a bracket [lo, hi) keeps
+    the search from oscillating.
     """
     tol = max(2, target // 400)
     cache: Dict[int, Tuple[_Built, int]] = {}
@@ -434,11 +442,6 @@ def _fit(build: Callable[[int], _Built], tokenizer, target: int, k0: int) -> Tup
     return cache[best]
 
 
-def _tokens_per_unit(tokenizer, units: Sequence[str]) -> float:
-    sample = "".join(units[:400])
-    return max(count_tokens(tokenizer, sample) / max(len(units[:400]), 1), 0.1)
-
-
 def depths_for(n: int) -> List[float]:
     """Needle depths spread evenly from the start (0.0) to the end (1.0) of the haystack."""
     return [i / (n - 1) for i in range(n)] if n > 1 else [0.5]
@@ -447,15 +450,6 @@ def depths_for(n: int) -> List[float]:
 def _sample_rng(task: str, length: int, seed: int, index: int, kwargs: Mapping) -> random.Random:
     # str seeds hash through SHA-512, so the stream is identical across runs and platforms.
     return random.Random(f"{task}|{length}|{seed}|{index}|{json.dumps(dict(kwargs), sort_keys=True)}")
-
-
-def _initial_k(task: str, build_probe: Callable[[int], _Built], tokenizer, length: int, hay: _Haystack) -> int:
-    if task == "kv_retrieval":
-        per_char = count_tokens(tokenizer, build_probe(72 * 20).prompt) / (72 * 20)
-        return int(length / max(per_char, 1e-3))
-    if task == "common_words":
-        return max(1, int(length / 4))
-    return int(length / _tokens_per_unit(tokenizer, hay.take(400)))
 
 
 def generate_samples(task: str, tokenizer, length: int, n: int, seed: int = 0,
@@ -480,9 +474,9 @@ def _one_sample(task, spec, tokenizer, length, seed, index, depth, haystack, kwa
     rng = _sample_rng(task, length, seed, index, {**kwargs, "haystack": str(haystack)})
     hay = _Haystack(haystack, rng)
     if task == "common_words":
-        kwargs = {**kwargs, "est_entries": _common_words_capacity(tokenizer, length)}
+        kwargs = {**kwargs, "capacity": _common_words_capacity(tokenizer, length)}
     build = spec.make(rng, depth, hay, **kwargs)
-    built, n_tokens = _fit(build, tokenizer, length, _initial_k(task, build, tokenizer, length, hay))
+    built, n_tokens = _fit(build, tokenizer, length)
     if abs(n_tokens - length) > LENGTH_TOLERANCE * length:
         raise ValueError(
             f"{task}: cannot size a prompt to {length} tokens (best {n_tokens}); "

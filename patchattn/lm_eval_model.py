@@ -83,8 +83,8 @@ class PatchAttnLM(HFLM):
         return info
 
 
-def lm_eval_main(argv: Optional[List[str]] = None) -> None:
-    """lm-eval's CLI (``lm-eval run ...`` arguments) with the ``patchattn`` model registered."""
+def lm_eval_main(argv: Optional[List[str]] = None) -> int:
+    """lm-eval's CLI with the ``patchattn`` model registered; `argv` as after ``lm-eval``."""
     from lm_eval.__main__ import cli_evaluate
 
     args = list(sys.argv[1:] if argv is None else argv)
@@ -94,7 +94,8 @@ def lm_eval_main(argv: Optional[List[str]] = None) -> None:
         cli_evaluate()
     finally:
         sys.argv = saved
+    return 0
 
 
 if __name__ == "__main__":
-    lm_eval_main()
+    sys.exit(lm_eval_main())

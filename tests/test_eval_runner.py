@@ -48,7 +48,8 @@ def test_greedy_stops_at_stop_sequence(stories):
 def test_eval_dense_and_patched(tmp_path, plan_path, capsys):
     out = tmp_path / "out"
     rc = eval_main(["--model", str(STORIES), "--plan", str(plan_path), "--tasks", "passkey,niah_single",
-                    "--lengths", "256,384", "--samples", "2", "--out", str(out)])
+                    "--lengths", "256,384", "--samples", "2", "--out", str(out),
+                    "--max-new-tokens", "6"])
     assert rc == 0
     result = json.loads((out / "results.json").read_text())
     cells = {(r["task"], r["length"]): r for r in result["results"]}

@@ -5,7 +5,7 @@ from collections import Counter
 
 import pytest
 
-from conftest import SHARED, STORIES, needs
+from conftest import SHARED, STORIES
 from patchattn.evals import synthetic
 from patchattn.evals.synthetic import DEFAULT_TASKS, TASKS, generate_samples, score
 

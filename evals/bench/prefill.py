@@ -1,0 +1,341 @@
+"""Prefill attention timings on CUDA: dense SDPA vs flex_attention vs the Triton sparse kernels.
+
+    python evals/bench/prefill.py --out evals/bench/results/prefill_h100.json
+    python evals/bench/prefill.py --quick          # sanity run, small shapes
+
+Llama-3-8B attention shapes (B=1, Hq=32, Hkv=8, D=128, bf16). For each length N:
+* dense SDPA (causal, enable_gqa) and our block-sparse kernel with every causal block listed;
+* per density: random per-head block lists (diagonal block and block 0 always kept), timed with
+  block_sparse_attention and with compiled flex_attention on the same block mask;
+* vertical-slash end to end (last-64-query estimate, top-k, index build, kernel) on inputs with
+  a distance-decaying attention pattern plus a few heavy key columns, so the estimate selects
+  a local band and sink-like columns the way it does on real prompts;
+* the estimators alone.
+Times are medians of CUDA-event timings after warm-up; densities are realized pair fractions
+of the causal triangle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from patchattn.kernels import triton_attention as ta
+from patchattn.kernels.triton_estimators import antidiagonal_block_scores, last_q_scores, pooled_block_scores
+
+HQ, HKV, D = 32, 8, 128
+BLOCK = 64
+DEV = "cuda"
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def cuda_time(fn, budget_ms: float = 1500.0, min_reps: int = 3, max_reps: int = 40, warmup: int = 2) -> float:
+    """Median milliseconds of fn() over enough repetitions to fill about budget_ms."""
+    for _ in range(warmup):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def once():
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+
+    first = once()
+    reps = max(min_reps, min(max_reps, int(budget_ms / max(first, 1e-3))))
+    return statistics.median([once() for _ in range(reps)])
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def random_inputs(n: int, seed: int = 0):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    mk = lambda h: torch.randn(1, h, n, D, device=DEV, dtype=torch.bfloat16, generator=g)  # noqa: E731
+    return mk(HQ), mk(HKV), mk(HKV)
+
+
+def structured_inputs(n: int, seed: int = 0):
+    """Random q/k/v plus (a) a shared sinusoidal position code in q and k, whose dot product
+    peaks at distance 0 and decays, and (b) a shared direction in q that 0.5% of keys carry."""
+    q, k, v = random_inputs(n, seed)
+    pos = torch.arange(n, device=DEV, dtype=torch.float32)[:, None]
+    freqs = torch.logspace(0, -3.5, 32, device=DEV)[None]
+    code = torch.cat([torch.cos(pos * freqs), torch.sin(pos * freqs)], dim=-1) * 0.6  # [n, 64]
+    q[..., :64] += code.to(q.dtype)
+    k[..., :64] += code.to(k.dtype)
+    g = torch.Generator(device=DEV).manual_seed(seed + 1)
+    heavy = torch.rand(1, HKV, n, 1, device=DEV, generator=g) < 0.005
+    q[..., 64:] += 0.5
+    k[..., 64:] += heavy.to(k.dtype) * 0.5
+    return q, k, v
+
+
+def random_block_lists(n: int, density: float, seed: int = 0):
+    """Per-head ascending key-block lists: diagonal + block 0 + Bernoulli picks so that about
+    `density` of each query block's causal blocks are kept. Returns (index, count, pairs)."""
+    nb = n // BLOCK
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    qb = torch.arange(nb, device=DEV)[:, None]
+    kb = torch.arange(nb, device=DEV)[None, :]
+    p_extra = ((density * (qb + 1) - 2) / (qb - 1).clamp_min(1)).clamp(0, 1)
+    pick = torch.rand(1, HQ, nb, nb, device=DEV, generator=g) < p_extra
+    pick = (pick | (kb == 0) | (kb == qb)) & (kb <= qb)
+    count = pick.sum(-1, dtype=torch.int32)
+    maxk = int(count.max())
+    index = torch.where(pick, kb, nb).to(torch.int32).sort(-1).values[..., :maxk].contiguous()
+    del pick
+    diag_pairs = BLOCK * (BLOCK + 1) // 2
+    pairs = int(((count.long() - 1) * BLOCK * BLOCK + diag_pairs).sum())
+    return index, count, pairs
+
+
+def causal_pairs(n: int) -> int:
+    return HQ * n * (n + 1) // 2
+
+
+# ----------------------------------------------------------------------------- runners
+
+
+def sdpa(q, k, v, backend=None):
+    from torch.nn.attention import sdpa_kernel
+
+    if backend is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    with sdpa_kernel([backend]):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+
+def flex_block_mask(index, count, n):
+    """The same block mask for flex_attention: the diagonal block partial (causal), the rest full.
+
+    Built with BlockMask.from_kv_blocks straight from the lists: create_block_mask would
+    evaluate a mask_mod on all N^2 token pairs."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    nb = n // BLOCK
+    partial_idx = torch.zeros(1, HQ, nb, nb, dtype=torch.int32, device=DEV)
+    partial_idx[..., 0] = torch.arange(nb, device=DEV, dtype=torch.int32)
+    full_idx = torch.zeros(1, HQ, nb, nb, dtype=torch.int32, device=DEV)
+    full_cnt = (count - 1).contiguous()
+    slots = torch.arange(index.shape[-1], device=DEV)
+    full_idx[..., : index.shape[-1]] = torch.where(slots < full_cnt[..., None], index, 0)
+    return BlockMask.from_kv_blocks(torch.ones_like(count), partial_idx, full_cnt, full_idx,
+                                    BLOCK_SIZE=(BLOCK, BLOCK), mask_mod=lambda b, h, qi, ki: qi >= ki)
+
+
+def top_mask(scores, count):
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, scores.topk(count, dim=-1).indices, True)
+
+
+def vertical_slash_pipeline(q, k, v, n_vertical, n_slash, last_q=64):
+    n = q.shape[2]
+    scale = D ** -0.5
+    vert, slash = last_q_scores(q[:, :, -last_q:], k, scale=scale, q_positions=torch.arange(n - last_q, n, device=DEV))
+    cols = top_mask(vert, n_vertical)
+    cols[..., :4] = True  # attention sink
+    diags = top_mask(slash, n_slash)
+    diags[..., :64] = True  # local window
+    index = ta.vertical_slash_index(cols, diags, n_q=n)
+    out, _ = ta.vertical_slash_attention(q, k, v, cols, diags, scale=scale, index=index)
+    return out, (cols, diags, index)
+
+
+# ----------------------------------------------------------------------------- per-length benchmark
+
+
+def bench_dense_and_block_sparse(n, densities, args, notes):
+    """SDPA, then block-sparse (and flex) per density, then block-sparse with every block."""
+    from torch.nn.attention import SDPBackend
+
+    res = {"n": n}
+    q, k, v = random_inputs(n)
+    scale = D ** -0.5
+    res["sdpa_ms"] = cuda_time(lambda: sdpa(q, k, v))
+    try:
+        res["sdpa_flash_ms"] = cuda_time(lambda: sdpa(q, k, v, SDPBackend.FLASH_ATTENTION))
+    except Exception as e:  # noqa: BLE001 - record, keep going
+        res["sdpa_flash_error"] = repr(e)[:200]
+    causal = causal_pairs(n)
+
+    flex = None
+    if args.flex and n <= args.flex_max_n:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        flex = torch.compile(flex_attention, dynamic=False)
+    elif args.flex:
+        notes.append(f"flex_attention skipped at N={n} (--flex-max-n {args.flex_max_n})")
+
+    rows = []
+    for density in densities:  # lowest density first: autotuning runs on the cheapest call
+        index, count, pairs = random_block_lists(n, density, seed=int(density * 1000))
+        row = {"density_target": density, "density": pairs / causal}
+        row["block_sparse_ms"] = cuda_time(lambda: ta.block_sparse_attention(q, k, v, index, count, scale=scale))
+        row["target_ms"] = row["density"] * res["sdpa_ms"]
+        row["ratio_vs_density_x_sdpa"] = row["block_sparse_ms"] / row["target_ms"]
+        if flex is not None:
+            try:
+                row.update(time_flex(flex, q, k, v, index, count, n, scale))
+            except Exception as e:  # noqa: BLE001
+                row["flex_error"] = repr(e)[:300]
+                flex = None
+        rows.append(row)
+    res["block_sparse"] = rows
+    res["block_sparse_config"] = str(getattr(ta._block_sparse_tuned, "best_config", None))
+
+    # Raw kernel efficiency: every causal block listed, against SDPA.
+    nb = n // BLOCK
+    full_index = torch.arange(nb, device=DEV, dtype=torch.int32).expand(1, HQ, nb, nb).contiguous()
+    full_count = torch.arange(1, nb + 1, device=DEV, dtype=torch.int32).expand(1, HQ, nb).contiguous()
+    run_all = lambda: ta.block_sparse_attention(q, k, v, full_index, full_count, scale=scale)  # noqa: E731
+    res["block_sparse_all_blocks_ms"] = cuda_time(run_all)
+    if n == args.diagnostics_n:
+        ta._MASK_EVERY_TILE = True
+        res["block_sparse_all_blocks_mask_every_tile_ms"] = cuda_time(run_all)
+        ta._MASK_EVERY_TILE = False
+    return res
+
+
+def time_flex(flex, q, k, v, index, count, n, scale):
+    """Compiled flex_attention on the same blocks; also its max |difference| from our kernel."""
+    mask = flex_block_mask(index, count, n)
+    res = {}
+    for opts in ({"BLOCK_M": BLOCK, "BLOCK_N": BLOCK}, None):  # 64-row sparse blocks need 64-row tiles
+        call = lambda: flex(q, k, v, block_mask=mask, scale=scale, enable_gqa=True, kernel_options=opts)  # noqa: E731
+        try:
+            t0 = time.perf_counter()
+            out = call()
+            torch.cuda.synchronize()
+            res["flex_first_call_s"] = time.perf_counter() - t0
+            break
+        except Exception as e:  # noqa: BLE001 - try the default tiles, then give up
+            res[f"flex_error_{'opts' if opts else 'default'}"] = repr(e)[:300]
+    else:
+        raise RuntimeError(res)
+    ours, _ = ta.block_sparse_attention(q, k, v, index, count, scale=scale)
+    res["flex_vs_block_sparse_max_abs"] = float((out.float() - ours.float()).abs().max())
+    res["flex_ms"] = cuda_time(call)
+    return res
+
+
+def bench_vertical_slash(n, sdpa_ms):
+    """Vertical-slash end to end on structured inputs (estimate + top-k + index + kernel)."""
+    q, k, v = structured_inputs(n)
+    scale = D ** -0.5
+    n_vertical, n_slash = max(64, int(0.01 * n)), max(64, int(0.03 * n))
+    _, (cols, diags, index) = vertical_slash_pipeline(q, k, v, n_vertical, n_slash)  # also warms up
+    vs = {"n_vertical": n_vertical, "n_slash": n_slash}
+    vs["end_to_end_ms"] = cuda_time(lambda: vertical_slash_pipeline(q, k, v, n_vertical, n_slash))
+    vs["index_ms"] = cuda_time(lambda: ta.vertical_slash_index(cols, diags, n_q=n))
+    vs["kernel_ms"] = cuda_time(lambda: ta.vertical_slash_attention(q, k, v, cols, diags, scale=scale, index=index))
+    best = getattr(ta._vertical_slash_tuned, "best_config", None)
+    vs["config"] = str(best)
+    tile_n = best.kwargs.get("BLOCK_N", 64) if best is not None else 64
+    counts = ta.vertical_slash_pair_counts(cols, diags, n_q=n, index=index, block_n=tile_n)
+    causal = causal_pairs(n)
+    vs["density_kept"] = int(counts["kept"].sum()) / causal
+    vs["density_computed"] = int(counts["computed"].sum()) / causal
+    vs["end_to_end_vs_sdpa"] = vs["end_to_end_ms"] / sdpa_ms
+    vs["kernel_vs_density_x_sdpa"] = vs["kernel_ms"] / (vs["density_kept"] * sdpa_ms)
+    return vs
+
+
+def bench_estimators(n, sdpa_ms):
+    q, k, _ = structured_inputs(n)
+    scale = D ** -0.5
+    pos = torch.arange(n - 64, n, device=DEV)
+    est = {"last_q64_ms": cuda_time(lambda: last_q_scores(q[:, :, -64:], k, scale=scale, q_positions=pos)),
+           "pooled_bs64_ms": cuda_time(lambda: pooled_block_scores(q, k, block_size=64, scale=scale))}
+    for stride in (8, 16):
+        est[f"antidiag_bs128_s{stride}_ms"] = cuda_time(
+            lambda: antidiagonal_block_scores(q, k, block_size=128, stride=stride, scale=scale / stride))
+    return {key: {"ms": t, "pct_of_sdpa": 100 * t / sdpa_ms} for key, t in est.items()}
+
+
+def bench_length(n, densities, args, notes):
+    res = bench_dense_and_block_sparse(n, densities, args, notes)
+    torch.cuda.empty_cache()
+    res["vertical_slash"] = bench_vertical_slash(n, res["sdpa_ms"])
+    torch.cuda.empty_cache()
+    res["estimators"] = bench_estimators(n, res["sdpa_ms"])
+    torch.cuda.empty_cache()
+    return res
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def print_tables(results):
+    print("\n| N | density | SDPA ms | block-sparse ms | density x SDPA ms | ratio | flex ms |")
+    print("|---|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['n']} | all blocks | {r['sdpa_ms']:.2f} | {r['block_sparse_all_blocks_ms']:.2f} | "
+              f"{r['sdpa_ms']:.2f} | {r['block_sparse_all_blocks_ms'] / r['sdpa_ms']:.2f} | |")
+        for row in r["block_sparse"]:
+            flex = f"{row['flex_ms']:.2f}" if "flex_ms" in row else row.get("flex_error", "-")[:40]
+            print(f"| {r['n']} | {row['density']:.3f} | {r['sdpa_ms']:.2f} | {row['block_sparse_ms']:.2f} | "
+                  f"{row['target_ms']:.2f} | {row['ratio_vs_density_x_sdpa']:.2f} | {flex} |")
+    print("\n| N | VS kept / computed density | end-to-end ms | index ms | kernel ms | e2e / SDPA |")
+    print("|---|---|---|---|---|---|")
+    for r in results:
+        vs = r["vertical_slash"]
+        print(f"| {r['n']} | {vs['density_kept']:.3f} / {vs['density_computed']:.3f} | {vs['end_to_end_ms']:.2f} | "
+              f"{vs['index_ms']:.2f} | {vs['kernel_ms']:.2f} | {vs['end_to_end_vs_sdpa']:.3f} |")
+    print("\n| N | estimator | ms | % of SDPA |")
+    print("|---|---|---|---|")
+    for r in results:
+        for name, e in r["estimators"].items():
+            print(f"| {r['n']} | {name} | {e['ms']:.2f} | {e['pct_of_sdpa']:.1f} |")
+
+
+def parse_lengths(text):
+    return [int(float(t[:-1]) * 1024) if t.lower().endswith("k") else int(t) for t in text.split(",")]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seqlens", default="8k,32k,64k,128k", help="comma list, e.g. 8k,32k")
+    parser.add_argument("--densities", default="0.05,0.1,0.2,0.3,0.5")
+    parser.add_argument("--quick", action="store_true", help="4k,8k; two densities")
+    parser.add_argument("--no-flex", dest="flex", action="store_false")
+    parser.add_argument("--flex-max-n", type=int, default=128 * 1024)
+    parser.add_argument("--diagnostics-n", type=int, default=32 * 1024,
+                        help="length at which to also time the mask-every-tile variant")
+    parser.add_argument("--out", default="evals/bench/results/prefill_h100.json")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("needs a CUDA device")
+    lengths = parse_lengths("4k,8k" if args.quick else args.seqlens)
+    densities = [0.1, 0.5] if args.quick else [float(x) for x in args.densities.split(",")]
+
+    import triton
+
+    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+              "cuda": torch.version.cuda, "shape": {"B": 1, "Hq": HQ, "Hkv": HKV, "D": D, "dtype": "bfloat16",
+                                                    "block": BLOCK},
+              "timing": "median of CUDA-event timings after 2 warm-up calls", "notes": [], "results": []}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    for n in lengths:
+        t1 = time.time()
+        report["results"].append(bench_length(n, densities, args, report["notes"]))
+        report["results"][-1]["wall_s"] = time.time() - t1
+        out.write_text(json.dumps(report, indent=1))  # keep partial results if a later length fails
+        print(f"N={n} done in {time.time() - t1:.0f}s", flush=True)
+    report["total_wall_s"] = time.time() - t0
+    out.write_text(json.dumps(report, indent=1))
+    print_tables(report["results"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,576 @@
+"""Triton sparse-attention kernels: block-sparse and vertical-slash (MInference-style) prefill.
+
+Both kernels share one contract (see `kernels.reference` for the torch oracle):
+
+* q [B, Hq, N, D], k/v [B, Hkv, Nk, D], Hq % Hkv == 0; query head h reads kv head h // (Hq // Hkv)
+  directly (no repeat_kv copy).
+* Query row i sits at absolute key position i + q_offset. Pair (i, j) is base-valid when
+  j <= i + q_offset, j >= kv_start[b] and, with a sliding window w, (i + q_offset) - j < w.
+* Optional softcap: s = softcap * tanh(s / softcap) on the scaled scores.
+* Rows with no kept key return out = 0 and lse = -inf; every output element is written.
+
+The online softmax runs in base 2 (exp2) with the running max seeded at a large finite negative
+number, so tiles whose scores are all masked (-inf) never produce inf - inf = NaN.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = tl.constexpr(1.4426950408889634)
+_INDEX_PAD = 1 << 30  # sorts after every real key index / diagonal
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# Retune per head_dim / block shape / softcap and per power-of-two query length (tune_bucket),
+# not for every prompt length.
+_TUNE_KEY = ["HEAD_DIM", "BLOCK_M", "BLOCK_N", "SOFTCAP", "tune_bucket"]
+# Diagnostic switch for benchmarks: apply the element mask on every tile, not only edge tiles.
+_MASK_EVERY_TILE = False
+# Key-block pairing when not autotuning (tests flip it to cover both code paths).
+_UNTUNED_PAIR = False
+
+# Hopper-oriented search space; BLOCK_M / BLOCK_N are fixed by the caller's block layout.
+_ATTN_CONFIGS = [
+    triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 2), (4, 3), (8, 2), (8, 3), (4, 1), (8, 1))
+]
+_PAIR_CONFIGS = [triton.Config({"PAIR": p}, num_warps=c.num_warps, num_stages=c.num_stages)
+                 for p in (False, True) for c in _ATTN_CONFIGS]
+_TILE_N_CONFIGS = [triton.Config({"BLOCK_N": n}, num_warps=c.num_warps, num_stages=c.num_stages)
+                   for n in (64, 128) for c in _ATTN_CONFIGS]
+_SMEM_BUDGET = 200 * 1024  # H100 allows 227 KB per block; leave room for the compiler's scratch
+# PATCHATTN_TRITON_AUTOTUNE=0 launches one fitting config instead of tuning (quick tests).
+_AUTOTUNE = os.environ.get("PATCHATTN_TRITON_AUTOTUNE", "1") != "0"
+
+
+def _tile_n(meta: dict) -> int:
+    return meta["BLOCK_N"] * (2 if meta.get("PAIR") else 1)
+
+
+def _smem_bytes(stages: int, block_m: int, tile_n: int, block_d: int, elem: int) -> int:
+    """Rough shared memory of one program: the q tile plus `stages` K and V tiles."""
+    return (block_m + 2 * stages * tile_n) * block_d * elem
+
+
+def _prune_configs(configs, named_args, **meta):
+    elem = named_args["Q"].element_size()
+
+    def smem(c):
+        return _smem_bytes(c.num_stages, meta["BLOCK_M"], _tile_n({**meta, **c.kwargs}), meta["BLOCK_D"], elem)
+
+    fits = [c for c in configs if smem(c) <= _SMEM_BUDGET]
+    deep = [c for c in fits if c.num_stages > 1]  # single-stage only when nothing deeper fits
+    return deep or fits or [min(configs, key=smem)]
+
+
+def _autotuned(kernel, configs):
+    return triton.autotune(configs, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune_configs})(kernel)
+
+
+# ----------------------------------------------------------------------------- shared device code
+
+
+@triton.jit
+def _scaled_scores(q, k, sm_scale, softcap, SOFTCAP: tl.constexpr):
+    """q [BM, BD] x k [BN, BD] -> scaled (optionally softcapped) scores in log2 units."""
+    s = tl.dot(q, tl.trans(k))
+    if SOFTCAP:
+        x = s * (sm_scale / softcap)
+        # tanh(x) = 1 - 2 / (exp(2x) + 1): saturates cleanly to +-1 when exp over/underflows.
+        s = (softcap * LOG2E) * (1.0 - 2.0 / (tl.exp2(x * (2.0 * LOG2E)) + 1.0))
+    else:
+        s = s * (sm_scale * LOG2E)
+    return s
+
+
+@triton.jit
+def _base_valid(pos, cols, kv_start, n_keys, window, HAS_WINDOW: tl.constexpr):
+    """Causal / left-padding / key-range / sliding-window validity, [BM, BN] bool."""
+    ok = (cols[None, :] <= pos[:, None]) & (cols[None, :] >= kv_start) & (cols[None, :] < n_keys)
+    if HAS_WINDOW:
+        ok = ok & (pos[:, None] - cols[None, :] < window)
+    return ok
+
+
+@triton.jit
+def _online_step(s, v, m_i, l_i, acc):
+    """Fold one score tile (log2 units, masked entries -inf) into the running softmax state."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _store_rows(Out, Lse, out_base, lse_base, offs_m, offs_d, n_q, so_n, acc, m_i, l_i,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Normalise and write a row tile; empty rows get out = 0, lse = -inf."""
+    has = l_i > 0.0
+    out = acc / tl.where(has, l_i, 1.0)[:, None]
+    lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) / LOG2E, float("-inf"))
+    row_ok = offs_m < n_q
+    o_mask = row_ok[:, None]
+    if BLOCK_D != HEAD_DIM:
+        o_mask = o_mask & (offs_d[None, :] < HEAD_DIM)
+    tl.store(Out + out_base + offs_m[:, None] * so_n + offs_d[None, :], out.to(Out.dtype.element_ty), mask=o_mask)
+    tl.store(Lse + lse_base + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _load_rows(ptr, rows, offs_d, stride_row, row_mask, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               MASKED: tl.constexpr):
+    """Load [len(rows), BLOCK_D] rows; the mask is compiled out for interior tiles."""
+    ptrs = ptr + rows[:, None] * stride_row + offs_d[None, :]
+    if MASKED:
+        m = row_mask[:, None]
+        if BLOCK_D != HEAD_DIM:
+            m = m & (offs_d[None, :] < HEAD_DIM)
+        return tl.load(ptrs, mask=m, other=0.0)
+    elif BLOCK_D != HEAD_DIM:
+        return tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    else:
+        return tl.load(ptrs)
+
+
+# ----------------------------------------------------------------------------- block-sparse kernel
+
+
+@triton.jit
+def _block_sparse_fwd(
+    Q, K, V, Out, Lse, BlockIdx, BlockCnt, KvStart,
+    sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
+    si_b, si_h, si_q, sc_b, sc_h,
+    n_q, n_k, n_heads, group, idx_group, q_offset, sm_scale, softcap, window, tune_bucket,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, EVEN_N: tl.constexpr, MASK_ALL: tl.constexpr,
+    PAIR: tl.constexpr,
+):
+    # Axis 0 walks heads fastest, so the G query heads of one kv head run side by side and share
+    # K/V tiles through L2; axis 1 starts with the last (longest) query blocks to shorten the tail.
+    pid_bh = tl.program_id(0)
+    qb = tl.num_programs(1) - 1 - tl.program_id(1)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    kvh = h // group
+
+    # PAIR: two listed key blocks form one 2*BLOCK_N tile, halving the per-tile softmax rescaling.
+    TILE_N: tl.constexpr = BLOCK_N * (2 if PAIR else 1)
+    offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, TILE_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    pos = offs_m + q_offset
+    kv_start = tl.load(KvStart + b)
+    first_pos = qb * BLOCK_M + q_offset
+    last_pos = tl.minimum(qb * BLOCK_M + BLOCK_M, n_q) - 1 + q_offset
+
+    q = _load_rows(Q + b.to(tl.int64) * sq_b + h.to(tl.int64) * sq_h, offs_m, offs_d, sq_n,
+                   offs_m < n_q, HEAD_DIM, BLOCK_D, True)
+    k_base = K + b.to(tl.int64) * sk_b + kvh.to(tl.int64) * sk_h
+    v_base = V + b.to(tl.int64) * sv_b + kvh.to(tl.int64) * sv_h
+    idx_h = h // idx_group  # block lists may be given per kv head (shared by the group)
+    idx_base = BlockIdx + b.to(tl.int64) * si_b + idx_h.to(tl.int64) * si_h + qb.to(tl.int64) * si_q
+    count = tl.load(BlockCnt + b * sc_b + idx_h * sc_h + qb)
+
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for t in range(0, count, 2 if PAIR else 1):
+        kb_lo = tl.load(idx_base + t)
+        if PAIR:
+            has_hi = t + 1 < count
+            kb_hi = tl.load(idx_base + t + 1, mask=has_hi, other=kb_lo)
+            upper = offs_n >= BLOCK_N
+            cols = tl.where(upper, kb_hi * BLOCK_N - BLOCK_N, kb_lo * BLOCK_N) + offs_n
+            live = (~upper | has_hi) & (cols < n_k)
+            edge = ~has_hi
+        else:
+            kb_hi = kb_lo
+            cols = kb_lo * BLOCK_N + offs_n
+            live = cols < n_k
+            edge = False
+        k = _load_rows(k_base, cols, offs_d, sk_n, live, HEAD_DIM, BLOCK_D, PAIR or not EVEN_N)
+        v = _load_rows(v_base, cols, offs_d, sv_n, live, HEAD_DIM, BLOCK_D, PAIR or not EVEN_N)
+        s = _scaled_scores(q, k, sm_scale, softcap, SOFTCAP)
+        # Interior tiles (every pair valid) skip the element mask; lists are ascending, so the
+        # tile spans keys [kb_lo * BLOCK_N, kb_hi * BLOCK_N + BLOCK_N).
+        n_lo = kb_lo * BLOCK_N
+        n_hi = kb_hi * BLOCK_N + BLOCK_N - 1
+        edge = edge | (n_hi > first_pos) | (n_lo < kv_start) | (n_hi >= n_k)
+        if HAS_WINDOW:
+            edge = edge | (last_pos - n_lo >= window)
+        if MASK_ALL or edge:
+            s = tl.where(live[None, :] & _base_valid(pos, cols, kv_start, n_k, window, HAS_WINDOW), s, float("-inf"))
+        m_i, l_i, acc = _online_step(s, v, m_i, l_i, acc)
+
+    _store_rows(Out, Lse, b.to(tl.int64) * so_b + h.to(tl.int64) * so_h, pid_bh.to(tl.int64) * n_q,
+                offs_m, offs_d, n_q, so_n, acc, m_i, l_i, HEAD_DIM, BLOCK_D)
+
+
+_block_sparse_tuned = _autotuned(_block_sparse_fwd, _PAIR_CONFIGS)
+
+
+# ----------------------------------------------------------------------------- vertical-slash kernel
+
+
+@triton.jit
+def _vertical_slash_fwd(
+    Q, K, V, Out, Lse, VIdx, VLo, VHi, SegLo, SegHi, SegCnt, ColMask, DiagMask, KvStart,
+    sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
+    n_q, n_k, n_q_blocks, n_heads, group, q_offset, sm_scale, softcap, window, tune_bucket,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    qb = tl.num_programs(1) - 1 - tl.program_id(1)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    kvh = h // group
+
+    offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    pos = offs_m + q_offset
+    kv_start = tl.load(KvStart + b)
+    first_pos = qb * BLOCK_M + q_offset
+    last_pos = tl.minimum(qb * BLOCK_M + BLOCK_M, n_q) - 1 + q_offset
+
+    q = _load_rows(Q + b.to(tl.int64) * sq_b + h.to(tl.int64) * sq_h, offs_m, offs_d, sq_n,
+                   offs_m < n_q, HEAD_DIM, BLOCK_D, True)
+    k_base = K + b.to(tl.int64) * sk_b + kvh.to(tl.int64) * sk_h
+    v_base = V + b.to(tl.int64) * sv_b + kvh.to(tl.int64) * sv_h
+    row_base = pid_bh.to(tl.int64) * n_k  # [B, Hq, Nk] index / mask tensors (contiguous)
+    qb_slot = pid_bh.to(tl.int64) * n_q_blocks + qb  # [B, Hq, nqb] per-block ranges
+
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    # Vertical part: the kept columns this query block can see, gathered BLOCK_N at a time.
+    v_lo = tl.load(VLo + qb_slot)
+    v_hi = tl.load(VHi + qb_slot)
+    for t in range(v_lo, v_hi, BLOCK_N):
+        slot = t + offs_n
+        live = slot < v_hi
+        cols = tl.load(VIdx + row_base + slot, mask=live, other=0)
+        k = _load_rows(k_base, cols, offs_d, sk_n, live, HEAD_DIM, BLOCK_D, True)
+        v = _load_rows(v_base, cols, offs_d, sv_n, live, HEAD_DIM, BLOCK_D, True)
+        s = _scaled_scores(q, k, sm_scale, softcap, SOFTCAP)
+        keep = live[None, :] & _base_valid(pos, cols, kv_start, n_k, window, HAS_WINDOW)
+        m_i, l_i, acc = _online_step(tl.where(keep, s, float("-inf")), v, m_i, l_i, acc)
+
+    # Slash part: each segment of nearby kept diagonals [d_lo, d_hi] covers one contiguous key
+    # range for this query block; walk it in BLOCK_N tiles and keep exactly the pairs on a kept
+    # diagonal whose column is not already counted by the vertical part.
+    k_min = kv_start
+    if HAS_WINDOW:
+        k_min = tl.maximum(k_min, first_pos - window + 1)
+    n_seg = tl.load(SegCnt + qb_slot)
+    for si in range(0, n_seg):
+        d_lo = tl.load(SegLo + row_base + si)
+        d_hi = tl.load(SegHi + row_base + si)
+        k_lo = tl.maximum(first_pos - d_hi, k_min)
+        k_hi = tl.minimum(last_pos - d_lo, n_k - 1)  # inclusive
+        for n0 in range(k_lo, k_hi + 1, BLOCK_N):
+            cols = n0 + offs_n
+            live = cols <= k_hi
+            k = _load_rows(k_base, cols, offs_d, sk_n, live, HEAD_DIM, BLOCK_D, True)
+            v = _load_rows(v_base, cols, offs_d, sv_n, live, HEAD_DIM, BLOCK_D, True)
+            s = _scaled_scores(q, k, sm_scale, softcap, SOFTCAP)
+            ok = live[None, :] & _base_valid(pos, cols, kv_start, n_k, window, HAS_WINDOW)
+            dist = pos[:, None] - cols[None, :]
+            diag = tl.load(DiagMask + row_base + dist, mask=ok & (dist < n_k), other=0)
+            in_vertical = tl.load(ColMask + row_base + cols, mask=live, other=1)
+            keep = ok & (diag != 0) & (in_vertical == 0)[None, :]
+            m_i, l_i, acc = _online_step(tl.where(keep, s, float("-inf")), v, m_i, l_i, acc)
+
+    _store_rows(Out, Lse, b.to(tl.int64) * so_b + h.to(tl.int64) * so_h, pid_bh.to(tl.int64) * n_q,
+                offs_m, offs_d, n_q, so_n, acc, m_i, l_i, HEAD_DIM, BLOCK_D)
+
+
+_vertical_slash_tuned = _autotuned(_vertical_slash_fwd, _TILE_N_CONFIGS)  # BLOCK_N tuned too
+_vertical_slash_tuned_n = _autotuned(_vertical_slash_fwd, _ATTN_CONFIGS)  # caller fixed BLOCK_N
+
+
+# ----------------------------------------------------------------------------- host helpers
+
+
+def _check_qkv(q, k, v):
+    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
+        raise ValueError(f"expected q [B,Hq,N,D], k/v [B,Hkv,Nk,D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    b, hq, _, d = q.shape
+    if k.shape[0] != b or k.shape[3] != d or hq % k.shape[1] != 0:
+        raise ValueError(f"incompatible q {tuple(q.shape)} and k {tuple(k.shape)}")
+    # Kernels take any strides except along head_dim (HF hands over [B,N,H,D] transposes).
+    return [t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v)]
+
+
+def _kv_start_tensor(kv_start, batch: int, device) -> torch.Tensor:
+    if kv_start is None:
+        return torch.zeros(batch, dtype=torch.int32, device=device)
+    if not torch.is_tensor(kv_start):
+        kv_start = torch.tensor(kv_start)
+    return kv_start.to(device=device, dtype=torch.int32).expand(batch).contiguous()
+
+
+def _outputs(q, out):
+    b, h, n, d = q.shape
+    if out is None:
+        out = torch.empty_like(q)
+    elif out.shape != q.shape or out.stride(-1) != 1:
+        raise ValueError(f"out must have shape {tuple(q.shape)} and unit stride on head_dim")
+    return out, torch.empty(b, h, n, dtype=torch.float32, device=q.device)
+
+
+def _launch(kernel_tuned, kernel_raw, grid, q, *args, untuned: dict, **meta):
+    """Run the autotuned kernel, or (interpreter / autotuning off) one fitting config."""
+    if _AUTOTUNE and not _interpreting():  # the interpreter would re-run every config
+        kernel_tuned[grid](q, *args, **meta)
+        return
+    meta = {**meta, **untuned}
+    smem = lambda st: _smem_bytes(st, meta["BLOCK_M"], _tile_n(meta), meta["BLOCK_D"], q.element_size())  # noqa: E731
+    stages = next((st for st in (3, 2) if smem(st) <= _SMEM_BUDGET), 1)
+    kernel_raw[grid](q, *args, **meta, num_warps=4, num_stages=stages)
+
+
+def _tune_bucket(n_q: int) -> int:
+    return max(10, min(20, (n_q - 1).bit_length()))  # 1k .. 1M tokens
+
+
+def _common_meta(d: int, block_m: int, softcap, sliding_window):
+    return dict(HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=block_m, SOFTCAP=bool(softcap),
+                HAS_WINDOW=sliding_window is not None)
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def block_sparse_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_index: torch.Tensor, block_count: torch.Tensor, *,
+    scale: float, q_offset: int = 0, kv_start: Optional[torch.Tensor] = None, sliding_window: Optional[int] = None,
+    softcap: Optional[float] = None, block_m: int = 64, block_n: int = 64, out: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Attention over listed key blocks per query block.
+
+    block_index int32 [B, Hb, ceil(N/block_m), MAXK] holds ascending key-block ids (keys
+    [kb*block_n, (kb+1)*block_n)), the first block_count[b, h, qb] of them valid. Hb is Hq
+    (per-head lists) or Hkv (one list shared by each GQA group). Returns (out, lse fp32).
+    """
+    q, k, v = _check_qkv(q, k, v)
+    bsz, hq, n_q, d = q.shape
+    hkv, n_k = k.shape[1], k.shape[2]
+    n_qb = triton.cdiv(n_q, block_m)
+    hb = block_index.shape[1]
+    if block_index.shape[:3] != (bsz, hb, n_qb) or hq % hb != 0 or block_count.shape != (bsz, hb, n_qb):
+        raise ValueError(f"block_index {tuple(block_index.shape)} / block_count {tuple(block_count.shape)} "
+                         f"do not match [B={bsz}, H, {n_qb}, MAXK]")
+    out, lse = _outputs(q, out)
+    if n_q == 0:
+        return out, lse
+    block_index = block_index.to(torch.int32)
+    if block_index.stride(-1) != 1:
+        block_index = block_index.contiguous()
+    block_count = block_count.to(torch.int32).contiguous()
+    kvs = _kv_start_tensor(kv_start, bsz, q.device)
+    grid = (bsz * hq, n_qb)
+    _launch(
+        _block_sparse_tuned, _block_sparse_fwd, grid,
+        q, k, v, out, lse, block_index, block_count, kvs,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+        *block_index.stride()[:3], *block_count.stride()[:2],
+        n_q, n_k, hq, hq // hkv, hq // hb, q_offset, scale, float(softcap or 0.0), int(sliding_window or 0),
+        _tune_bucket(n_q), BLOCK_N=block_n, EVEN_N=n_k % block_n == 0, MASK_ALL=_MASK_EVERY_TILE,
+        untuned=dict(PAIR=_UNTUNED_PAIR), **_common_meta(d, block_m, softcap, sliding_window),
+    )
+    return out, lse
+
+
+@dataclass
+class VerticalSlashIndex:
+    """Index form of (column_mask, diagonal_mask) for one query layout (all tensors on-device).
+
+    v_idx / seg_lo / seg_hi are [B, H, Nk] int32, padded with 2**30 past their valid entries;
+    v_lo, v_hi, seg_cnt are [B, H, nqb] int32 ranges per query block.
+    """
+
+    v_idx: torch.Tensor  # kept columns, ascending
+    v_lo: torch.Tensor  # first v_idx slot a query block can see
+    v_hi: torch.Tensor  # one past the last
+    seg_lo: torch.Tensor  # runs of kept diagonals closer than block_m apart: [seg_lo, seg_hi]
+    seg_hi: torch.Tensor
+    seg_cnt: torch.Tensor  # leading segments that reach this query block's valid keys
+    block_m: int
+
+
+def _sorted_kept(mask: torch.Tensor) -> torch.Tensor:
+    """Ascending indices where mask is True, then _INDEX_PAD; int64 [..., L] (no host sync)."""
+    ar = torch.arange(mask.shape[-1], device=mask.device)
+    return torch.where(mask, ar, _INDEX_PAD).sort(dim=-1).values
+
+
+def _block_positions(n_q: int, q_offset: int, block_m: int, device):
+    first = torch.arange(0, n_q, block_m, device=device)
+    last = torch.clamp(first + block_m, max=n_q) - 1
+    return first + q_offset, last + q_offset
+
+
+def vertical_slash_index(
+    column_mask: torch.Tensor, diagonal_mask: torch.Tensor, *, n_q: int, q_offset: int = 0,
+    kv_start: Optional[torch.Tensor] = None, sliding_window: Optional[int] = None, block_m: int = 64,
+) -> VerticalSlashIndex:
+    """Convert bool column/diagonal masks [B, H, Nk] to the kernel's index form, on their device."""
+    bsz, h, n_k = column_mask.shape
+    dev = column_mask.device
+    kvs = _kv_start_tensor(kv_start, bsz, dev).long()[:, None, None]  # [B,1,1]
+    first_pos, last_pos = _block_positions(n_q, q_offset, block_m, dev)
+
+    # Lowest key any row of the block may see, and the highest.
+    k_min = kvs.expand(bsz, 1, first_pos.numel())
+    if sliding_window is not None:
+        k_min = torch.maximum(k_min, (first_pos - sliding_window + 1)[None, None])
+    k_max = last_pos[None, None].expand_as(k_min)
+
+    v_idx = _sorted_kept(column_mask)
+    v_lo = torch.searchsorted(v_idx, k_min.expand(bsz, h, -1).contiguous())
+    v_hi = torch.searchsorted(v_idx, k_max.expand(bsz, h, -1).contiguous(), right=True)
+
+    diag = diagonal_mask
+    if sliding_window is not None:  # diagonals at or past the window can never be valid
+        diag = diag & (torch.arange(n_k, device=dev) < sliding_window)
+    d = _sorted_kept(diag)
+    # Diagonals d < d' cover touching key ranges for a block of block_m rows iff d' - d <= block_m.
+    big = torch.full_like(d[..., :1], -_INDEX_PAD)
+    gap_before = d - torch.cat([big, d[..., :-1]], dim=-1)
+    gap_after = torch.cat([d[..., 1:], big.neg() * 2], dim=-1) - d
+    real = d < _INDEX_PAD
+    seg_lo = torch.where(real & (gap_before > block_m), d, _INDEX_PAD).sort(dim=-1).values
+    seg_hi = torch.where(real & (gap_after > block_m), d, _INDEX_PAD).sort(dim=-1).values
+    # A segment reaches the block iff its highest key last_pos - d_lo >= k_min.
+    seg_cnt = torch.searchsorted(seg_lo, (k_max - k_min).expand(bsz, h, -1).contiguous(), right=True)
+    seg_cnt = torch.where(k_max >= k_min, seg_cnt, torch.zeros_like(seg_cnt))
+
+    i32 = lambda t: t.to(torch.int32).contiguous()  # noqa: E731
+    return VerticalSlashIndex(i32(v_idx), i32(v_lo), i32(v_hi), i32(seg_lo), i32(seg_hi), i32(seg_cnt), block_m)
+
+
+def vertical_slash_pair_counts(
+    column_mask: torch.Tensor, diagonal_mask: torch.Tensor, *, n_q: int, q_offset: int = 0,
+    kv_start: Optional[torch.Tensor] = None, sliding_window: Optional[int] = None,
+    index: Optional[VerticalSlashIndex] = None, block_n: int = 64,
+) -> dict:
+    """Realized pair counts per (b, h), all int64 [B, H]:
+
+    kept: base-valid pairs selected by a column or a diagonal (each once);
+    base: base-valid pairs (the dense causal count, for density = kept / base);
+    computed: pairs in the score tiles the kernel evaluates (only when `index` is given).
+    """
+    bsz, h, n_k = column_mask.shape
+    dev = column_mask.device
+    kvs = _kv_start_tensor(kv_start, bsz, dev).long()[:, None, None]
+    win = sliding_window if sliding_window is not None else n_k + n_q + abs(q_offset) + 1
+    p_lo, p_hi = q_offset, n_q - 1 + q_offset  # query positions
+    j = torch.arange(n_k, device=dev)
+
+    # Column j is seen by queries at positions [max(j, p_lo), min(p_hi, j + win - 1)].
+    col_rows = (torch.clamp(j + win - 1, max=p_hi) - torch.clamp(j, min=p_lo) + 1).clamp_min(0)
+    col_rows = torch.where(j[None, None] >= kvs, col_rows, 0)  # [B,1,Nk]
+    base = col_rows.sum(-1).expand(bsz, h)
+    vertical = (column_mask * col_rows).sum(-1)
+
+    # Diagonal d covers keys [max(kv_start, p_lo - d), p_hi - d]; count those not in a column.
+    not_col = torch.cat([torch.zeros_like(column_mask[..., :1], dtype=torch.long),
+                         (~column_mask).long().cumsum(-1)], dim=-1)  # [B,H,Nk+1]
+    lo = torch.maximum(kvs, p_lo - j[None, None]).clamp(0, n_k)
+    hi = (p_hi - j[None, None] + 1).clamp(0, n_k)  # exclusive
+    lo, hi = lo.expand(bsz, h, n_k), hi.expand(bsz, h, n_k)
+    free = (not_col.gather(-1, hi) - not_col.gather(-1, torch.minimum(lo, hi))).clamp_min(0)
+    diag_ok = diagonal_mask & (j < win)[None, None]
+    counts = dict(kept=vertical + (free * diag_ok).sum(-1), base=base)
+    if index is not None:
+        counts["computed"] = _computed_pairs(index, n_q, n_k, q_offset, kvs, sliding_window, block_n)
+    return counts
+
+
+def _computed_pairs(index: VerticalSlashIndex, n_q, n_k, q_offset, kvs, sliding_window, block_n):
+    """Pairs in evaluated tiles, mirroring the kernel's loop bounds (per head to bound memory)."""
+    bm = index.block_m
+    first_pos, last_pos = _block_positions(n_q, q_offset, bm, index.v_lo.device)
+    rows = (last_pos - first_pos + 1)[None]  # [1, nqb]
+    chunks = ((index.v_hi - index.v_lo).long().clamp_min(0) + block_n - 1) // block_n
+    vertical = (chunks * rows).sum(-1) * block_n
+    k_min = kvs[:, 0].expand(-1, first_pos.numel())  # [B, nqb]
+    if sliding_window is not None:
+        k_min = torch.maximum(k_min, first_pos[None] - sliding_window + 1)
+    slash = torch.zeros_like(vertical)
+    n_seg = int(index.seg_cnt.max()) if index.seg_cnt.numel() else 0
+    for hh in range(index.v_lo.shape[1]):
+        lo_d = index.seg_lo[:, hh, :n_seg].long()[:, None, :]  # [B,1,S]
+        hi_d = index.seg_hi[:, hh, :n_seg].long()[:, None, :]
+        k_lo = torch.maximum(first_pos[None, :, None] - hi_d, k_min[:, :, None])
+        k_hi = torch.minimum(last_pos[None, :, None] - lo_d, torch.tensor(n_k - 1, device=k_lo.device))
+        tiles = ((k_hi - k_lo + block_n) // block_n).clamp_min(0)
+        used = torch.arange(n_seg, device=k_lo.device)[None, None] < index.seg_cnt[:, hh, :, None]
+        slash[:, hh] = (tiles * used * rows[..., None]).sum((-1, -2)) * block_n
+    return vertical + slash
+
+
+def vertical_slash_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, column_mask: torch.Tensor, diagonal_mask: torch.Tensor, *,
+    scale: float, q_offset: int = 0, kv_start: Optional[torch.Tensor] = None, sliding_window: Optional[int] = None,
+    softcap: Optional[float] = None, index: Optional[VerticalSlashIndex] = None, block_m: int = 64,
+    block_n: Optional[int] = None, out: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Token-exact attention over base-valid pairs whose column or diagonal is kept.
+
+    column_mask / diagonal_mask: bool, broadcastable to [B, Hq, Nk]; diagonal d = (i + q_offset) - j. Pass a
+    precomputed `index` (from vertical_slash_index with the same arguments) to reuse it.
+    block_m sets the query-block layout of the index; the key tile width block_n is autotuned
+    (64 or 128) unless given.
+    """
+    q, k, v = _check_qkv(q, k, v)
+    bsz, hq, n_q, d = q.shape
+    hkv, n_k = k.shape[1], k.shape[2]
+    try:  # masks may broadcast over batch / heads ([1, 1, Nk] for a shared pattern)
+        column_mask = column_mask.to(torch.bool).expand(bsz, hq, n_k)
+        diagonal_mask = diagonal_mask.to(torch.bool).expand(bsz, hq, n_k)
+    except RuntimeError as e:
+        raise ValueError(f"masks must broadcast to [B, Hq, Nk] = {(bsz, hq, n_k)}") from e
+    out, lse = _outputs(q, out)
+    if n_q == 0:
+        return out, lse
+    if index is None:
+        index = vertical_slash_index(column_mask, diagonal_mask, n_q=n_q, q_offset=q_offset, kv_start=kv_start,
+                                     sliding_window=sliding_window, block_m=block_m)
+    elif index.block_m != block_m or tuple(index.v_lo.shape[:2]) != (bsz, hq):
+        raise ValueError("index was built for a different block_m or [B, Hq]")
+    kvs = _kv_start_tensor(kv_start, bsz, q.device)
+    n_qb = triton.cdiv(n_q, block_m)
+    col_u8 = column_mask.contiguous().view(torch.uint8)
+    diag_u8 = diagonal_mask.contiguous().view(torch.uint8)
+    fixed_n = dict(BLOCK_N=block_n) if block_n else {}
+    _launch(
+        _vertical_slash_tuned_n if block_n else _vertical_slash_tuned, _vertical_slash_fwd, (bsz * hq, n_qb),
+        q, k, v, out, lse, index.v_idx, index.v_lo, index.v_hi, index.seg_lo, index.seg_hi, index.seg_cnt,
+        col_u8, diag_u8, kvs,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+        n_q, n_k, n_qb, hq, hq // hkv, q_offset, scale, float(softcap or 0.0), int(sliding_window or 0),
+        _tune_bucket(n_q), untuned=dict(BLOCK_N=block_n or 64), **fixed_n,
+        **_common_meta(d, block_m, softcap, sliding_window),
+    )
+    return out, lse
+
+
+__all__ = [
+    "block_sparse_attention", "vertical_slash_attention", "vertical_slash_index", "vertical_slash_pair_counts",
+    "VerticalSlashIndex",
+]

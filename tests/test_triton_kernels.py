@@ -1,0 +1,424 @@
+"""Triton kernels against a brute-force dense masked softmax (fp64 on CPU, fp32 on GPU).
+
+CPU: the checks run in one worker subprocess under TRITON_INTERPRET=1 (the interpreter has to be
+chosen before triton is first imported, which another test module may already have done here),
+on small fp32/fp16 shapes; the interpreter's bf16 dot is wrong, so bf16 is left to the GPU tests.
+GPU (`-m gpu`): bf16 at realistic shapes, relative error <= 1e-2 against fp32.
+"""
+
+import os
+import sys
+
+if __name__ == "__main__":  # interpreter worker: must be set before triton is imported
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import json
+import subprocess
+import traceback
+
+import pytest
+import torch
+
+# ----------------------------------------------------------------------------- oracle
+
+
+def base_keep(bsz, n_q, n_k, q_offset, kv_start, window, device="cpu"):
+    """bool [B, 1, N, Nk]: causal, left padding and sliding window."""
+    i = torch.arange(n_q, device=device)[:, None] + q_offset
+    j = torch.arange(n_k, device=device)[None, :]
+    keep = (j <= i)[None] & (j[None] >= kv_start.to(device)[:, None, None])
+    if window is not None:
+        keep = keep & ((i - j) < window)[None]
+    return keep[:, None]
+
+
+def dense_oracle(q, k, v, keep, scale, softcap=None, dtype=torch.float64):
+    """Masked softmax over exactly the kept pairs; empty rows give out 0 and lse -inf."""
+    g = q.shape[1] // k.shape[1]
+    k = k.to(dtype).repeat_interleave(g, 1)
+    v = v.to(dtype).repeat_interleave(g, 1)
+    s = q.to(dtype) @ k.transpose(-1, -2) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    s = s.masked_fill(~keep, float("-inf"))
+    m = s.amax(-1, keepdim=True)
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    p = torch.exp(s - m)
+    l = p.sum(-1, keepdim=True)
+    out = torch.where(l > 0, (p @ v) / l.clamp_min(1e-30), torch.zeros_like(l))
+    lse = torch.where(l[..., 0] > 0, (m + torch.log(l.clamp_min(1e-30)))[..., 0], float("-inf"))
+    return out, lse
+
+
+def random_block_lists(bsz, heads, n_q, n_k, bm, bn, q_offset, density, device="cpu"):
+    """Ascending random key-block lists (diagonal block and block 0 always in), plus the token mask."""
+    nqb, nkb = -(-n_q // bm), -(-n_k // bn)
+    last = ((torch.arange(nqb) * bm + bm).clamp(max=n_q) - 1 + q_offset).div(bn, rounding_mode="floor").clamp(max=nkb - 1)
+    kb = torch.arange(nkb)
+    pick = (torch.rand(bsz, heads, nqb, nkb) < density) | (kb == 0) | (kb == last[:, None])
+    pick &= kb <= last[:, None]
+    count = pick.sum(-1).int()
+    index = torch.where(pick, kb, nkb).sort(-1).values.int()  # unused tail holds nkb
+    tokens = pick.repeat_interleave(bm, 2)[:, :, :n_q].repeat_interleave(bn, 3)[..., :n_k]
+    return index.to(device), count.to(device), tokens.to(device)
+
+
+def random_vs_masks(bsz, heads, n_q, n_k, q_offset, p_col, p_diag, device="cpu"):
+    col = torch.rand(bsz, heads, n_k) < p_col
+    diag = torch.rand(bsz, heads, n_k) < p_diag
+    diag[..., :3] = True  # local band
+    col[..., 0] = True  # sink
+    d = (torch.arange(n_q)[:, None] + q_offset - torch.arange(n_k)[None]).clamp(0, n_k - 1)
+    tokens = col[:, :, None, :] | diag[:, :, d]
+    return col.to(device), diag.to(device), tokens.to(device)
+
+
+def rel_err(x, ref):
+    return ((x.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+
+
+def _lse_err(lse, ref_lse):
+    same_inf = torch.equal(torch.isinf(lse).cpu(), torch.isinf(ref_lse).cpu())
+    fin = torch.isfinite(ref_lse)
+    err = (lse.double()[fin] - ref_lse.double()[fin]).abs().max().item() if fin.any() else 0.0
+    return err if same_inf else float("inf")
+
+
+def _qkv(bsz, hq, hkv, n_q, n_k, d, dtype, device="cpu"):
+    mk = lambda h, n: torch.randn(bsz, h, n, d, dtype=torch.float32, device=device).to(dtype)  # noqa: E731
+    return mk(hq, n_q), mk(hkv, n_k), mk(hkv, n_k)
+
+
+# ----------------------------------------------------------------------------- checks (shared by CPU and GPU)
+
+
+def check_block_sparse(bsz, hq, hkv, n_q, n_k, d, bm, bn, q_offset, kv_start, window, softcap, dtype,
+                       density=0.4, device="cpu", shared_lists=False, pair=False):
+    from patchattn.kernels import triton_attention
+    from patchattn.kernels.triton_attention import block_sparse_attention
+
+    triton_attention._UNTUNED_PAIR = pair  # untuned launches: one or two key blocks per tile
+
+    q, k, v = _qkv(bsz, hq, hkv, n_q, n_k, d, dtype, device)
+    kvs = torch.tensor(kv_start, dtype=torch.int32)
+    hb = hkv if shared_lists else hq
+    index, count, tokens = random_block_lists(bsz, hb, n_q, n_k, bm, bn, q_offset, density, device)
+    count[0, 0, 0] = 0  # an empty query block: zeros and -inf
+    tokens[0, 0, :bm] = False
+    tokens = tokens.repeat_interleave(hq // hb, 1)
+    keep = base_keep(bsz, n_q, n_k, q_offset, kvs, window, device) & tokens
+    out = torch.full_like(q, float("nan"))
+    o, lse = block_sparse_attention(q, k, v, index, count, scale=d ** -0.5, q_offset=q_offset, kv_start=kvs.to(device),
+                                    sliding_window=window, softcap=softcap, block_m=bm, block_n=bn, out=out)
+    ref, ref_lse = dense_oracle(q, k, v, keep, d ** -0.5, softcap, torch.float64 if device == "cpu" else torch.float32)
+    return dict(out=rel_err(o, ref), lse=_lse_err(lse, ref_lse), nan=bool(o.isnan().any()), same=o is out)
+
+
+def check_vertical_slash(bsz, hq, hkv, n_q, n_k, d, bm, bn, q_offset, kv_start, window, softcap, dtype,
+                         p_col=0.08, p_diag=0.08, device="cpu"):
+    from patchattn.kernels.triton_attention import (
+        vertical_slash_attention, vertical_slash_index, vertical_slash_pair_counts)
+
+    q, k, v = _qkv(bsz, hq, hkv, n_q, n_k, d, dtype, device)
+    kvs = torch.tensor(kv_start, dtype=torch.int32)
+    col, diag, tokens = random_vs_masks(bsz, hq, n_q, n_k, q_offset, p_col, p_diag, device)
+    base = base_keep(bsz, n_q, n_k, q_offset, kvs, window, device)
+    keep = base & tokens
+    opts = dict(q_offset=q_offset, kv_start=kvs.to(device), sliding_window=window)
+    index = vertical_slash_index(col, diag, n_q=n_q, block_m=bm, **opts)
+    out = torch.full_like(q, float("nan"))
+    o, lse = vertical_slash_attention(q, k, v, col, diag, scale=d ** -0.5, softcap=softcap, index=index, block_m=bm,
+                                      block_n=bn, out=out, **opts)
+    ref, ref_lse = dense_oracle(q, k, v, keep, d ** -0.5, softcap, torch.float64 if device == "cpu" else torch.float32)
+    counts = vertical_slash_pair_counts(col, diag, n_q=n_q, index=index, block_n=bn or 64, **opts)
+    return dict(out=rel_err(o, ref), lse=_lse_err(lse, ref_lse), nan=bool(o.isnan().any()),
+                kept_ok=torch.equal(counts["kept"].cpu(), keep.sum((-1, -2)).cpu()),
+                base_ok=torch.equal(counts["base"].cpu(), base.sum((-1, -2)).expand(bsz, hq).cpu()),
+                computed_ge_kept=bool((counts["computed"] >= counts["kept"]).all()))
+
+
+def _brute_last_q(q, k, scale, pos, kvs, softcap):
+    """Loop-level definition of the vertical / slash scores (fp64)."""
+    bsz, h, n_last, _ = q.shape
+    n_k = k.shape[2]
+    s = q.double() @ k.double().repeat_interleave(h // k.shape[1], 1).transpose(-1, -2) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    vert = torch.zeros(bsz, h, n_k, dtype=torch.float64)
+    slash = torch.zeros_like(vert)
+    j = torch.arange(n_k)
+    for b in range(bsz):
+        for row in range(n_last):
+            ok = (j <= pos[row]) & (j >= kvs[b])
+            if ok.any():
+                p = torch.softmax(s[b, :, row].masked_fill(~ok, float("-inf")), -1)
+                vert[b] += p
+                slash[b].index_add_(1, (pos[row] - j[ok]), p[:, ok])
+    return vert, slash
+
+
+def check_last_q(bsz, hq, hkv, n_last, n_k, d, kv_start, softcap, dtype, device="cpu"):
+    from patchattn.kernels.triton_estimators import last_q_scores
+
+    q, k, _ = _qkv(bsz, hq, hkv, n_last, n_k, d, dtype, device)
+    pos = torch.arange(n_k - n_last, n_k)
+    kvs = torch.tensor(kv_start)
+    res = {}
+    if device == "cpu":
+        rv, rs = _brute_last_q(q, k, d ** -0.5, pos, kvs, softcap)
+    else:
+        rv, rs = last_q_scores(q, k, scale=d ** -0.5, q_positions=pos, kv_start=kvs, softcap=softcap, impl="torch")
+    for impl in ("torch", "triton"):
+        v, s = last_q_scores(q, k, scale=d ** -0.5, q_positions=pos.to(device), kv_start=kvs.to(device),
+                             softcap=softcap, impl=impl)
+        res[impl] = max(rel_err(v.cpu(), rv.cpu()), rel_err(s.cpu(), rs.cpu()))
+    return res
+
+
+def _brute_antidiagonal(q, k, bs, stride, scale, kvs, q_offset):
+    bsz, h, n_q, _ = q.shape
+    n_k = k.shape[2]
+    kk = k.double().repeat_interleave(h // k.shape[1], 1)
+    nrq, nrk = -(-n_q // stride), -(-n_k // stride)
+    red = torch.zeros(bsz, h, nrq, nrk, dtype=torch.float64)
+    ok = torch.zeros(bsz, nrq, nrk, dtype=torch.bool)
+    for b in range(bsz):
+        for a in range(nrq):
+            q_last = min(a * stride + stride, n_q) - 1 + q_offset
+            for c in range(nrk):
+                ok[b, a, c] = c * stride <= q_last and c * stride + stride - 1 >= kvs[b] and q_last >= kvs[b]
+                for r in range(stride):
+                    i, j = a * stride + stride - 1 - r, c * stride + r
+                    if i < n_q and j < n_k and i + q_offset >= kvs[b] and j >= kvs[b]:
+                        red[b, :, a, c] += (q[b, :, i].double() * kk[b, :, j]).sum(-1)
+    p = torch.softmax((red * scale).masked_fill(~ok[:, None], float("-inf")), -1).nan_to_num(0.0)
+    per = bs // stride
+    out = torch.zeros(bsz, h, -(-n_q // bs), -(-n_k // bs), dtype=torch.float64)
+    for a in range(nrq):
+        for c in range(nrk):
+            out[:, :, a // per, c // per] += p[:, :, a, c]
+    return out / out.sum(-1, keepdim=True).clamp_min(1e-30)
+
+
+def check_antidiagonal(bsz, hq, hkv, n_q, n_k, d, bs, stride, kv_start, dtype, device="cpu"):
+    from patchattn.kernels.triton_estimators import antidiagonal_block_scores
+
+    q, k, _ = _qkv(bsz, hq, hkv, n_q, n_k, d, dtype, device)
+    kvs = torch.tensor(kv_start)
+    scale = d ** -0.5 / stride
+    if device == "cpu":
+        ref = _brute_antidiagonal(q, k, bs, stride, scale, kvs, n_k - n_q)
+    else:
+        ref = antidiagonal_block_scores(q, k, block_size=bs, stride=stride, scale=scale, kv_start=kvs, impl="torch")
+    return {impl: rel_err(antidiagonal_block_scores(q, k, block_size=bs, stride=stride, scale=scale,
+                                                    kv_start=kvs.to(device), impl=impl).cpu(), ref.cpu())
+            for impl in ("torch", "triton")}
+
+
+def check_pooled(bsz, hq, hkv, n_q, n_k, d, bs, kv_start):
+    from patchattn.kernels.triton_estimators import pooled_block_scores
+
+    q, k, _ = _qkv(bsz, hq, hkv, n_q, n_k, d, torch.float32)
+    q_offset, g = n_k - n_q, hq // hkv
+    nqb, nkb = -(-n_q // bs), -(-n_k // bs)
+    ref = torch.zeros(bsz, hq, nqb, nkb, dtype=torch.float64)
+    for b in range(bsz):
+        keys = [[j for j in range(kb * bs, min(n_k, kb * bs + bs)) if j >= kv_start[b]] for kb in range(nkb)]
+        for qb in range(nqb):
+            rows = [i for i in range(qb * bs, min(n_q, qb * bs + bs)) if i + q_offset >= kv_start[b]]
+            if not rows:
+                continue
+            last = min(n_q, qb * bs + bs) - 1 + q_offset
+            for h in range(hq):
+                pq = q[b, h, rows].double().mean(0)
+                s = torch.full((nkb,), float("-inf"), dtype=torch.float64)
+                for kb, ks in enumerate(keys):
+                    if ks and kb * bs <= last:
+                        s[kb] = (pq * k[b, h // g, ks].double().mean(0)).sum() * 0.3
+                ref[b, h, qb] = torch.softmax(s, -1)
+    out = pooled_block_scores(q, k, block_size=bs, scale=0.3, kv_start=torch.tensor(kv_start))
+    return dict(err=rel_err(out, ref))
+
+
+# Small CPU cases: (check, kwargs). Shapes cover GQA, batch > 1, ragged tails, left padding,
+# q_offset (prefill after cache), sliding window, softcap, unequal block_m / block_n.
+F32, F16 = torch.float32, torch.float16
+CPU_CASES = {
+    "bs_gqa_pad": (check_block_sparse, dict(bsz=2, hq=4, hkv=2, n_q=160, n_k=160, d=32, bm=32, bn=32, q_offset=0,
+                                            kv_start=[0, 37], window=None, softcap=None, dtype=F32)),
+    "bs_offset_window_cap": (check_block_sparse, dict(bsz=1, hq=2, hkv=1, n_q=70, n_k=150, d=16, bm=16, bn=32,
+                                                      q_offset=80, kv_start=[5], window=50, softcap=20.0, dtype=F16)),
+    "bs_pair_pad_window": (check_block_sparse, dict(bsz=2, hq=4, hkv=2, n_q=150, n_k=150, d=32, bm=16, bn=16,
+                                                    q_offset=0, kv_start=[0, 21], window=70, softcap=None, dtype=F32,
+                                                    pair=True)),
+    "bs_pair_offset_cap": (check_block_sparse, dict(bsz=1, hq=2, hkv=1, n_q=70, n_k=150, d=16, bm=16, bn=16,
+                                                    q_offset=80, kv_start=[5], window=None, softcap=20.0, dtype=F16,
+                                                    pair=True)),
+    "bs_unequal_blocks_d64": (check_block_sparse, dict(bsz=2, hq=2, hkv=2, n_q=100, n_k=100, d=64, bm=32, bn=16,
+                                                       q_offset=0, kv_start=[0, 99], window=None, softcap=None,
+                                                       dtype=F32)),
+    "bs_shared_group_lists_d48": (check_block_sparse, dict(bsz=1, hq=4, hkv=2, n_q=96, n_k=96, d=48, bm=16, bn=16,
+                                                           q_offset=0, kv_start=[0], window=None, softcap=None,
+                                                           dtype=F32, shared_lists=True)),
+    "vs_gqa_pad": (check_vertical_slash, dict(bsz=2, hq=4, hkv=1, n_q=150, n_k=150, d=32, bm=32, bn=32, q_offset=0,
+                                              kv_start=[0, 37], window=None, softcap=None, dtype=F32)),
+    "vs_offset_window_cap": (check_vertical_slash, dict(bsz=1, hq=2, hkv=2, n_q=70, n_k=150, d=16, bm=16, bn=32,
+                                                        q_offset=80, kv_start=[5], window=50, softcap=20.0, dtype=F16,
+                                                        p_col=0.2, p_diag=0.3)),
+    "vs_sparse_diagonals": (check_vertical_slash, dict(bsz=1, hq=2, hkv=1, n_q=200, n_k=200, d=32, bm=16, bn=16,
+                                                       q_offset=0, kv_start=[3], window=None, softcap=None, dtype=F32,
+                                                       p_col=0.03, p_diag=0.02)),
+    "lastq_gqa_pad": (check_last_q, dict(bsz=2, hq=4, hkv=2, n_last=20, n_k=150, d=32, kv_start=[0, 140],
+                                         softcap=None, dtype=F32)),
+    "lastq_cap_f16": (check_last_q, dict(bsz=1, hq=2, hkv=1, n_last=16, n_k=100, d=16, kv_start=[3], softcap=10.0,
+                                         dtype=F16)),
+    "antidiag_pad": (check_antidiagonal, dict(bsz=2, hq=4, hkv=2, n_q=200, n_k=200, d=16, bs=32, stride=4,
+                                              kv_start=[0, 45], dtype=F32)),
+    "antidiag_offset_f16": (check_antidiagonal, dict(bsz=1, hq=2, hkv=1, n_q=90, n_k=130, d=32, bs=64, stride=8,
+                                                     kv_start=[7], dtype=F16)),
+    "pooled": (check_pooled, dict(bsz=2, hq=4, hkv=2, n_q=200, n_k=200, d=16, bs=32, kv_start=[0, 45])),
+    "pooled_offset": (check_pooled, dict(bsz=1, hq=2, hkv=1, n_q=90, n_k=130, d=32, bs=64, kv_start=[70])),
+}
+
+
+def _assert_result(name, res):
+    check = CPU_CASES[name][0] if name in CPU_CASES else None
+    assert "error" not in res, res.get("error")
+    tol = 5e-3 if CPU_CASES.get(name, (None, {}))[1].get("dtype") is F16 else 1e-5
+    if check in (check_block_sparse, check_vertical_slash):
+        assert not res["nan"] and res["out"] <= tol and res["lse"] <= 1e-3, res
+        if check is check_vertical_slash:
+            assert res["kept_ok"] and res["base_ok"] and res["computed_ge_kept"], res
+    elif check is check_pooled:
+        assert res["err"] <= 1e-5, res
+    else:
+        assert res["torch"] <= tol and res["triton"] <= tol, res
+
+
+# ----------------------------------------------------------------------------- CPU: interpreter worker
+
+
+def _patch_interpreter_for_numpy2():
+    """Triton 3.6's interpreter keeps scalars as 1-element arrays and converts loop bounds with
+    int(array), which NumPy >= 2.4 rejects; take the element instead."""
+    import triton.runtime.interpreter as interp
+
+    original = interp._patch_lang_tensor
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interp._patch_lang_tensor = patched
+
+
+def _worker(names):
+    _patch_interpreter_for_numpy2()
+    results = {}
+    for name in names:
+        torch.manual_seed(0)
+        fn, kwargs = CPU_CASES[name]
+        try:
+            results[name] = fn(**kwargs)
+        except Exception:  # reported back to the parent test
+            results[name] = {"error": traceback.format_exc()}
+    print("RESULTS " + json.dumps(results))
+
+
+@pytest.fixture(scope="module")
+def interpreter_results():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.run([sys.executable, __file__, *CPU_CASES], capture_output=True, text=True, env=env,
+                          timeout=600)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
+    assert lines, f"interpreter worker failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return json.loads(lines[-1][len("RESULTS "):])
+
+
+@pytest.mark.parametrize("name", list(CPU_CASES))
+def test_interpreter(interpreter_results, name):
+    _assert_result(name, interpreter_results[name])
+
+
+# ----------------------------------------------------------------------------- GPU: bf16 on CUDA
+
+BF16 = torch.bfloat16
+
+
+@pytest.fixture
+def one_config(monkeypatch):
+    """Launch one fitting config instead of autotuning: a compile per shape variant, not seven."""
+    from patchattn.kernels import triton_attention, triton_estimators
+
+    monkeypatch.setattr(triton_attention, "_AUTOTUNE", False)
+    monkeypatch.setattr(triton_estimators, "_AUTOTUNE", False)
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("variant", ["plain", "pad_cap", "offset_window", "blocks128", "shared_lists", "pair"])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_block_sparse_gpu(one_config, d, variant):
+    torch.manual_seed(0)
+    kw = dict(bsz=2, hq=8, hkv=2, n_q=1536, n_k=1536, d=d, bm=64, bn=64, q_offset=0, kv_start=[0, 300],
+              window=None, softcap=None, dtype=BF16, density=0.3, device="cuda")
+    if variant == "pad_cap":
+        kw.update(n_q=1000, n_k=1000, softcap=30.0, kv_start=[17, 0])
+    elif variant == "offset_window":
+        kw.update(n_q=700, n_k=2000, q_offset=1300, window=512)
+    elif variant == "blocks128":
+        kw.update(bm=128, bn=128)
+    elif variant == "shared_lists":
+        kw.update(shared_lists=True)
+    elif variant == "pair":
+        kw.update(pair=True, n_q=1000, n_k=1000, kv_start=[0, 77], window=300)
+    res = check_block_sparse(**kw)
+    assert not res["nan"] and res["same"] and res["out"] <= 1e-2 and res["lse"] <= 2e-2, res
+
+
+@pytest.mark.parametrize("variant", ["plain", "pad_cap_d64", "offset_window_d256"])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_vertical_slash_gpu(one_config, variant):
+    torch.manual_seed(0)
+    kw = dict(bsz=2, hq=8, hkv=2, n_q=2048, n_k=2048, d=128, bm=64, bn=64, q_offset=0, kv_start=[0, 300],
+              window=None, softcap=None, dtype=BF16, p_col=0.02, p_diag=0.01, device="cuda")
+    if variant == "pad_cap_d64":
+        kw.update(d=64, n_q=1000, n_k=1000, softcap=30.0, kv_start=[17, 0])
+    elif variant == "offset_window_d256":
+        kw.update(d=256, n_q=700, n_k=2000, q_offset=1300, window=512, p_diag=0.05)
+    res = check_vertical_slash(**kw)
+    assert not res["nan"] and res["out"] <= 1e-2 and res["lse"] <= 2e-2, res
+    assert res["kept_ok"] and res["base_ok"] and res["computed_ge_kept"], res
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_autotuned_configs_gpu():
+    """The autotuned path (every config is benchmarked, the winner must also be right)."""
+    torch.manual_seed(0)
+    kw = dict(bsz=1, hq=8, hkv=2, n_q=4096, n_k=4096, d=128, bm=64, bn=64, q_offset=0, kv_start=[0], window=None,
+              softcap=None, dtype=BF16, device="cuda")
+    res = check_block_sparse(density=0.2, **kw)
+    assert not res["nan"] and res["out"] <= 1e-2, res
+    kw["bn"] = None  # key tile width tuned as well
+    res = check_vertical_slash(p_col=0.01, p_diag=0.005, **kw)
+    assert not res["nan"] and res["out"] <= 1e-2 and res["kept_ok"], res
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_estimators_gpu(one_config):
+    torch.manual_seed(0)
+    r = check_last_q(2, 8, 2, 64, 5000, 128, [0, 333], None, BF16, device="cuda")
+    assert r["triton"] <= 1e-3, r
+    r = check_last_q(1, 4, 1, 64, 3000, 64, [0], 30.0, BF16, device="cuda")
+    assert r["triton"] <= 1e-3, r
+    for bs, stride in ((128, 8), (128, 16), (64, 8)):
+        r = check_antidiagonal(2, 8, 2, 2000, 2000, 128, bs, stride, [0, 111], BF16, device="cuda")
+        assert r["triton"] <= 1e-3, r
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1:])
