@@ -138,11 +138,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default="streaming,vertical_slash,block_topk")
     p.add_argument("--out", default="out/demo")
     p.set_defaults(func=cmd_demo)
+    for name, helptext in [("calibrate", "calibrate a per-head plan from sample prompts (see --help)"),
+                           ("eval", "dense vs patched on synthetic long-context tasks (see --help)"),
+                           ("lm-eval", "lm-eval's CLI with the patchattn model and local tasks registered"),
+                           ("lm-eval-tasks", "write the local lm-eval task files for a tokenizer"),
+                           ("bench", "run a benchmark script from evals/bench")]:
+        sub.add_parser(name, help=helptext, add_help=False)
     return parser
+
+
+def _bench_main(argv: List[str]) -> int:
+    """``patchattn bench NAME [args]`` runs ``evals/bench/NAME.py`` with the remaining args."""
+    import importlib
+    import pkgutil
+
+    from .evals import bench
+
+    names = sorted(m.name for m in pkgutil.iter_modules(bench.__path__))
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in names:
+        print("usage: patchattn bench {%s} [ARGS]" % ",".join(names), file=sys.stderr)
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"patchattn bench: unknown benchmark {argv[0]!r}", file=sys.stderr)
+            return 2
+        return 0
+    return importlib.import_module(f"{bench.__name__}.{argv[0]}").main(argv[1:]) or 0
+
+
+# Subcommands with their own argument parsers: the rest of argv goes to them untouched.
+PASS_THROUGH = {
+    "calibrate": ("patchattn.calibration", "calibrate_main"),
+    "eval": ("patchattn.evals.runner", "eval_main"),
+    "lm-eval": ("patchattn.lm_eval_model", "lm_eval_main"),
+    "lm-eval-tasks": ("patchattn.evals.lm_eval_tasks", "write_tasks_main"),
+}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "bench":
+        return _bench_main(argv[1:])
+    if argv and argv[0] in PASS_THROUGH:
+        import importlib
+
+        module, func = PASS_THROUGH[argv[0]]
+        return getattr(importlib.import_module(module), func)(argv[1:]) or 0
     parser = build_parser()
     args = parser.parse_args(argv)
     from .plan import PlanError

@@ -1,0 +1,1 @@
+"""Calibration recipes (YAML) shipped with patchattn; `patchattn.recipes` locates them by name."""
