@@ -75,3 +75,72 @@ def test_eval_dense_only(tmp_path, stories):
     assert row["patched"] is None and row["density"] is None and row["dense"] in (0.0, 1.0)
     assert "| passkey | 256 |" in (out / "results.md").read_text()
     assert torch.is_grad_enabled()
+
+
+def test_batched_eval_matches_unbatched(tmp_path, stories, plan_path):
+    """Left-padded batches give the same completions as one prompt at a time, dense and patched,
+    and the realized density is unchanged (padding is not counted as computed or valid pairs)."""
+    import patchattn
+    from patchattn.evals.runner import build_samples, evaluate
+
+    model, tok = stories
+    samples = build_samples(tok, ["passkey", "niah_single"], [300], n=3, seed=3)
+    assert len({s.n_tokens for job in samples.values() for s in job}) > 1  # padding really happens
+    plan = patchattn.Plan.load(plan_path)
+    checkpoints = []
+    runs = [evaluate(model, tok, samples, plan, batch_size=bs, max_new_tokens=5, progress=False,
+                     checkpoint=checkpoints.append) for bs in (1, 3)]
+    for one, batched in zip(*(r["samples"] for r in runs)):
+        assert one["dense"]["completion"] == batched["dense"]["completion"]
+        assert one["patched"]["completion"] == batched["patched"]["completion"]
+    for one, batched in zip(*(r["results"] for r in runs)):
+        assert (one["batch_size"], batched["batch_size"]) == (1, 3)
+        assert batched["density"] == pytest.approx(one["density"], rel=1e-6)
+        assert one["sparse_calls"] > 0 and batched["sparse_calls"] < one["sparse_calls"]
+    # The dense-only checkpoint comes before the patched pass.
+    assert [r["patched"] for r in checkpoints[0]["results"]] == [None, None]
+    assert not patchattn.is_patched(model)
+
+
+def test_resolve_batch_size():
+    from patchattn.evals.runner import TOKENS_PER_BATCH, resolve_batch_size
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_batch_size("auto", cpu, 8192, 20) == 1
+    assert resolve_batch_size("auto", cuda, 8192, 20) == TOKENS_PER_BATCH // 8192
+    assert resolve_batch_size("auto", cuda, 2048, 20) == min(20, TOKENS_PER_BATCH // 2048)
+    assert resolve_batch_size("auto", cuda, 512, 3) == 3  # never more than the samples
+    assert resolve_batch_size("auto", cuda, 10 ** 6, 3) == 1
+    assert resolve_batch_size(4, cpu, 8192, 20) == 4
+
+
+def test_bad_arguments_fail_clearly(tmp_path, capsys, plan_path):
+    base = ["--model", str(STORIES), "--samples", "1", "--out", str(tmp_path / "x")]
+    with pytest.raises(SystemExit) as e:
+        eval_main(base + ["--tasks", "passkey,nope", "--lengths", "256"])
+    assert e.value.code == 2 and "unknown task(s) ['nope']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        eval_main(base + ["--tasks", "passkey", "--lengths", "256", "--dtype", "float8"])
+    assert "invalid choice" in capsys.readouterr().err
+    # stories260k has a 512-token context: refuse before any timed work or output.
+    assert eval_main(base + ["--tasks", "passkey", "--lengths", "256,1024"]) == 2
+    err = capsys.readouterr().err
+    assert "[1024] exceed the model's context of 512 tokens" in err
+    assert not (tmp_path / "x").exists()
+    assert eval_main(base + ["--tasks", "passkey", "--lengths", "256", "--plan", str(tmp_path / "nope.json")]) == 2
+    assert "nope.json" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert eval_main(base + ["--tasks", "passkey", "--lengths", "256", "--device", "cuda"]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_plan_for_another_model_fails_before_dense_pass(tmp_path, capsys):
+    import patchattn
+    from tiny_models import tiny_model
+
+    other = tmp_path / "other.json"
+    patchattn.Plan.uniform(tiny_model("llama"), "streaming", {"sink": 4, "window": 32}).save(other)
+    rc = eval_main(["--model", str(STORIES), "--plan", str(other), "--tasks", "passkey", "--lengths", "256",
+                    "--samples", "1", "--out", str(tmp_path / "o")])
+    assert rc == 2 and "plan is for another model" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
