@@ -41,6 +41,8 @@ def perplexity(model, tokenizer, text: str, max_tokens: int = 8192, window: int 
         input_ids = torch.tensor([ids], device=device)
         start = time.perf_counter()
         logits = model(input_ids=input_ids).logits[0, :-1].float()
+        if device.type == "cuda":  # kernels run asynchronously: time the work, not the launch
+            torch.cuda.synchronize(device)
         seconds += time.perf_counter() - start
         nll += torch.nn.functional.cross_entropy(logits, input_ids[0, 1:], reduction="sum").item()
         count += input_ids.shape[1] - 1

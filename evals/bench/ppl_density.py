@@ -4,8 +4,9 @@
         --text ../shared/assets/corpora/wikitext-2-raw/wiki.test.raw --tokens 8192 --window 4096 \
         --out evals/bench/results/smollm2_wikitext_ppl.json
 
-Budgets are length rules (fractions of the prompt length) chosen to land near a realized
-density of 0.3 at 4k tokens; the realized density is measured, not assumed.
+Budgets are length rules (fractions of the prompt length); each method runs at a few budgets
+around a realized density of 0.3 at 4k tokens, since the realized density of the dynamic methods
+depends on the text and is measured, not assumed.
 """
 
 import argparse
@@ -19,10 +20,16 @@ from patchattn import Plan, patch_model, reset_stats, stats, unpatch_model
 from patchattn.evals.perplexity import perplexity, read_text
 from patchattn.models import load
 
-PLANS_AT_0_3 = {
-    "streaming": {"sink": 4, "window": {"scale": 0.16}},
-    "vertical_slash": {"vertical": {"scale": 0.1}, "slash": {"scale": 0.1}, "last_q": 64, "sink": 4, "window": 64},
-    "block_topk": {"block_size": 64, "top_k": {"scale": 0.125, "min": 1}},
+PLANS_NEAR_0_3 = {
+    "streaming_w0.12": ("streaming", {"sink": 4, "window": {"scale": 0.12}}),
+    "streaming_w0.16": ("streaming", {"sink": 4, "window": {"scale": 0.16}}),
+    "streaming_w0.20": ("streaming", {"sink": 4, "window": {"scale": 0.2}}),
+    "vertical_slash_v0.1_s0.1_w64": ("vertical_slash", {"vertical": {"scale": 0.1}, "slash": {"scale": 0.1}, "window": 64}),
+    "vertical_slash_v0.15_s0.15_w64": ("vertical_slash", {"vertical": {"scale": 0.15}, "slash": {"scale": 0.15}, "window": 64}),
+    "vertical_slash_v0.08_s0.08_w256": ("vertical_slash", {"vertical": {"scale": 0.08}, "slash": {"scale": 0.08}, "window": 256}),
+    "block_topk_k0.125": ("block_topk", {"block_size": 64, "top_k": {"scale": 0.125, "min": 1}}),
+    "block_topk_k0.16": ("block_topk", {"block_size": 64, "top_k": {"scale": 0.16, "min": 1}}),
+    "block_topk_k0.2": ("block_topk", {"block_size": 64, "top_k": {"scale": 0.2, "min": 1}}),
 }
 
 
@@ -32,14 +39,17 @@ def main(argv=None):
     parser.add_argument("--text", help="text file (default: Python's pydoc topics)")
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--window", type=int, default=4096)
-    parser.add_argument("--plans", help="JSON file {name: {method, params}} (default: built-in ~0.3 density plans)")
+    parser.add_argument("--plans", help="JSON file {name: {method, params}} (default: built-in plans near density 0.3)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--out", help="write results JSON here")
     args = parser.parse_args(argv)
 
-    plans = {k: {"method": k, "params": v} for k, v in PLANS_AT_0_3.items()}
+    plans = {k: {"method": m, "params": p} for k, (m, p) in PLANS_NEAR_0_3.items()}
     if args.plans:
         plans = json.loads(open(args.plans).read())
-    model, tokenizer = load(args.model)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load(args.model, dtype=getattr(torch, args.dtype), device=device)
     text = read_text(args.text)
     rows = [{"plan": "dense", "method": "dense", "density": 1.0, **perplexity(model, tokenizer, text, args.tokens, args.window)}]
     for name, spec in plans.items():
@@ -50,14 +60,17 @@ def main(argv=None):
                      "density": stats(model).density, **result})
         unpatch_model(model)
     dense = rows[0]["ppl"]
-    print(f"{args.model} on {args.text or 'pydoc topics'}: {rows[0]['tokens']} tokens, windows of {args.window}")
-    print("| plan | realized density | perplexity | vs dense | forward s (CPU reference path) |")
+    where = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"{args.model} on {args.text or 'pydoc topics'}: {rows[0]['tokens']} tokens, windows of {args.window}, "
+          f"{args.dtype} on {where}")
+    print("| plan | realized density | perplexity | vs dense | forward s |")
     print("|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['plan']} | {r['density']:.4f} | {r['ppl']:.3f} | {100 * (r['ppl'] / dense - 1):+.2f} % | {r['seconds']:.1f} |")
     if args.out:
         meta = {"model": args.model, "text": args.text, "tokens": args.tokens, "window": args.window,
-                "torch": torch.__version__, "machine": platform.machine(), "threads": torch.get_num_threads(),
+                "torch": torch.__version__, "machine": platform.machine(), "device": where, "dtype": args.dtype,
+                "threads": torch.get_num_threads(),
                 "date": time.strftime("%Y-%m-%d")}
         with open(args.out, "w") as f:
             json.dump({**meta, "rows": rows}, f, indent=2)
