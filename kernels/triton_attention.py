@@ -36,15 +36,11 @@ def _interpreting() -> bool:
 _TUNE_KEY = ["HEAD_DIM", "BLOCK_M", "BLOCK_N", "SOFTCAP", "tune_bucket"]
 # Diagnostic switch for benchmarks: apply the element mask on every tile, not only edge tiles.
 _MASK_EVERY_TILE = False
-# Key-block pairing when not autotuning (tests flip it to cover both code paths).
-_UNTUNED_PAIR = False
 
 # Hopper-oriented search space; BLOCK_M / BLOCK_N are fixed by the caller's block layout.
 _ATTN_CONFIGS = [
     triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 2), (4, 3), (8, 2), (8, 3), (4, 1), (8, 1))
 ]
-_PAIR_CONFIGS = [triton.Config({"PAIR": p}, num_warps=c.num_warps, num_stages=c.num_stages)
-                 for p in (False, True) for c in _ATTN_CONFIGS]
 _TILE_N_CONFIGS = [triton.Config({"BLOCK_N": n}, num_warps=c.num_warps, num_stages=c.num_stages)
                    for n in (64, 128) for c in _ATTN_CONFIGS]
 _SMEM_BUDGET = 200 * 1024  # H100 allows 227 KB per block; leave room for the compiler's scratch
@@ -53,7 +49,7 @@ _AUTOTUNE = os.environ.get("PATCHATTN_TRITON_AUTOTUNE", "1") != "0"
 
 
 def _tile_n(meta: dict) -> int:
-    return meta["BLOCK_N"] * (2 if meta.get("PAIR") else 1)
+    return meta["BLOCK_N"]
 
 
 def _smem_bytes(stages: int, block_m: int, tile_n: int, block_d: int, elem: int) -> int:
@@ -154,7 +150,6 @@ def _block_sparse_fwd(
     n_q, n_k, n_heads, group, idx_group, q_offset, sm_scale, softcap, window, tune_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, EVEN_N: tl.constexpr, MASK_ALL: tl.constexpr,
-    PAIR: tl.constexpr,
 ):
     # Axis 0 walks heads fastest, so the G query heads of one kv head run side by side and share
     # K/V tiles through L2; axis 1 starts with the last (longest) query blocks to shorten the tail.
@@ -164,10 +159,8 @@ def _block_sparse_fwd(
     h = pid_bh % n_heads
     kvh = h // group
 
-    # PAIR: two listed key blocks form one 2*BLOCK_N tile, halving the per-tile softmax rescaling.
-    TILE_N: tl.constexpr = BLOCK_N * (2 if PAIR else 1)
     offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, TILE_N)
+    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     pos = offs_m + q_offset
     kv_start = tl.load(KvStart + b)
@@ -185,28 +178,17 @@ def _block_sparse_fwd(
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for t in range(0, count, 2 if PAIR else 1):
-        kb_lo = tl.load(idx_base + t)
-        if PAIR:
-            has_hi = t + 1 < count
-            kb_hi = tl.load(idx_base + t + 1, mask=has_hi, other=kb_lo)
-            upper = offs_n >= BLOCK_N
-            cols = tl.where(upper, kb_hi * BLOCK_N - BLOCK_N, kb_lo * BLOCK_N) + offs_n
-            live = (~upper | has_hi) & (cols < n_k)
-            edge = ~has_hi
-        else:
-            kb_hi = kb_lo
-            cols = kb_lo * BLOCK_N + offs_n
-            live = cols < n_k
-            edge = False
-        k = _load_rows(k_base, cols, offs_d, sk_n, live, HEAD_DIM, BLOCK_D, PAIR or not EVEN_N)
-        v = _load_rows(v_base, cols, offs_d, sv_n, live, HEAD_DIM, BLOCK_D, PAIR or not EVEN_N)
+    for t in range(0, count):
+        kb = tl.load(idx_base + t)
+        cols = kb * BLOCK_N + offs_n
+        live = cols < n_k
+        k = _load_rows(k_base, cols, offs_d, sk_n, live, HEAD_DIM, BLOCK_D, not EVEN_N)
+        v = _load_rows(v_base, cols, offs_d, sv_n, live, HEAD_DIM, BLOCK_D, not EVEN_N)
         s = _scaled_scores(q, k, sm_scale, softcap, SOFTCAP)
-        # Interior tiles (every pair valid) skip the element mask; lists are ascending, so the
-        # tile spans keys [kb_lo * BLOCK_N, kb_hi * BLOCK_N + BLOCK_N).
-        n_lo = kb_lo * BLOCK_N
-        n_hi = kb_hi * BLOCK_N + BLOCK_N - 1
-        edge = edge | (n_hi > first_pos) | (n_lo < kv_start) | (n_hi >= n_k)
+        # Interior tiles (every pair valid) skip the element mask.
+        n_lo = kb * BLOCK_N
+        n_hi = n_lo + BLOCK_N - 1
+        edge = (n_hi > first_pos) | (n_lo < kv_start) | (n_hi >= n_k)
         if HAS_WINDOW:
             edge = edge | (last_pos - n_lo >= window)
         if MASK_ALL or edge:
@@ -217,7 +199,7 @@ def _block_sparse_fwd(
                 offs_m, offs_d, n_q, so_n, acc, m_i, l_i, HEAD_DIM, BLOCK_D)
 
 
-_block_sparse_tuned = _autotuned(_block_sparse_fwd, _PAIR_CONFIGS)
+_block_sparse_tuned = _autotuned(_block_sparse_fwd, _ATTN_CONFIGS)
 
 
 # ----------------------------------------------------------------------------- vertical-slash kernel
@@ -390,7 +372,7 @@ def block_sparse_attention(
         *block_index.stride()[:3], *block_count.stride()[:2],
         n_q, n_k, hq, hq // hkv, hq // hb, q_offset, scale, float(softcap or 0.0), int(sliding_window or 0),
         _tune_bucket(n_q), BLOCK_N=block_n, EVEN_N=n_k % block_n == 0, MASK_ALL=_MASK_EVERY_TILE,
-        untuned=dict(PAIR=_UNTUNED_PAIR), **_common_meta(d, block_m, softcap, sliding_window),
+        untuned={}, **_common_meta(d, block_m, softcap, sliding_window),
     )
     return out, lse
 

@@ -26,6 +26,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from . import backends
 from .kernels.reference import chunked_attention
 from .methods import get_method
 from .methods.base import AllPairs, AttnContext, SparseMethod
@@ -255,28 +256,46 @@ def _valid_pairs(attention_mask, query, key, sliding_window) -> torch.Tensor:
 
 
 def sparse_attention(state: LayerState, query, key, value, attention_mask, *, scale, softcap, sliding_window):
-    """Run every head group of a layer with its method; returns [B, H, M, D]."""
+    """Run every head group of a layer with its method; returns [B, H, M, D].
+
+    Execution goes through the Triton kernels when `backends.kernel_layout` says they reproduce
+    this call's base mask (CUDA tensors, causal + left padding [+ window]); otherwise, or for a
+    selection without a kernel form, through the chunked torch reference.
+    """
     base_rows, q_pos, k_pos, kv_start = _base(attention_mask, query, key, sliding_window)
+    layout = backends.kernel_layout(attention_mask, query, key, sliding_window)
     ctx = AttnContext(q_pos=q_pos, k_pos=k_pos, kv_start=kv_start, base_rows=base_rows,
-                      scale=scale, softcap=softcap, layer=state.layer)
+                      scale=scale, softcap=softcap, layer=state.layer, layout=layout)
     group_size = query.shape[1] // key.shape[1]
-    out = torch.empty_like(query)
-    kept = torch.zeros(query.shape[0], query.shape[1], dtype=torch.long, device=query.device)
-    valid = None
+    b, h, m, d = query.shape
+    # Kernels write straight into [B, M, H, D] storage, so the caller's transpose is free.
+    out = query.new_empty(b, m, h, d).transpose(1, 2)
+    kept = torch.zeros(b, h, dtype=torch.long, device=query.device)
+    q_pos0 = int(q_pos[0]) if q_pos.numel() else 0
     for group in state.groups:
         heads = group.q_heads.to(query.device)
         kv_heads = torch.div(heads, group_size, rounding_mode="floor")
         q, k, v = query[:, heads], key[:, kv_heads], value[:, kv_heads]
         selection = group.method.select(q, k, ctx)
-        if isinstance(selection, AllPairs):
-            row_mask = base_rows
+        result = None
+        if layout is not None:
+            whole = heads.numel() == h
+            result = backends.run_group(selection, query, key, value, heads, layout, q_pos0, scale=scale,
+                                        softcap=softcap, out=out if whole else None)
+        if result is None:
+            if isinstance(selection, AllPairs):
+                row_mask = base_rows
+            else:
+                def row_mask(start, end, selection=selection):
+                    return base_rows(start, end) & selection.rows(q_pos[start:end], k_pos)
+            o, _, kept_pairs = chunked_attention(q, k, v, row_mask, scale, softcap)
         else:
-            def row_mask(start, end, selection=selection):
-                return base_rows(start, end) & selection.rows(q_pos[start:end], k_pos)
-        o, _, kept_pairs = chunked_attention(q, k, v, row_mask, scale, softcap)
-        out[:, heads] = o
-        kept[:, heads] = kept_pairs
-    valid = _valid_pairs(attention_mask, query, key, sliding_window)
+            o, kept_pairs = result
+        if o is not out:
+            out[:, heads] = o
+        kept[:, heads] = kept_pairs.to(kept.dtype)
+    valid = backends.base_pairs(layout) if layout is not None else _valid_pairs(
+        attention_mask, query, key, sliding_window)
     state.stats.record_sparse_prefill(kept, valid)
     return out
 
@@ -414,7 +433,8 @@ def run_method(method: SparseMethod, query, key, value, mask: LazyMask, *, scale
     k = key.repeat_interleave(group_size, dim=1)
     q_pos, k_pos = mask.positions()
     ctx = AttnContext(q_pos=q_pos, k_pos=k_pos, kv_start=mask.kv_start(), base_rows=mask.rows,
-                      scale=scale, softcap=softcap, layer=0)
+                      scale=scale, softcap=softcap, layer=0,
+                      layout=backends.kernel_layout(mask, query, key, None))  # same estimators as the run
     selection = method.select(query, k, ctx)
     keep = mask.rows(0, q_pos.numel()) & selection.rows(q_pos, k_pos)
     return out, kept, keep.expand(query.shape[0], query.shape[1], -1, -1)

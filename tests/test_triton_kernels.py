@@ -93,11 +93,8 @@ def _qkv(bsz, hq, hkv, n_q, n_k, d, dtype, device="cpu"):
 
 
 def check_block_sparse(bsz, hq, hkv, n_q, n_k, d, bm, bn, q_offset, kv_start, window, softcap, dtype,
-                       density=0.4, device="cpu", shared_lists=False, pair=False):
-    from patchattn.kernels import triton_attention
+                       density=0.4, device="cpu", shared_lists=False):
     from patchattn.kernels.triton_attention import block_sparse_attention
-
-    triton_attention._UNTUNED_PAIR = pair  # untuned launches: one or two key blocks per tile
 
     q, k, v = _qkv(bsz, hq, hkv, n_q, n_k, d, dtype, device)
     kvs = torch.tensor(kv_start, dtype=torch.int32)
@@ -240,6 +237,41 @@ def check_pooled(bsz, hq, hkv, n_q, n_k, d, bs, kv_start):
     return dict(err=rel_err(out, ref))
 
 
+def check_patching_kernel_path(method, params, bsz, hq, hkv, n_q, n_k, d, pad, softcap, dtype, device="cpu"):
+    """patchattn's own execution with PATCHATTN_BACKEND=triton: the selection a method makes is
+    run by the kernels (backends.run_group) and must equal a masked softmax over that selection,
+    with telemetry counting exactly the kept pairs; the reference backend must agree."""
+    from patchattn import backends
+    from patchattn.methods import get_method
+    from patchattn.patching import causal_lazy_mask, run_method
+
+    q, k, v = _qkv(bsz, hq, hkv, n_q, n_k, d, dtype, device)
+    padding = torch.ones(bsz, n_k, dtype=torch.long, device=device)
+    padding[-1, :pad] = 0
+    mask = causal_lazy_mask(bsz, n_q, n_k, padding if pad else None, device=torch.device(device))
+    cls = get_method(method)
+    m = cls(cls.validate_params(params))
+    old = os.environ.get(backends.BACKEND_ENV)
+    try:
+        os.environ[backends.BACKEND_ENV] = "triton"
+        layout_ok = backends.kernel_layout(mask, q, k, None) is not None
+        launches = sum(backends.kernel_calls.values())
+        out, kept, keep = run_method(m, q, k, v, mask, scale=d ** -0.5, softcap=softcap, return_mask=True)
+        layout_ok = layout_ok and sum(backends.kernel_calls.values()) > launches  # the kernels really ran
+        os.environ[backends.BACKEND_ENV] = "reference"
+        ref_path, ref_kept, ref_keep = run_method(m, q, k, v, mask, scale=d ** -0.5, softcap=softcap,
+                                                  return_mask=True)
+    finally:
+        os.environ.pop(backends.BACKEND_ENV) if old is None else os.environ.__setitem__(backends.BACKEND_ENV, old)
+    ref, _ = dense_oracle(q, k, v, keep, d ** -0.5, softcap, torch.float64 if device == "cpu" else torch.float32)
+    base = mask.rows(0, n_q).expand_as(keep)
+    same_sel = torch.equal(keep, ref_keep)
+    return dict(out=rel_err(out, ref), nan=bool(out.isnan().any()), layout_ok=layout_ok,
+                kept_ok=torch.equal(kept.cpu(), keep.sum((-1, -2)).sum(0).cpu()),
+                skips=bool((base & ~keep).any()),
+                ref_agrees=(rel_err(ref_path, out) <= 1e-4 and torch.equal(ref_kept, kept)) if same_sel else True)
+
+
 # Small CPU cases: (check, kwargs). Shapes cover GQA, batch > 1, ragged tails, left padding,
 # q_offset (prefill after cache), sliding window, softcap, unequal block_m / block_n.
 F32, F16 = torch.float32, torch.float16
@@ -248,12 +280,9 @@ CPU_CASES = {
                                             kv_start=[0, 37], window=None, softcap=None, dtype=F32)),
     "bs_offset_window_cap": (check_block_sparse, dict(bsz=1, hq=2, hkv=1, n_q=70, n_k=150, d=16, bm=16, bn=32,
                                                       q_offset=80, kv_start=[5], window=50, softcap=20.0, dtype=F16)),
-    "bs_pair_pad_window": (check_block_sparse, dict(bsz=2, hq=4, hkv=2, n_q=150, n_k=150, d=32, bm=16, bn=16,
-                                                    q_offset=0, kv_start=[0, 21], window=70, softcap=None, dtype=F32,
-                                                    pair=True)),
-    "bs_pair_offset_cap": (check_block_sparse, dict(bsz=1, hq=2, hkv=1, n_q=70, n_k=150, d=16, bm=16, bn=16,
-                                                    q_offset=80, kv_start=[5], window=None, softcap=20.0, dtype=F16,
-                                                    pair=True)),
+    "bs_small_blocks_pad_window": (check_block_sparse, dict(bsz=2, hq=4, hkv=2, n_q=150, n_k=150, d=32, bm=16,
+                                                            bn=16, q_offset=0, kv_start=[0, 21], window=70,
+                                                            softcap=None, dtype=F32)),
     "bs_unequal_blocks_d64": (check_block_sparse, dict(bsz=2, hq=2, hkv=2, n_q=100, n_k=100, d=64, bm=32, bn=16,
                                                        q_offset=0, kv_start=[0, 99], window=None, softcap=None,
                                                        dtype=F32)),
@@ -278,6 +307,22 @@ CPU_CASES = {
                                                      kv_start=[7], dtype=F16)),
     "pooled": (check_pooled, dict(bsz=2, hq=4, hkv=2, n_q=200, n_k=200, d=16, bs=32, kv_start=[0, 45])),
     "pooled_offset": (check_pooled, dict(bsz=1, hq=2, hkv=1, n_q=90, n_k=130, d=32, bs=64, kv_start=[70])),
+    # patchattn's kernel backend end to end (GQA, left padding, batch 2, prefill after a cache).
+    "path_vertical_slash": (check_patching_kernel_path, dict(
+        method="vertical_slash", params={"vertical": 6, "slash": 4, "last_q": 16, "sink": 2, "window": 8},
+        bsz=2, hq=4, hkv=2, n_q=130, n_k=130, d=32, pad=21, softcap=None, dtype=F32)),
+    "path_block_topk_offset": (check_patching_kernel_path, dict(
+        method="block_topk", params={"block_size": 32, "top_k": 2}, bsz=2, hq=4, hkv=1, n_q=70, n_k=134, d=16,
+        pad=40, softcap=20.0, dtype=F32)),
+    "path_streaming_odd_offset": (check_patching_kernel_path, dict(
+        method="streaming", params={"sink": 3, "window": 9}, bsz=1, hq=2, hkv=1, n_q=50, n_k=77, d=16, pad=0,
+        softcap=None, dtype=F32)),
+    "path_flexprefill": (check_patching_kernel_path, dict(
+        method="flexprefill", params={"block_size": 16, "gamma": 0.3, "tau": 0.3, "last_q": 16},
+        bsz=2, hq=4, hkv=2, n_q=128, n_k=128, d=32, pad=19, softcap=None, dtype=F32)),
+    "path_xattention": (check_patching_kernel_path, dict(
+        method="xattention", params={"block_size": 32, "stride": 4, "threshold": 0.5},
+        bsz=2, hq=4, hkv=2, n_q=150, n_k=150, d=32, pad=37, softcap=None, dtype=F32)),
 }
 
 
@@ -285,7 +330,10 @@ def _assert_result(name, res):
     check = CPU_CASES[name][0] if name in CPU_CASES else None
     assert "error" not in res, res.get("error")
     tol = 5e-3 if CPU_CASES.get(name, (None, {}))[1].get("dtype") is F16 else 1e-5
-    if check in (check_block_sparse, check_vertical_slash):
+    if check is check_patching_kernel_path:
+        assert res["layout_ok"] and not res["nan"] and res["out"] <= tol, res
+        assert res["kept_ok"] and res["skips"] and res["ref_agrees"], res
+    elif check in (check_block_sparse, check_vertical_slash):
         assert not res["nan"] and res["out"] <= tol and res["lse"] <= 1e-3, res
         if check is check_vertical_slash:
             assert res["kept_ok"] and res["base_ok"] and res["computed_ge_kept"], res
@@ -356,7 +404,7 @@ def one_config(monkeypatch):
 
 
 @pytest.mark.parametrize("d", [64, 128, 256])
-@pytest.mark.parametrize("variant", ["plain", "pad_cap", "offset_window", "blocks128", "shared_lists", "pair"])
+@pytest.mark.parametrize("variant", ["plain", "pad_cap", "offset_window", "blocks128", "shared_lists"])
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_block_sparse_gpu(one_config, d, variant):
@@ -371,8 +419,6 @@ def test_block_sparse_gpu(one_config, d, variant):
         kw.update(bm=128, bn=128)
     elif variant == "shared_lists":
         kw.update(shared_lists=True)
-    elif variant == "pair":
-        kw.update(pair=True, n_q=1000, n_k=1000, kv_start=[0, 77], window=300)
     res = check_block_sparse(**kw)
     assert not res["nan"] and res["same"] and res["out"] <= 1e-2 and res["lse"] <= 2e-2, res
 

@@ -6,8 +6,10 @@ from ..plan import PlanError
 from .base import SparseMethod
 from .block_topk import BlockTopK
 from .dense import Dense
+from .flexprefill import FlexPrefill
 from .streaming import Streaming
 from .vertical_slash import VerticalSlash
+from .xattention import XAttention
 
 METHODS: Dict[str, Type[SparseMethod]] = {}
 
@@ -27,7 +29,7 @@ def get_method(name: str) -> Type[SparseMethod]:
         raise PlanError(f"unknown method {name!r}; known methods: {', '.join(sorted(METHODS))}") from None
 
 
-for _cls in (Dense, Streaming, VerticalSlash, BlockTopK):
+for _cls in (Dense, Streaming, VerticalSlash, BlockTopK, FlexPrefill, XAttention):
     register_method(_cls)
 
 __all__ = ["METHODS", "SparseMethod", "get_method", "register_method"]

@@ -28,6 +28,9 @@ class AttnContext:
     scale: float
     softcap: Optional[float]
     layer: int
+    # backends.KernelLayout when this call runs on the Triton kernels (methods may then use the
+    # Triton estimators, which model the same causal / left-padding / window mask); else None.
+    layout: Any = None
 
     @property
     def kv_len(self) -> int:

@@ -59,6 +59,14 @@ def estimate_vertical_slash(q, k, ctx, last_q: int):
     """Attention of the last `last_q` query rows, summed per key column and per diagonal."""
     m = q.shape[-2]
     start = max(0, m - last_q)
+    layout = ctx.layout
+    if layout is not None and layout.sliding_window is None and m - start <= 128:
+        # Kernel path: the fused Triton estimator (same causal + left-padding semantics, no
+        # [B, H, last_q, N] score tensor).
+        from ..kernels.triton_estimators import last_q_scores
+
+        return last_q_scores(q[:, :, start:], k, scale=ctx.scale, q_positions=ctx.q_pos[start:],
+                             kv_start=layout.kv_start, softcap=ctx.softcap, impl="triton")
     rows_pos = ctx.q_pos[start:]
     scores = softcapped(torch.matmul(q[:, :, start:], k.transpose(-1, -2)).float() * ctx.scale, ctx.softcap)
     keep = ctx.base_rows(start, m)  # [B,1,L,N]

@@ -1,0 +1,269 @@
+"""Where a head group's attention runs: the Triton kernels or the torch reference.
+
+The one place that decides the backend (`kernel_layout`) and translates a method's `Selection`
+into kernel launches (`run_group`). Everything else in patchattn sees only selections.
+
+* ``PATCHATTN_BACKEND=reference`` forces the chunked torch reference everywhere (debugging);
+* ``PATCHATTN_BACKEND=triton`` forces the kernels even off CUDA (with ``TRITON_INTERPRET=1``: the
+  CPU tests of this path);
+* default ``auto``: kernels for CUDA tensors when Triton imports, the reference otherwise.
+
+Kernels model the base mask as causal + left padding (+ optional sliding window) with keys at
+indices 0..Nk-1; `kernel_layout` returns None (reference path) for any other base mask, so a
+model with packed sequences, bidirectional or chunked attention, or a user-supplied 4D mask still
+gets exact results.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+from .methods.base import AllPairs, BlockSelection, ColumnDiagonalSelection, Selection
+
+BACKEND_ENV = "PATCHATTN_BACKEND"
+# Kernel launches by kind ("block", "vertical_slash"): lets tests prove the kernel path ran.
+kernel_calls: Counter = Counter()
+_CHOICES = ("auto", "reference", "triton")
+
+
+def backend_choice() -> str:
+    choice = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
+    if choice not in _CHOICES:
+        raise ValueError(f"{BACKEND_ENV}={choice!r}; expected one of {', '.join(_CHOICES)}")
+    return choice
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def kernels_enabled(device: torch.device) -> bool:
+    choice = backend_choice()
+    if choice == "reference":
+        return False
+    if choice == "triton":
+        return _triton_available()
+    return device.type == "cuda" and _triton_available()
+
+
+@dataclass
+class KernelLayout:
+    """The base mask in kernel terms: key j valid for query row i iff
+    kv_start[b] <= j <= i + q_offset (and i + q_offset - j < sliding_window)."""
+
+    q_offset: int
+    kv_start: torch.Tensor  # int32 [B], key index of the first valid key
+    sliding_window: Optional[int]
+    n_q: int
+    n_k: int
+
+
+def kernel_layout(attention_mask, query, key, sliding_window) -> Optional[KernelLayout]:
+    """KernelLayout when the kernels can reproduce this call's base mask exactly, else None."""
+    from transformers.masking_utils import causal_mask_function
+
+    from .patching import LazyMask  # patching imports this module; import at call time
+
+    if not kernels_enabled(query.device) or not isinstance(attention_mask, LazyMask):
+        return None
+    kw = attention_mask.kwargs
+    n_q, n_k = query.shape[-2], key.shape[-2]
+    if kw.get("kv_offset", 0) != 0 or kw["q_length"] != n_q or kw["kv_length"] != n_k:
+        return None
+    q_offset = int(kw.get("q_offset", 0))
+    if q_offset < 0 or kw.get("local_size") is not None:
+        return None
+    padding = kw.get("attention_mask")
+    kv_start = attention_mask.kv_start()
+    if padding is not None:
+        # Kernels know left padding only: every key from the first valid one on must be valid.
+        padding = padding.to(torch.bool)
+        if padding.shape[-1] < n_k:
+            return None
+        j = torch.arange(n_k, device=padding.device)
+        if not torch.equal(padding[:, :n_k], j[None, :] >= kv_start.to(padding.device)[:, None]):
+            return None
+    layout = KernelLayout(q_offset, kv_start.to(device=query.device, dtype=torch.int32).contiguous(),
+                          sliding_window, n_q, n_k)
+    fn = kw.get("mask_function")
+    if fn is causal_mask_function and sliding_window is None:
+        return layout
+    if sliding_window is None:
+        return None
+    # A sliding-window mask function is a fresh closure per call: check it on sampled rows.
+    for start in {0, max(0, n_q // 2 - 8), max(0, n_q - 16)}:
+        end = min(n_q, start + 16)
+        if not torch.equal(attention_mask.rows(start, end), _layout_rows(layout, start, end, query.device)):
+            return None
+    return layout
+
+
+def _layout_rows(layout: KernelLayout, start: int, end: int, device) -> torch.Tensor:
+    i = torch.arange(start, end, device=device)[:, None] + layout.q_offset
+    j = torch.arange(layout.n_k, device=device)[None, :]
+    keep = (j <= i)[None] & (j[None] >= layout.kv_start.to(device).long()[:, None, None])
+    if layout.sliding_window is not None:
+        keep &= (i - j < layout.sliding_window)[None]
+    return keep[:, None]
+
+
+# ------------------------------------------------------------------------------- pair counting
+
+
+def _prefix_pairs(t: torch.Tensor, c0: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+    """F(t) = sum over rows p <= t of |{j in [c0, c0 + length) : j <= p}| (int64, elementwise)."""
+    m = (t - c0 + 1).clamp_min(0)
+    m = torch.minimum(m, length)
+    return m * (m + 1) // 2 + (t - (c0 + length - 1)).clamp_min(0) * length
+
+
+def range_pairs(p0, p1, c0, c1, window: Optional[int]) -> torch.Tensor:
+    """Base-valid pairs between query positions [p0, p1] and keys [c0, c1] (inclusive, broadcast)."""
+    length = (c1 - c0 + 1).clamp_min(0)
+    total = _prefix_pairs(p1, c0, length) - _prefix_pairs(p0 - 1, c0, length)
+    if window is not None:  # remove keys at distance >= window: j <= p - window
+        total = total - (_prefix_pairs(p1 - window, c0, length) - _prefix_pairs(p0 - 1 - window, c0, length))
+    return total
+
+
+def base_pairs(layout: KernelLayout) -> torch.Tensor:
+    """Pairs of the base mask per batch row, int64 [B] (closed form: no N x N mask)."""
+    kvs = layout.kv_start.long()
+    p0 = torch.tensor(layout.q_offset, device=kvs.device)
+    p1 = p0 + layout.n_q - 1
+    return range_pairs(p0, p1, kvs, torch.full_like(kvs, layout.n_k - 1), layout.sliding_window)
+
+
+def _tile_pairs(layout: KernelLayout, bm: int, bn: int) -> torch.Tensor:
+    """Base-valid pairs of each (query row block, key block) tile, int64 [B, nqb, nkb]."""
+    dev = layout.kv_start.device
+    kvs = layout.kv_start.long()[:, None, None]
+    r0 = torch.arange(0, layout.n_q, bm, device=dev)
+    p0 = (r0 + layout.q_offset)[None, :, None]
+    p1 = ((r0 + bm).clamp(max=layout.n_q) - 1 + layout.q_offset)[None, :, None]
+    k0 = torch.arange(0, layout.n_k, bn, device=dev)
+    c0 = torch.maximum(k0[None, None, :], kvs)
+    c1 = ((k0 + bn).clamp(max=layout.n_k) - 1)[None, None, :]
+    return range_pairs(p0, p1, c0, c1, layout.sliding_window)
+
+
+# ------------------------------------------------------------------------------- selections -> kernels
+
+
+def _kernel_tiles(block_size: int, q_offset: int) -> Optional[Tuple[int, int]]:
+    """(block_m, block_n) of kernel tiles nested inside the selection's blocks, or None."""
+    for t in (128, 64, 32, 16):
+        if block_size % t == 0 and q_offset % t == 0:
+            return min(t, BLOCK_M_MAX), min(t, BLOCK_N_MAX)
+    return None
+
+
+# Kernel tile shape for selections with large blocks (the H100 benchmark picks these).
+BLOCK_M_MAX = 64
+BLOCK_N_MAX = 64
+
+
+def lists_from_blocks(keep: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """bool [..., nkb] -> (ascending kept block ids int32 [..., maxk], count int32 [...]).
+
+    A cumulative-sum scatter instead of a sort: O(elements), and one host sync for maxk.
+    """
+    count = keep.sum(-1, dtype=torch.int32)
+    maxk = max(1, int(count.max())) if count.numel() else 1
+    slot = keep.cumsum(-1, dtype=torch.int32) - 1
+    slot = torch.where(keep, slot, maxk)  # unkept entries land in a spill column
+    index = torch.zeros(*keep.shape[:-1], maxk + 1, dtype=torch.int32, device=keep.device)
+    ids = torch.arange(keep.shape[-1], device=keep.device, dtype=torch.int32).expand_as(slot)
+    index.scatter_(-1, slot.long(), ids)
+    return index[..., :maxk].contiguous(), count.contiguous()
+
+
+def _valid_tiles(layout: KernelLayout, bm: int, bn: int) -> torch.Tensor:
+    """bool [B, nqb, nkb]: tiles holding at least one base-valid pair."""
+    return _tile_pairs(layout, bm, bn) > 0
+
+
+def block_selection_lists(selection: BlockSelection, layout: KernelLayout, q_pos0: int, tiles: Tuple[int, int]):
+    """Kernel block lists for a BlockSelection: (index, count, keep_tiles [B,Hs,nqb,nkb], bm, bn)."""
+    bm, bn = tiles
+    bs = selection.block_size
+    dev = selection.blocks.device
+    rows = (q_pos0 + torch.arange(0, layout.n_q, bm, device=dev)) // bs - selection.first_q_block
+    cols = torch.arange(0, layout.n_k, bn, device=dev) // bs - selection.first_k_block
+    keep = selection.blocks[:, :, rows][:, :, :, cols]
+    keep = keep & _valid_tiles(layout, bm, bn)[:, None]
+    index, count = lists_from_blocks(keep)
+    return index, count, keep
+
+
+def _kept_block_pairs(keep: torch.Tensor, tile_pairs: torch.Tensor, heads: int) -> torch.Tensor:
+    """Exact kept pairs [B, H] = sum of tile pair counts over kept tiles (chunked over heads)."""
+    b = keep.shape[0]
+    out = torch.empty(b, keep.shape[1], dtype=torch.long, device=keep.device)
+    for h in range(keep.shape[1]):
+        out[:, h] = torch.where(keep[:, h], tile_pairs, 0).sum((-1, -2))
+    return out.expand(b, heads) if keep.shape[1] == 1 else out
+
+
+def _heads_for_kernel(query, key, value, heads: torch.Tensor):
+    """q, k, v for the kernels with native GQA where the group's heads allow it."""
+    hq, hkv = query.shape[1], key.shape[1]
+    g = hq // hkv
+    if heads.numel() == hq:
+        return query, key, value
+    kv_of = torch.div(heads, g, rounding_mode="floor")
+    uniq, counts = torch.unique(kv_of, return_counts=True)
+    if bool((counts == g).all()):  # whole GQA groups: heads (ascending) map to uniq in order
+        return query[:, heads], key[:, uniq], value[:, uniq]
+    return query[:, heads], key[:, kv_of], value[:, kv_of]  # partial groups: one kv head per q head
+
+
+def run_group(selection: Selection, query, key, value, heads: torch.Tensor, layout: KernelLayout, q_pos0: int, *,
+              scale: float, softcap: Optional[float], out: Optional[torch.Tensor] = None):
+    """Attention for one head group on the kernels. Returns (out [B,h,M,D], kept pairs [B,h]) or
+    None when this selection has no kernel form (the caller then runs the reference)."""
+    from .kernels import triton_attention as ta
+
+    q, k, v = _heads_for_kernel(query, key, value, heads)
+    h = q.shape[1]
+    opts = dict(scale=scale, q_offset=layout.q_offset, kv_start=layout.kv_start,
+                sliding_window=layout.sliding_window, softcap=softcap)
+    if isinstance(selection, AllPairs):
+        selection = BlockSelection(blocks=torch.ones(1, 1, 1, 1, dtype=torch.bool, device=q.device),
+                                   block_size=1 << 40, first_q_block=0, first_k_block=0)
+        tiles = (64, 64)  # one block covers everything: any tiling nests inside it
+    elif isinstance(selection, BlockSelection):
+        tiles = _kernel_tiles(selection.block_size, q_pos0)
+    elif isinstance(selection, ColumnDiagonalSelection):
+        b, n = q.shape[0], layout.n_k
+        cols = selection.columns.expand(b, h, n)
+        diags = selection.diagonals.expand(b, h, n)
+        if cols.shape[-1] != n or diags.shape[-1] != n:
+            return None
+        index = ta.vertical_slash_index(cols, diags, n_q=layout.n_q, q_offset=layout.q_offset,
+                                        kv_start=layout.kv_start, sliding_window=layout.sliding_window)
+        o, _ = ta.vertical_slash_attention(q, k, v, cols, diags, index=index, out=out, **opts)
+        kernel_calls["vertical_slash"] += 1
+        kept = ta.vertical_slash_pair_counts(cols, diags, n_q=layout.n_q, q_offset=layout.q_offset,
+                                             kv_start=layout.kv_start, sliding_window=layout.sliding_window)["kept"]
+        return o, kept
+    else:
+        return None
+    if tiles is None:
+        return None
+    bm, bn = tiles
+    index, count, keep = block_selection_lists(selection, layout, q_pos0, tiles)
+    if index.shape[1] not in (1, h) and h % index.shape[1]:
+        return None
+    o, _ = ta.block_sparse_attention(q, k, v, index, count, block_m=bm, block_n=bn, out=out, **opts)
+    kernel_calls["block"] += 1
+    return o, _kept_block_pairs(keep, _tile_pairs(layout, bm, bn), h)
