@@ -1,0 +1,194 @@
+"""FlexPrefill and XAttention: torch reference (selection + masked execution) against a
+brute-force masked softmax, at budgets that skip pairs and at full budget (= dense).
+
+GPU (`-m gpu`): the same methods through patch_model's kernel backend, bf16, against an fp32
+masked softmax over the selection; and a Llama-shaped patched model, kernel vs reference backend.
+"""
+
+import pytest
+import torch
+
+from patchattn import get_method
+from patchattn.kernels.reference import dense_reference
+from patchattn.methods.flexprefill import js_divergence
+from patchattn.patching import causal_lazy_mask, run_method
+
+SKIPPING = [
+    ("flexprefill", {"block_size": 8, "gamma": 0.5, "tau": 10.0, "last_q": 8}),  # every head query-aware
+    ("flexprefill", {"block_size": 4, "gamma": 0.1, "tau": 0.0, "last_q": 16}),  # every head vertical-slash
+    ("flexprefill", {"block_size": 16, "gamma": 0.4, "tau": 0.25, "last_q": 16}),  # mixed by divergence
+    ("xattention", {"block_size": 16, "stride": 4, "threshold": 0.5}),
+    ("xattention", {"block_size": 8, "stride": 8, "threshold": 0.3}),
+]
+SHAPES = [  # batch, q heads, kv heads, prompt length, kv length, head dim, left padding of the last row
+    (1, 4, 4, 64, 64, 16, 0),
+    (2, 6, 2, 97, 97, 32, 13),
+    (2, 8, 1, 70, 133, 8, 40),  # prefill after a cache (q_offset 63, not block aligned)
+]
+
+
+def _method(name, params):
+    cls = get_method(name)
+    return cls(cls.validate_params(params))
+
+
+def _inputs(shape, seed):
+    b, h, hkv, n_q, n_k, d, pad = shape
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, n_q, d, generator=g)
+    k, v = (torch.randn(b, hkv, n_k, d, generator=g) for _ in range(2))
+    k[:, :, 5] += 2 * q.mean(2)[:, ::h // hkv]  # a heavy column, so the patterns are not uniform
+    padding = torch.ones(b, n_k, dtype=torch.long)
+    padding[-1, :pad] = 0
+    return q, k, v, causal_lazy_mask(b, n_q, n_k, padding if pad else None)
+
+
+def _run(method, q, k, v, mask, softcap):
+    scale = q.shape[-1] ** -0.5
+    out, kept, keep = run_method(method, q, k, v, mask, scale=scale, softcap=softcap, return_mask=True)
+    base = mask.rows(0, q.shape[2]).expand_as(keep)
+    assert not (keep & ~base).any(), "a method kept a pair outside the causal/padding mask"
+    expected = dense_reference(q, k, v, keep, scale, softcap)
+    rows = base.any(-1)
+    assert (out - expected)[rows].abs().max().item() <= 1e-5
+    assert torch.equal(kept, keep.sum(dim=(-1, -2)).sum(0)), "telemetry must count exactly the kept pairs"
+    return keep, base
+
+
+@pytest.mark.parametrize("name,params", SKIPPING)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("softcap", [None, 20.0])
+def test_matches_bruteforce_at_skipping_budget(name, params, shape, softcap):
+    q, k, v, mask = _inputs(shape, hash((name, str(params), shape)) % 2**31)
+    keep, base = _run(_method(name, params), q, k, v, mask, softcap)
+    assert (base & ~keep).any(), "budget was meant to skip pairs"
+
+
+@pytest.mark.parametrize("name,params", [
+    ("flexprefill", {"block_size": 8, "gamma": 1.0, "tau": 10.0, "last_q": 8}),
+    ("flexprefill", {"block_size": 8, "gamma": 1.0, "tau": 0.0, "last_q": 8}),
+    ("xattention", {"block_size": 16, "stride": 4, "threshold": 1.0}),
+])
+@pytest.mark.parametrize("shape", SHAPES[1:])
+def test_full_budget_is_dense(name, params, shape):
+    q, k, v, mask = _inputs(shape, 7)
+    keep, base = _run(_method(name, params), q, k, v, mask, None)
+    assert torch.equal(keep, base)
+
+
+def test_flexprefill_branch_follows_divergence():
+    """tau = 0: no head is query-aware; tau = sqrt(ln 2) + eps (the divergence's upper bound): all are."""
+    q, k, v, mask = _inputs((2, 6, 2, 97, 97, 32, 13), 3)
+    for tau, expect in ((0.0, False), (0.84, True)):
+        m = _method("flexprefill", {"block_size": 8, "gamma": 0.5, "tau": tau, "last_q": 8})
+        run_method(m, q, k, v, mask, scale=32 ** -0.5)
+        assert bool((m.last_query_aware == expect).all())
+
+
+def test_js_divergence():
+    p = torch.tensor([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0]])
+    q = torch.tensor([[0.5, 0.5, 0.0], [0.0, 1.0, 0.0]])
+    js = js_divergence(p, q)
+    assert js[0].abs() < 1e-7 and (js[1] - torch.log(torch.tensor(2.0))).abs() < 1e-6
+
+
+def test_flexprefill_vertical_slash_branch_keeps_heavy_column_and_band():
+    """A vertical-slash head (tau = 0) keeps the block of a key every query attends to, for all
+    later query blocks, and the local band."""
+    b, h, n, d = 1, 2, 96, 16
+    q = torch.randn(b, h, n, d)
+    k = torch.randn(b, h, n, d) * 0.1
+    k[:, :, 37] = q.mean(dim=2) * 8
+    m = _method("flexprefill", {"block_size": 8, "gamma": 0.5, "tau": 0.0, "last_q": 8})
+    _, _, keep = run_method(m, q, k, k.clone(), causal_lazy_mask(b, n, n), scale=d ** -0.5, return_mask=True)
+    assert keep[0, :, 40:, 37].all() and keep[0, :, 90, 89].all()
+
+
+def test_xattention_keeps_heavy_block():
+    b, h, n, d = 1, 2, 128, 16
+    q = torch.randn(b, h, n, d)
+    k = torch.randn(b, h, n, d) * 0.1
+    k[:, :, 40:48] = q.mean(dim=2, keepdim=True) * 6
+    m = _method("xattention", {"block_size": 16, "stride": 4, "threshold": 0.5})
+    _, _, keep = run_method(m, q, k, k.clone(), causal_lazy_mask(b, n, n), scale=d ** -0.5, return_mask=True)
+    assert keep[0, :, 64:, 40:48].all()
+    assert (causal_lazy_mask(b, n, n).rows(0, n) & ~keep).any()  # and it does skip something
+
+
+def test_invalid_params():
+    from patchattn.plan import PlanError
+
+    with pytest.raises(PlanError):
+        get_method("xattention").validate_params({"block_size": 100, "stride": 8})
+    with pytest.raises(PlanError):
+        get_method("flexprefill").validate_params({"gamma": 0.0})
+
+
+# ----------------------------------------------------------------------------- GPU: kernel backend
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name,params", [
+    ("flexprefill", {"block_size": 128, "gamma": 0.9, "tau": 0.1, "last_q": 128}),
+    ("flexprefill", {"block_size": 64, "gamma": 0.5, "tau": 0.0, "last_q": 64}),
+    ("xattention", {"block_size": 128, "stride": 8, "threshold": 0.9}),
+    ("vertical_slash", {"vertical": 64, "slash": 64, "last_q": 64}),
+    ("block_topk", {"block_size": 64, "top_k": 4}),
+])
+def test_kernel_backend_gpu(name, params):
+    """bf16 through backends.run_group (GQA, left padding, batch 2) vs fp32 masked softmax."""
+    from patchattn import backends
+
+    torch.manual_seed(0)
+    b, h, hkv, n, d = 2, 8, 2, 2048, 128
+    q, k, v = (torch.randn(b, hh, n, d, device="cuda").to(torch.bfloat16) for hh in (h, hkv, hkv))
+    padding = torch.ones(b, n, dtype=torch.long, device="cuda")
+    padding[1, :300] = 0
+    mask = causal_lazy_mask(b, n, n, padding, device=torch.device("cuda"))
+    before = sum(backends.kernel_calls.values())
+    out, kept, keep = run_method(_method(name, params), q, k, v, mask, scale=d ** -0.5, return_mask=True)
+    assert sum(backends.kernel_calls.values()) > before, "kernel path did not run"
+    ref = dense_reference(q.float(), k.float(), v.float(), keep, d ** -0.5).float()  # fp64 math inside
+    rows = mask.rows(0, n).expand_as(keep).any(-1)
+    err = ((out.float() - ref)[rows].norm() / ref[rows].norm()).item()
+    assert err <= 1e-2, err
+    assert torch.equal(kept.cpu(), keep.sum((-1, -2)).sum(0).cpu())
+    assert not out.isnan().any()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_patched_model_kernel_vs_reference_gpu(monkeypatch):
+    """A patched Llama-shaped model gives the same logits and telemetry on both backends."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from patchattn import backends, patch_model, stats
+    from patchattn.plan import Plan
+
+    cfg = LlamaConfig(vocab_size=512, hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
+                      num_attention_heads=8, num_key_value_heads=2, head_dim=64, max_position_embeddings=8192,
+                      attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
+    plan = Plan.uniform(model, "vertical_slash", {"vertical": 128, "slash": 128, "last_q": 64}).to_dict()
+    plan["layers"][1] = {"method": "xattention", "params": {"block_size": 128, "stride": 8, "threshold": 0.9}}
+    plan = Plan.from_dict(plan)
+    patch_model(model, plan)
+    ids = torch.randint(0, 512, (2, 3000), device="cuda")
+    am = torch.ones_like(ids)
+    am[1, :123] = 0
+    results = {}
+    for choice in ("triton", "reference"):
+        monkeypatch.setenv(backends.BACKEND_ENV, choice)
+        from patchattn.telemetry import reset_stats
+
+        reset_stats(model)
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=am).logits.float()
+        results[choice] = (logits, stats(model).density)
+    (lk, dk), (lr, dr) = results["triton"], results["reference"]
+    assert abs(dk - dr) < 1e-9 and dk < 0.9
+    valid = am.bool()
+    err = ((lk - lr)[valid].norm() / lr[valid].norm()).item()
+    assert err <= 2e-2, err
