@@ -1,1 +1,213 @@
-"""Calibration recipes (YAML) shipped with patchattn; `patchattn.recipes` locates them by name."""
+"""Calibration recipes (YAML) shipped with patchattn; `patchattn.recipes` locates them by name.
+
+A recipe says *what* calibration optimises and over which candidate head configurations:
+
+- ``kind: budget`` -- one global ``target_density``; per-head options are allocated by a
+  Lagrangian search over every head's loss-vs-density curve (``budget.yaml``).
+- ``kind: target_recall`` -- every head gets the cheapest candidate whose attention recall
+  reaches ``target_recall`` at every calibration length (``vertical-slash.yaml``).
+- ``kind: retrieval_heads`` -- heads whose top attention copies the needle are kept dense, the
+  rest run one fixed cheap spec (``retrieval-heads.yaml``).
+
+Candidate budgets are families ``{fractions, powers, min, max}``: fraction ``f`` at power ``p``
+is the BudgetRule ``scale = f * R**(1-p)``, ``power = p`` with ``R = reference_length`` (in key
+blocks for block_topk), i.e. the budget is ``f * R`` tokens at the reference length and scales as
+``N**p`` elsewhere. Offering several powers lets calibration pick how each head's budget grows
+with the prompt length from its behaviour at two or more lengths.
+
+    recipe = load_recipe("budget")              # a shipped recipe, by name
+    recipe = load_recipe("my/recipe.yaml")      # or a path
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from patchattn.plan import BudgetRule, HeadSpec, PlanError
+
+HERE = Path(__file__).resolve().parent
+
+
+class RecipeError(ValueError):
+    """A recipe is malformed, unknown, or cannot reach its target."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BudgetFamily(_Strict):
+    fractions: List[float] = Field(min_length=1)
+    powers: List[float] = Field(default_factory=lambda: [1.0], min_length=1)
+    min: int = Field(default=0, ge=0)
+    max: Optional[int] = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _ranges(self):
+        for f in self.fractions:
+            if not 0 <= f <= 1:
+                raise ValueError(f"fractions: {f} is outside [0, 1]")
+        for p in self.powers:
+            if not 0 <= p <= 1:
+                raise ValueError(f"powers: {p} is outside [0, 1]")
+        return self
+
+    def rules(self, reference: float) -> List[Union[int, BudgetRule]]:
+        """The candidate budgets (a fraction of 0 is the plain int 0: BudgetRule needs scale > 0)."""
+        out: List[Union[int, BudgetRule]] = []
+        for f in self.fractions:
+            if f == 0:
+                if self.min == 0 and 0 not in out:
+                    out.append(0)
+                continue
+            for p in (self.powers if f < 1 else [1.0]):
+                scale = float(f"{f * reference ** (1 - p):.6g}")  # short, stable JSON
+                rule = BudgetRule(scale=scale, power=p, min=self.min, max=self.max)
+                if rule not in out:
+                    out.append(rule)
+        return out
+
+
+class StreamingCandidates(_Strict):
+    sink: int = Field(default=4, ge=0)
+    window: BudgetFamily
+
+
+class VerticalSlashCandidates(_Strict):
+    vertical: BudgetFamily
+    slash: BudgetFamily
+    last_q: int = Field(default=64, ge=1)
+    sink: int = Field(default=4, ge=0)
+    window: int = Field(default=64, ge=1)
+
+
+class BlockTopKCandidates(_Strict):
+    block_size: int = Field(default=64, ge=1, le=4096)
+    top_k: BudgetFamily
+
+
+class Candidates(_Strict):
+    dense: bool = True
+    streaming: Optional[StreamingCandidates] = None
+    vertical_slash: Optional[VerticalSlashCandidates] = None
+    block_topk: Optional[BlockTopKCandidates] = None
+
+    @model_validator(mode="after")
+    def _some(self):
+        if not (self.streaming or self.vertical_slash or self.block_topk):
+            raise ValueError("no sparse candidates: give at least one of streaming, vertical_slash, block_topk")
+        return self
+
+
+class Profiling(_Strict):
+    """How attention is sampled: `rows` query rows per prompt and length, of which the last
+    `last_rows` positions (the rows closest to generation) and the rest uniformly random."""
+
+    rows: int = Field(default=128, ge=8)
+    last_rows: int = Field(default=32, ge=0)
+    verify_prompts: int = Field(default=1, ge=0, description="prompts re-run through the real methods at the check length")
+
+    @model_validator(mode="after")
+    def _fit(self):
+        if self.last_rows > self.rows:
+            raise ValueError(f"last_rows={self.last_rows} exceeds rows={self.rows}")
+        return self
+
+
+class Retrieval(_Strict):
+    """Retrieval-head detection on synthetic needle prompts (evals/synthetic.py)."""
+
+    task: str = "passkey"
+    samples: int = Field(default=4, ge=1)
+    length: int = Field(default=2048, ge=128)
+    threshold: float = Field(default=0.1, ge=0, le=1, description="retrieval score that makes a head a retrieval head")
+    min_recall: float = Field(default=0.98, ge=0, le=1, description="budget recipes: retrieval heads must keep this recall")
+
+
+class Recipe(_Strict):
+    name: str
+    kind: Literal["budget", "target_recall", "retrieval_heads"]
+    description: str = ""
+    reference_length: int = Field(default=8192, ge=16)
+    candidates: Optional[Candidates] = None
+    objective: Literal["kl", "recall"] = "kl"
+    target_density: Optional[float] = Field(default=None, gt=0, le=1)
+    target_recall: Optional[float] = Field(default=None, gt=0, le=1)
+    max_density: Optional[float] = Field(default=None, gt=0, le=1)
+    retrieval: Optional[Retrieval] = None
+    others: Optional[Dict[str, Any]] = None  # retrieval_heads: spec of the non-retrieval heads
+    profiling: Profiling = Field(default_factory=Profiling)
+
+    @model_validator(mode="after")
+    def _kind_fields(self):
+        need = {"budget": ["candidates", "target_density"], "target_recall": ["candidates", "target_recall"],
+                "retrieval_heads": ["retrieval", "others"]}[self.kind]
+        for key in need:
+            if getattr(self, key) is None:
+                raise ValueError(f"{key}: required for kind={self.kind!r}")
+        if self.others is not None:
+            try:
+                HeadSpec(**self.others)
+            except (PlanError, ValidationError) as e:
+                raise ValueError(f"others: {e}") from None
+        return self
+
+    def digest(self) -> str:
+        text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def available() -> List[str]:
+    return sorted(p.stem for p in HERE.glob("*.yaml"))
+
+
+def recipe_path(name_or_path: Union[str, Path]) -> Path:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") and p.is_file():
+        return p
+    shipped = HERE / f"{Path(str(name_or_path)).stem}.yaml"
+    if shipped.is_file() and p.suffix in ("", ".yaml", ".yml"):
+        return shipped
+    raise RecipeError(f"unknown recipe {str(name_or_path)!r}: not a file, and not one of {', '.join(available())}")
+
+
+def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-after"))
+            msg = err["msg"].removeprefix("Value error, ")
+            problems.append(f"{loc}: {msg}" if loc else msg)
+        raise RecipeError(f"invalid recipe {source}: " + "; ".join(problems)) from None
+
+
+def load_recipe(recipe: Union[str, Path, dict, Recipe], **overrides) -> Recipe:
+    """A validated Recipe from a shipped name, a YAML path, a dict or a Recipe; `overrides`
+    (e.g. target_density=0.2) replace top-level fields and are validated too."""
+    if isinstance(recipe, Recipe):
+        data, source = recipe.model_dump(mode="json"), recipe.name
+    elif isinstance(recipe, dict):
+        data, source = dict(recipe), "dict"
+    else:
+        path = recipe_path(recipe)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise RecipeError(f"{path}: not valid YAML ({e})") from None
+        source = path.name
+    if isinstance(data, dict):
+        data.update({k: v for k, v in overrides.items() if v is not None})
+    return parse_recipe(data, source)
+
+
+__all__ = ["Recipe", "RecipeError", "BudgetFamily", "available", "load_recipe", "parse_recipe", "recipe_path"]

@@ -1,0 +1,505 @@
+"""Calibrate a per-head sparse-attention plan from sample prompts.
+
+    from patchattn import calibrate
+    plan = calibrate(model, tokenizer, prompts, recipe="budget", target_density=0.2)
+    plan.save("smollm2.plan.json")
+
+    patchattn calibrate --model smollm2-135m --recipe budget --prompts DIR_OR_JSONL \\
+        --lengths 4096,8192 --out plan.json
+
+Pipeline: prompts are tokenized and cut to the longest length; one dense forward per prompt
+(the first L positions of a causal forward are the L-token forward, so shorter lengths are
+prefixes of it) feeds `profiling.layer_option_stats`, which scores every candidate option of
+the recipe per (layer, head) at each calibration length and at a held-out check length. The
+recipe then picks one option per head (see `recipes/__init__.py`), the plan is built with
+per-kv-head / per-q-head overrides, and the chosen methods are re-run for real on a dense
+forward at the check length to measure recall and output fidelity (`verify_plan`).
+
+Reproducibility vs. timing: the plan (including `calibration`) is a pure function of the
+inputs (model weights, tokenizer, prompts, recipe, lengths, seed), rounded so that the same
+inputs give a byte-identical file. Wall-clock time is therefore *not* stored by default: it is
+printed, and the CLI writes it to ``OUT.timing.json`` next to the plan. Pass
+``record_timing=True`` (CLI ``--record-timing``) to also store it under
+``calibration.timing`` -- the only field that then varies between identical runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import random
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from tqdm.auto import tqdm
+
+from .plan import Plan, model_info, text_config
+from .profiling import OptionSpace, profile_prompt, retrieval_scores, sample_rows, verify_plan
+
+try:  # the recipes folder ships as the package `patchattn.recipes`
+    from .recipes import Recipe, RecipeError, load_recipe
+except ImportError:  # pragma: no cover - running from a checkout without the package mapping
+    from recipes import Recipe, RecipeError, load_recipe  # type: ignore
+
+PromptSource = Union[None, str, Path, Sequence[str]]
+
+
+# ----------------------------------------------------------------------------- prompts
+def _read_texts(source: Path) -> List[Tuple[str, str]]:
+    """(name, text) pairs from a directory (recursive *.txt / *.md), a .jsonl or a text file."""
+    if source.is_dir():
+        files = sorted(p for p in source.rglob("*") if p.suffix in (".txt", ".md") and p.is_file()
+                       and "license" not in p.name.lower())
+        return [(str(p.relative_to(source)), p.read_text(encoding="utf-8", errors="replace")) for p in files]
+    if source.suffix == ".jsonl":
+        out = []
+        for i, line in enumerate(source.read_text(encoding="utf-8").splitlines()):
+            if not line.strip():
+                continue
+            item = json.loads(line)
+            if isinstance(item, dict):
+                text = next((item[k] for k in ("text", "prompt", "context", "input") if k in item), None)
+                if text is None:
+                    raise ValueError(f"{source}:{i + 1}: no 'text'/'prompt'/'context'/'input' field")
+            else:
+                text = str(item)
+            out.append((f"line{i + 1}", text))
+        return out
+    if source.is_file():
+        return [(source.name, source.read_text(encoding="utf-8", errors="replace"))]
+    raise FileNotFoundError(f"prompts: {source} is not a directory, .jsonl or text file")
+
+
+def _encode(tokenizer, text: str) -> List[int]:
+    return list(tokenizer(text).input_ids)
+
+
+def load_prompts(tokenizer, source: PromptSource, length: int, n: int, seed: int) -> Tuple[List[List[int]], str]:
+    """Token id lists of exactly `length` tokens and a description of where they came from.
+
+    Texts shorter than `length` are joined with the next ones (blank line between); a single
+    long text file is cut into consecutive pieces. Which `n` prompts are used is a seeded
+    shuffle of the texts. With no source, synthetic needle prompts are generated
+    (passkey / niah_single / niah_multikey alternately, evals/synthetic.py, built-in filler)."""
+    if source is None:
+        return _synthetic_prompts(tokenizer, length, n, seed), f"synthetic(passkey,niah_single,niah_multikey;seed={seed})"
+    if isinstance(source, (list, tuple)):
+        texts = [(f"item{i}", t) for i, t in enumerate(source)]
+        desc = f"list[{len(texts)}]"
+    else:
+        path = Path(source)
+        texts = _read_texts(path)
+        desc = path.name or str(path)
+    if not texts:
+        raise ValueError(f"prompts: no texts found in {source}")
+    order = list(range(len(texts)))
+    random.Random(seed).shuffle(order)
+    prompts: List[List[int]] = []
+    pending: List[int] = []
+    for i in order:
+        ids = _encode(tokenizer, texts[i][1]) if not pending else _encode(tokenizer, "\n\n" + texts[i][1])
+        if not pending:
+            pending = ids
+        else:
+            pending = pending + [t for t in ids if t != tokenizer.bos_token_id]
+        while len(pending) >= length and len(prompts) < n:
+            prompts.append(pending[:length])
+            # The rest of a long single text still makes prompts; it restarts with BOS.
+            rest = pending[length:]
+            bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and pending[:1] == [tokenizer.bos_token_id] else []
+            pending = bos + rest if len(texts) == 1 and rest else []
+        if len(prompts) >= n:
+            break
+    if not prompts:
+        raise ValueError(f"prompts: {source} holds fewer than {length} tokens in all")
+    return prompts, desc
+
+
+def _synthetic_prompts(tokenizer, length: int, n: int, seed: int) -> List[List[int]]:
+    from .evals import synthetic
+
+    tasks = ["passkey", "niah_single", "niah_multikey"]
+    # Ask for a little more than `length` (prompts land up to 2 % short) and keep the first
+    # `length` tokens.
+    target = int(length * 1.03) + 16
+    samples = {}
+    for t in tasks:
+        try:
+            samples[t] = synthetic.generate_samples(t, tokenizer, target, n, seed=seed)
+        except ValueError:
+            continue  # this task's fixed instructions do not fit a prompt this short
+    if not samples:
+        raise ValueError(f"prompts: no synthetic task fits {length} tokens")
+    tasks = list(samples)
+    out = []
+    for i in range(n):
+        s = samples[tasks[i % len(tasks)]][i // len(tasks)]
+        out.append(_encode(tokenizer, s.prompt)[:length])
+    return out
+
+
+# ----------------------------------------------------------------------------- fingerprints
+def _sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()[:16]
+
+
+def weights_fingerprint(model) -> str:
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes() if p.numel() else b"")
+    return "sha256:" + h.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- allocation
+def allocate_budget(loss: torch.Tensor, cost: torch.Tensor, allowed: torch.Tensor, target: float) -> torch.Tensor:
+    """Choose one option per head minimising total loss s.t. mean cost <= target.
+
+    loss, cost [M, O] (M heads, O options), allowed [M, O]. Lagrangian relaxation (bisection on
+    the price of density) gives the lower convex hull solution; the remaining slack is then
+    spent greedily on the upgrades with the best loss reduction per unit of density."""
+    m = loss.shape[0]
+    inf = torch.tensor(float("inf"), dtype=loss.dtype)
+    cheapest = torch.where(allowed, cost, inf).min(1).values
+    if bool(torch.isinf(cheapest).any()):
+        bad = int(torch.isinf(cheapest).nonzero()[0])
+        raise RecipeError(f"head #{bad} has no allowed candidate")
+    budget = target * m
+    if float(cheapest.sum()) > budget + 1e-9:
+        raise RecipeError(
+            f"cannot reach target_density={target}: the cheapest allowed candidates already give "
+            f"{float(cheapest.mean()):.4f} (add sparser candidates or lower min_recall)")
+    masked = torch.where(allowed, loss, inf)
+
+    def pick(lam: float) -> torch.Tensor:
+        # Ties (equal penalised loss) go to the cheaper option, then the lower index.
+        score = masked + lam * cost
+        best = score.min(1, keepdim=True).values
+        tie = (score <= best + 1e-12) & allowed
+        return torch.where(tie, cost, inf).argmin(1)
+
+    def total(choice):
+        return float(cost.gather(1, choice[:, None]).sum())
+
+    choice = pick(0.0)
+    if total(choice) > budget:
+        lo, hi = -9.0, 9.0  # log10 of the price
+        while total(pick(10 ** hi)) > budget:
+            hi += 3.0
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            if total(pick(10 ** mid)) <= budget:
+                hi = mid
+            else:
+                lo = mid
+        choice = pick(10 ** hi)
+    rows = torch.arange(m)
+    for _ in range(10 * m):
+        slack = budget - total(choice)
+        cur_loss = masked[rows, choice][:, None]
+        cur_cost = cost[rows, choice][:, None]
+        gain = cur_loss - masked
+        extra = cost - cur_cost
+        ok = allowed & (gain > 1e-12) & (extra <= slack + 1e-12)
+        if not bool(ok.any()):
+            break
+        ratio = torch.where(ok, gain / extra.clamp_min(1e-12), torch.tensor(-1.0, dtype=loss.dtype))
+        flat = int(ratio.argmax())
+        choice[flat // loss.shape[1]] = flat % loss.shape[1]
+    return choice
+
+
+def choose_target_recall(recall_min: torch.Tensor, cost: torch.Tensor, loss: torch.Tensor, target: float,
+                         specs: List[dict], heads: int) -> torch.Tensor:
+    """Cheapest option per head whose recall reaches `target` (recall_min: worst over lengths)."""
+    ok = recall_min >= target
+    missing = (~ok.any(1)).nonzero().flatten().tolist()
+    if missing:
+        i = missing[0]
+        raise RecipeError(
+            f"target_recall={target} not reachable for {len(missing)} heads (first: layer {i // heads} head "
+            f"{i % heads}, best candidate recall {float(recall_min[i].max()):.4f}); enable dense or add larger budgets")
+    key = torch.where(ok, cost + 1e-9 * loss, torch.tensor(float("inf"), dtype=cost.dtype))
+    return key.argmin(1)
+
+
+# ----------------------------------------------------------------------------- plan
+def _spec_key(spec: dict) -> str:
+    return json.dumps(spec, sort_keys=True)
+
+
+def build_plan(model, head_specs: List[List[dict]], calibration: dict) -> Plan:
+    """A plan with the most common spec per layer as the layer default, kv-head overrides where
+    a whole GQA group agrees, and q-head overrides for the rest."""
+    info = model_info(model)
+    group = info.num_q_heads // info.num_kv_heads
+    layers = []
+    for specs in head_specs:
+        keys = [_spec_key(s) for s in specs]
+        default = Counter(keys).most_common(1)[0][0]
+        layer = dict(json.loads(default))
+        kv_over, q_over = {}, {}
+        for kv in range(info.num_kv_heads):
+            members = keys[kv * group:(kv + 1) * group]
+            shared = members[0] if len(set(members)) == 1 else None
+            if shared is not None and shared != default:
+                kv_over[kv] = json.loads(shared)
+            base = shared if shared is not None else default
+            for j, key in enumerate(members):
+                if key != base:
+                    q_over[kv * group + j] = json.loads(key)
+        if kv_over:
+            layer["kv_heads"] = kv_over
+        if q_over:
+            layer["q_heads"] = q_over
+        layers.append(layer)
+    return Plan.from_dict({"model": info.model_dump(), "calibration": calibration, "layers": layers})
+
+
+def _r(x: float, nd: int = 4) -> float:
+    # Rounded for a stable, readable file; 0.0 instead of -0.0.
+    return round(float(x), nd) + 0.0
+
+
+def _grid(t: torch.Tensor, nd: int = 4) -> List[List[float]]:
+    return [[_r(v, nd) for v in row] for row in t.tolist()]
+
+
+# ----------------------------------------------------------------------------- calibrate
+def calibrate(model, tokenizer, prompts: PromptSource = None, recipe: Union[str, Path, dict, Recipe] = "budget", *,
+              target_density: Optional[float] = None, target_recall: Optional[float] = None,
+              lengths: Sequence[int] = (4096, 8192), check_length: Optional[int] = None, samples: int = 8,
+              seed: int = 0, record_timing: bool = False, progress: bool = True,
+              model_name: Optional[str] = None, timing: Optional[dict] = None) -> Plan:
+    """Profile `model` on `prompts` and return a calibrated Plan (see the module docstring).
+
+    prompts: a directory, a .jsonl or text file, a list of strings, or None for synthetic needle
+    prompts. lengths: >= 2 calibration lengths (budgets are fitted to hold at all of them);
+    check_length: a third length the result is checked on (default: midway between the two
+    shortest). `timing`, if a dict, receives the phase durations whatever `record_timing` says."""
+    t0 = time.perf_counter()
+    rcp = load_recipe(recipe, target_density=target_density, target_recall=target_recall)
+    lengths = sorted(set(int(n) for n in lengths))
+    if len(lengths) < 2:
+        raise ValueError("calibrate: give at least two lengths (budgets must generalise across lengths)")
+    if check_length is None:
+        check_length = (lengths[0] + lengths[1]) // 2
+    check_length = int(check_length)
+    if check_length in lengths:
+        raise ValueError(f"check_length={check_length} must differ from the calibration lengths {lengths}")
+    n_max = max(lengths + [check_length])
+    cfg = text_config(model.config)
+    n_layers, n_heads = cfg.num_hidden_layers, cfg.num_attention_heads
+    info = model_info(model)
+    sliding = set(info.sliding_window_layers)
+
+    prompt_ids, prompt_desc = load_prompts(tokenizer, prompts, n_max, samples, seed)
+    prompt_hash = _sha(json.dumps(prompt_ids).encode())
+
+    if rcp.kind == "retrieval_heads":
+        space = OptionSpace.from_specs([rcp.others], dense=True)
+    else:
+        space = OptionSpace.from_candidates(rcp.candidates, rcp.reference_length)
+    specs = space.specs()
+    all_lengths = lengths + [check_length]
+
+    # ---- profile: one forward per prompt
+    t_prof = time.perf_counter()
+    sums: Dict[int, Dict[str, torch.Tensor]] = {}
+    bar = tqdm(total=len(prompt_ids) * n_layers, desc="calibrate: profiling layers", disable=not progress)
+    for i, ids in enumerate(prompt_ids):
+        stats = profile_prompt(model, ids, all_lengths, space, rcp.profiling.rows, rcp.profiling.last_rows,
+                               seed * 7919 + i, progress=bar)
+        for n, st in stats.items():
+            acc = sums.setdefault(n, {k: torch.zeros_like(v) for k, v in st.items()})
+            for k, v in st.items():
+                acc[k] += v
+    bar.close()
+    mean = {n: {k: v / len(prompt_ids) for k, v in st.items()} for n, st in sums.items()}
+    t_prof = time.perf_counter() - t_prof
+
+    # ---- retrieval scores on synthetic needle prompts (when the recipe uses them)
+    t_ret = time.perf_counter()
+    retrieval = None
+    if rcp.retrieval is not None:
+        from .evals import synthetic
+
+        r = rcp.retrieval
+        # Needle prompts no longer than the calibration prompts (tiny-context models too).
+        needle_samples = synthetic.generate_samples(r.task, tokenizer, min(r.length, n_max), r.samples,
+                                                    seed=seed + 10_000)
+        retrieval = retrieval_scores(model, tokenizer, needle_samples)
+    t_ret = time.perf_counter() - t_ret
+
+    # ---- choose one option per head
+    m, o = n_layers * n_heads, len(specs)
+    recall_cal = torch.stack([mean[n]["recall"] for n in lengths]).reshape(len(lengths), m, o)
+    kl_cal = torch.stack([mean[n]["kl"] for n in lengths]).reshape(len(lengths), m, o)
+    dens_cal = torch.stack([mean[n]["density"] for n in lengths]).reshape(len(lengths), m, o)
+    loss = (kl_cal if rcp.objective == "kl" else 1 - recall_cal).mean(0)
+    cost = dens_cal.max(0).values  # holds the budget at every calibration length
+    recall_min = recall_cal.min(0).values
+    allowed = torch.ones(m, o, dtype=torch.bool)
+    dense_index = 0 if space.dense else None
+    if sliding:
+        # Sliding-window layers are already local: keep them dense (their base mask applies).
+        for layer in sliding:
+            allowed[layer * n_heads:(layer + 1) * n_heads] = False
+            if dense_index is not None:
+                allowed[layer * n_heads:(layer + 1) * n_heads, dense_index] = True
+    retrieval_heads = []
+    if rcp.kind == "budget":
+        if retrieval is not None:
+            protected = retrieval.flatten() >= rcp.retrieval.threshold
+            retrieval_heads = protected.nonzero().flatten().tolist()
+            allowed[protected] &= recall_min[protected] >= rcp.retrieval.min_recall
+        choice = allocate_budget(loss, cost, allowed, rcp.target_density)
+    elif rcp.kind == "target_recall":
+        choice = choose_target_recall(torch.where(allowed, recall_min, torch.zeros_like(recall_min)), cost, loss,
+                                      rcp.target_recall, specs, n_heads)
+    else:
+        protected = retrieval.flatten() >= rcp.retrieval.threshold
+        retrieval_heads = protected.nonzero().flatten().tolist()
+        choice = torch.where(protected, 0, 1)
+    rows_m = torch.arange(m)
+    expected = {n: float(mean[n]["density"].reshape(m, o)[rows_m, choice].mean()) for n in all_lengths}
+    if rcp.max_density is not None and max(expected[n] for n in lengths) > rcp.max_density:
+        raise RecipeError(f"recipe {rcp.name!r}: resulting density {max(expected[n] for n in lengths):.4f} exceeds "
+                          f"max_density={rcp.max_density}")
+
+    head_specs = [[specs[int(choice[l * n_heads + h])] for h in range(n_heads)] for l in range(n_layers)]
+
+    def chosen(n, key):
+        return mean[n][key].reshape(m, o)[rows_m, choice].reshape(n_layers, n_heads)
+
+    heads = {
+        "recall": _grid(torch.stack([chosen(n, "recall") for n in lengths]).mean(0)),
+        "kl": _grid(torch.stack([chosen(n, "kl") for n in lengths]).mean(0)),
+        "density": _grid(torch.stack([chosen(n, "density") for n in lengths]).mean(0)),
+        "check_recall": _grid(chosen(check_length, "recall")),
+        "check_density": _grid(chosen(check_length, "density")),
+        "entropy": _grid(mean[lengths[-1]]["entropy"]),
+        "local_mass": _grid(mean[lengths[-1]]["local_mass"]),
+    }
+    if retrieval is not None:
+        heads["retrieval"] = _grid(retrieval)
+
+    calibration = {
+        "tool": "patchattn.calibrate",
+        "recipe": {"name": rcp.name, "kind": rcp.kind, "hash": rcp.digest(), "objective": rcp.objective,
+                   "target_density": rcp.target_density, "target_recall": rcp.target_recall,
+                   "candidates": len(specs)},
+        "prompts": {"source": prompt_desc, "hash": prompt_hash, "count": len(prompt_ids), "tokens": n_max,
+                    "rows_per_length": rcp.profiling.rows},
+        "lengths": lengths,
+        "check_length": check_length,
+        "seed": seed,
+        "model": {"name": model_name or Path(str(getattr(model.config, "_name_or_path", "") or "")).name,
+                  "fingerprint": info.fingerprint, "weights": weights_fingerprint(model)},
+        "expected_density": {str(n): _r(expected[n]) for n in all_lengths},
+        "mean_recall": {str(n): _r(chosen(n, "recall").mean()) for n in all_lengths},
+        "mean_kl": {str(n): _r(chosen(n, "kl").mean()) for n in all_lengths},
+        "methods": dict(sorted(Counter(s["method"] for row in head_specs for s in row).items())),
+        "retrieval_heads": [[i // n_heads, i % n_heads] for i in retrieval_heads],
+        "heads": heads,
+    }
+    plan = build_plan(model, head_specs, calibration)
+
+    # ---- verify: the real methods on a dense forward at the check length
+    t_ver = time.perf_counter()
+    n_verify = min(rcp.profiling.verify_prompts, len(prompt_ids))
+    if n_verify:
+        rec_v = torch.zeros(n_layers, n_heads, dtype=torch.float64)
+        err_v = torch.zeros_like(rec_v)
+        for i in range(n_verify):
+            g = torch.Generator().manual_seed(seed * 7919 + i + 0x5EED)
+            rows = sample_rows(check_length, rcp.profiling.rows, rcp.profiling.last_rows, g)
+            res = verify_plan(model, plan, prompt_ids[i][:check_length], rows)
+            rec_v += res["recall"] / n_verify
+            err_v += res["fidelity_error"] / n_verify
+        calibration["verify"] = {"length": check_length, "prompts": n_verify, "mean_recall": _r(rec_v.mean()),
+                                 "mean_fidelity_error": _r(err_v.mean())}
+        heads["verify_recall"] = _grid(rec_v)
+        heads["fidelity_error"] = _grid(err_v)
+    t_ver = time.perf_counter() - t_ver
+
+    phases = {"profile_s": round(t_prof, 1), "retrieval_s": round(t_ret, 1), "verify_s": round(t_ver, 1),
+              "total_s": round(time.perf_counter() - t0, 1)}
+    if timing is not None:
+        timing.update(phases)
+    if record_timing:
+        calibration["timing"] = phases
+    return build_plan(model, head_specs, calibration)
+
+
+# ----------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="patchattn calibrate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m", help="alias, folder, hub id or .gguf (patchattn.models.load)")
+    p.add_argument("--recipe", default="budget", help="shipped recipe name (budget, vertical-slash, retrieval-heads) or YAML path")
+    p.add_argument("--prompts", help="directory of text files, .jsonl or text file (default: synthetic needle prompts)")
+    p.add_argument("--lengths", default="4096,8192", help="comma-separated calibration lengths (>= 2)")
+    p.add_argument("--check-length", type=int, help="held-out length the plan is checked on (default: midway)")
+    p.add_argument("--samples", type=int, default=8, help="number of prompts")
+    p.add_argument("--target-density", type=float, help="override the recipe's target_density")
+    p.add_argument("--target-recall", type=float, help="override the recipe's target_recall")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="plan JSON to write")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--record-timing", action="store_true",
+                   help="store phase durations in plan.calibration.timing (the plan is then not byte-reproducible)")
+    p.add_argument("--png", help="also write a layers x heads heatmap")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def calibrate_main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .models import load
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
+    start = time.perf_counter()
+    model, tokenizer = load(args.model, dtype=getattr(torch, args.dtype), device=device)
+    load_s = time.perf_counter() - start
+    timing: dict = {}
+    try:
+        plan = calibrate(model, tokenizer, args.prompts, args.recipe, target_density=args.target_density,
+                         target_recall=args.target_recall, lengths=lengths, check_length=args.check_length,
+                         samples=args.samples, seed=args.seed, record_timing=args.record_timing,
+                         progress=not args.no_progress, model_name=args.model, timing=timing)
+    except (RecipeError, ValueError, FileNotFoundError) as e:
+        print(f"patchattn calibrate: {e}", file=sys.stderr)
+        return 2
+    out = plan.save(args.out)
+    timing.update(load_model_s=round(load_s, 1), device=str(device), threads=torch.get_num_threads())
+    Path(str(out) + ".timing.json").write_text(json.dumps(timing, indent=2) + "\n")
+    cal = plan.calibration
+    print(f"wrote {out}: recipe {cal['recipe']['name']}, {cal['prompts']['count']} prompts, lengths {cal['lengths']} "
+          f"(check {cal['check_length']})")
+    print("  expected density: " + ", ".join(f"{k}: {v}" for k, v in cal["expected_density"].items()))
+    print("  mean recall:      " + ", ".join(f"{k}: {v}" for k, v in cal["mean_recall"].items()))
+    if "verify" in cal:
+        print(f"  verified at {cal['verify']['length']}: recall {cal['verify']['mean_recall']}, "
+              f"output error {cal['verify']['mean_fidelity_error']}")
+    print(f"  methods: {cal['methods']}")
+    print(f"  time: {timing['total_s']} s calibrate + {timing['load_model_s']} s model load "
+          f"(profile {timing['profile_s']} s, retrieval {timing['retrieval_s']} s, verify {timing['verify_s']} s)")
+    if args.png:
+        from .heatmap import plan_heatmap
+
+        plan_heatmap(plan, args.png, length=max(lengths))
+        print(f"  wrote {args.png}")
+    return 0
+
+
+__all__ = ["allocate_budget", "build_plan", "calibrate", "calibrate_main", "load_prompts", "weights_fingerprint"]
