@@ -55,6 +55,29 @@ def kernels_enabled(device: torch.device) -> bool:
     return device.type == "cuda" and _triton_available()
 
 
+# Prompt length below which a method's kernel path (estimation + sparse kernel) is slower than
+# the model's dense SDPA on H100 (evals/bench/prefill.py, "break_even" in
+# evals/bench/results/prefill_h100.json); such layers run dense on CUDA. The plan's own
+# dense_below still applies on top. PATCHATTN_DENSE_BELOW=<int> overrides every entry.
+KERNEL_BREAK_EVEN = {
+    "streaming": 4096,
+    "vertical_slash": 8192,
+    "block_topk": 8192,
+    "flexprefill": 8192,
+    "xattention": 8192,
+}
+
+
+def kernel_dense_below(state, query) -> int:
+    """Length below which this layer should run dense on the kernel backend (0 off it)."""
+    if not kernels_enabled(query.device) or backend_choice() == "triton":  # forced: always the kernels
+        return 0
+    override = os.environ.get("PATCHATTN_DENSE_BELOW")
+    if override is not None:
+        return int(override)
+    return max((KERNEL_BREAK_EVEN.get(g.method.name, 0) for g in state.groups if not g.is_dense), default=0)
+
+
 @dataclass
 class KernelLayout:
     """The base mask in kernel terms: key j valid for query row i iff

@@ -218,7 +218,7 @@ def patchattn_attention_forward(
     reason = None
     if q_len == 1:
         reason = "decode"
-    elif kv_len < state.dense_below:
+    elif kv_len < state.dense_below or kv_len < backends.kernel_dense_below(state, query):
         reason = "short_prompt"
     elif state.all_dense:
         reason = "dense_plan"
@@ -275,20 +275,21 @@ def sparse_attention(state: LayerState, query, key, value, attention_mask, *, sc
     for group in state.groups:
         heads = group.q_heads.to(query.device)
         kv_heads = torch.div(heads, group_size, rounding_mode="floor")
-        q, k, v = query[:, heads], key[:, kv_heads], value[:, kv_heads]
+        every_head = heads.numel() == h  # q_heads are ascending, so this is query itself
+        q = query if every_head else query[:, heads]
+        k = key[:, kv_heads]  # methods see one key head per query head
         selection = group.method.select(q, k, ctx)
         result = None
         if layout is not None:
-            whole = heads.numel() == h
             result = backends.run_group(selection, query, key, value, heads, layout, q_pos0, scale=scale,
-                                        softcap=softcap, out=out if whole else None)
+                                        softcap=softcap, out=out if every_head else None)
         if result is None:
             if isinstance(selection, AllPairs):
                 row_mask = base_rows
             else:
                 def row_mask(start, end, selection=selection):
                     return base_rows(start, end) & selection.rows(q_pos[start:end], k_pos)
-            o, _, kept_pairs = chunked_attention(q, k, v, row_mask, scale, softcap)
+            o, _, kept_pairs = chunked_attention(q, k, value[:, kv_heads], row_mask, scale, softcap)
         else:
             o, kept_pairs = result
         if o is not out:

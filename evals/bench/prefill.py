@@ -37,7 +37,7 @@ DEV = "cuda"
 # ----------------------------------------------------------------------------- timing
 
 
-def cuda_time(fn, budget_ms: float = 1500.0, min_reps: int = 3, max_reps: int = 40, warmup: int = 2) -> float:
+def cuda_time(fn, budget_ms: float = 800.0, min_reps: int = 3, max_reps: int = 40, warmup: int = 2) -> float:
     """Median milliseconds of fn() over enough repetitions to fill about budget_ms."""
     for _ in range(warmup):
         fn()
@@ -80,10 +80,10 @@ def structured_inputs(n: int, seed: int = 0):
     return q, k, v
 
 
-def random_block_lists(n: int, density: float, seed: int = 0):
+def random_block_lists(n: int, density: float, seed: int = 0, block: int = BLOCK):
     """Per-head ascending key-block lists: diagonal + block 0 + Bernoulli picks so that about
     `density` of each query block's causal blocks are kept. Returns (index, count, pairs)."""
-    nb = n // BLOCK
+    nb = n // block
     g = torch.Generator(device=DEV).manual_seed(seed)
     qb = torch.arange(nb, device=DEV)[:, None]
     kb = torch.arange(nb, device=DEV)[None, :]
@@ -94,8 +94,8 @@ def random_block_lists(n: int, density: float, seed: int = 0):
     maxk = int(count.max())
     index = torch.where(pick, kb, nb).to(torch.int32).sort(-1).values[..., :maxk].contiguous()
     del pick
-    diag_pairs = BLOCK * (BLOCK + 1) // 2
-    pairs = int(((count.long() - 1) * BLOCK * BLOCK + diag_pairs).sum())
+    diag_pairs = block * (block + 1) // 2
+    pairs = int(((count.long() - 1) * block * block + diag_pairs).sum())
     return index, count, pairs
 
 
@@ -115,14 +115,14 @@ def sdpa(q, k, v, backend=None):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
 
-def flex_block_mask(index, count, n):
+def flex_block_mask(index, count, n, block=BLOCK):
     """The same block mask for flex_attention: the diagonal block partial (causal), the rest full.
 
     Built with BlockMask.from_kv_blocks straight from the lists: create_block_mask would
     evaluate a mask_mod on all N^2 token pairs."""
     from torch.nn.attention.flex_attention import BlockMask
 
-    nb = n // BLOCK
+    nb = n // block
     partial_idx = torch.zeros(1, HQ, nb, nb, dtype=torch.int32, device=DEV)
     partial_idx[..., 0] = torch.arange(nb, device=DEV, dtype=torch.int32)
     full_idx = torch.zeros(1, HQ, nb, nb, dtype=torch.int32, device=DEV)
@@ -130,7 +130,7 @@ def flex_block_mask(index, count, n):
     slots = torch.arange(index.shape[-1], device=DEV)
     full_idx[..., : index.shape[-1]] = torch.where(slots < full_cnt[..., None], index, 0)
     return BlockMask.from_kv_blocks(torch.ones_like(count), partial_idx, full_cnt, full_idx,
-                                    BLOCK_SIZE=(BLOCK, BLOCK), mask_mod=lambda b, h, qi, ki: qi >= ki)
+                                    BLOCK_SIZE=(block, block), mask_mod=lambda b, h, qi, ki: qi >= ki)
 
 
 def top_mask(scores, count):
@@ -154,7 +154,7 @@ def vertical_slash_pipeline(q, k, v, n_vertical, n_slash, last_q=64):
 
 
 def bench_dense_and_block_sparse(n, densities, args, notes):
-    """SDPA, then block-sparse (and flex) per density, then block-sparse with every block."""
+    """SDPA, then block-sparse (and flex) per density and tile size, then block-sparse with every block."""
     from torch.nn.attention import SDPBackend
 
     res = {"n": n}
@@ -175,41 +175,47 @@ def bench_dense_and_block_sparse(n, densities, args, notes):
     elif args.flex:
         notes.append(f"flex_attention skipped at N={n} (--flex-max-n {args.flex_max_n})")
 
-    rows = []
-    for density in densities:  # lowest density first: autotuning runs on the cheapest call
-        index, count, pairs = random_block_lists(n, density, seed=int(density * 1000))
-        row = {"density_target": density, "density": pairs / causal}
-        row["block_sparse_ms"] = cuda_time(lambda: ta.block_sparse_attention(q, k, v, index, count, scale=scale))
-        row["target_ms"] = row["density"] * res["sdpa_ms"]
-        row["ratio_vs_density_x_sdpa"] = row["block_sparse_ms"] / row["target_ms"]
-        if flex is not None:
-            try:
-                row.update(time_flex(flex, q, k, v, index, count, n, scale))
-            except Exception as e:  # noqa: BLE001
-                row["flex_error"] = repr(e)[:300]
-                flex = None
-        rows.append(row)
-    res["block_sparse"] = rows
-    res["block_sparse_config"] = str(getattr(ta._block_sparse_tuned, "best_config", None))
+    for block in args.blocks:
+        rows = []
+        for density in densities:  # lowest density first: autotuning runs on the cheapest call
+            index, count, pairs = random_block_lists(n, density, seed=int(density * 1000), block=block)
+            row = {"density_target": density, "density": pairs / causal}
+            run = lambda: ta.block_sparse_attention(q, k, v, index, count, scale=scale, block_m=block,  # noqa: E731
+                                                    block_n=block)
+            row["block_sparse_ms"] = cuda_time(run)
+            row["target_ms"] = row["density"] * res["sdpa_ms"]
+            row["ratio_vs_density_x_sdpa"] = row["block_sparse_ms"] / row["target_ms"]
+            if flex is not None and block == args.flex_block:
+                try:
+                    row.update(time_flex(flex, q, k, v, index, count, n, scale, block))
+                except Exception as e:  # noqa: BLE001
+                    row["flex_error"] = repr(e)[:300]
+                    flex = None
+            rows.append(row)
+            del index, count
+        res[f"block_sparse_b{block}"] = rows
+        res[f"block_sparse_b{block}_config"] = str(getattr(ta._block_sparse_tuned, "best_config", None))
 
-    # Raw kernel efficiency: every causal block listed, against SDPA.
-    nb = n // BLOCK
-    full_index = torch.arange(nb, device=DEV, dtype=torch.int32).expand(1, HQ, nb, nb).contiguous()
-    full_count = torch.arange(1, nb + 1, device=DEV, dtype=torch.int32).expand(1, HQ, nb).contiguous()
-    run_all = lambda: ta.block_sparse_attention(q, k, v, full_index, full_count, scale=scale)  # noqa: E731
-    res["block_sparse_all_blocks_ms"] = cuda_time(run_all)
-    if n == args.diagnostics_n:
-        ta._MASK_EVERY_TILE = True
-        res["block_sparse_all_blocks_mask_every_tile_ms"] = cuda_time(run_all)
-        ta._MASK_EVERY_TILE = False
+        # Raw kernel efficiency: every causal block listed, against SDPA.
+        nb = n // block
+        full_index = torch.arange(nb, device=DEV, dtype=torch.int32).expand(1, HQ, nb, nb).contiguous()
+        full_count = torch.arange(1, nb + 1, device=DEV, dtype=torch.int32).expand(1, HQ, nb).contiguous()
+        run_all = lambda: ta.block_sparse_attention(q, k, v, full_index, full_count, scale=scale,  # noqa: E731
+                                                    block_m=block, block_n=block)
+        res[f"block_sparse_b{block}_all_blocks_ms"] = cuda_time(run_all)
+        if n == args.diagnostics_n and block == args.blocks[0]:
+            ta._MASK_EVERY_TILE = True
+            res[f"block_sparse_b{block}_all_blocks_mask_every_tile_ms"] = cuda_time(run_all)
+            ta._MASK_EVERY_TILE = False
+        del full_index, full_count
     return res
 
 
-def time_flex(flex, q, k, v, index, count, n, scale):
+def time_flex(flex, q, k, v, index, count, n, scale, block=BLOCK):
     """Compiled flex_attention on the same blocks; also its max |difference| from our kernel."""
-    mask = flex_block_mask(index, count, n)
+    mask = flex_block_mask(index, count, n, block)
     res = {}
-    for opts in ({"BLOCK_M": BLOCK, "BLOCK_N": BLOCK}, None):  # 64-row sparse blocks need 64-row tiles
+    for opts in ({"BLOCK_M": block, "BLOCK_N": block}, None):  # sparse blocks need matching tiles
         call = lambda: flex(q, k, v, block_mask=mask, scale=scale, enable_gqa=True, kernel_options=opts)  # noqa: E731
         try:
             t0 = time.perf_counter()
@@ -221,7 +227,7 @@ def time_flex(flex, q, k, v, index, count, n, scale):
             res[f"flex_error_{'opts' if opts else 'default'}"] = repr(e)[:300]
     else:
         raise RuntimeError(res)
-    ours, _ = ta.block_sparse_attention(q, k, v, index, count, scale=scale)
+    ours, _ = ta.block_sparse_attention(q, k, v, index, count, scale=scale, block_m=block, block_n=block)
     res["flex_vs_block_sparse_max_abs"] = float((out.float() - ours.float()).abs().max())
     res["flex_ms"] = cuda_time(call)
     return res
@@ -261,6 +267,140 @@ def bench_estimators(n, sdpa_ms):
     return {key: {"ms": t, "pct_of_sdpa": 100 * t / sdpa_ms} for key, t in est.items()}
 
 
+# Method configurations timed end to end through patchattn's own execution (sparse_attention:
+# selection incl. estimators, kernel launch, telemetry), on the structured inputs.
+METHODS = {
+    "vertical_slash": {"vertical": {"scale": 0.01, "min": 64}, "slash": {"scale": 0.02, "min": 64}, "last_q": 64,
+                       "sink": 4, "window": 64},
+    "flexprefill": {"block_size": 128, "gamma": 0.9, "tau": 0.1, "last_q": 128},
+    "xattention": {"block_size": 128, "stride": 8, "threshold": 0.9},
+    "block_topk": {"block_size": 128, "top_k": {"scale": 0.05, "min": 8}},
+    "streaming": {"sink": 64, "window": 4096},
+}
+
+
+def _layer_state(name, params):
+    from patchattn.methods import get_method
+    from patchattn.patching import HeadGroup, LayerState
+    from patchattn.telemetry import LayerStats
+
+    cls = get_method(name)
+    method = cls(cls.validate_params(params))
+    return LayerState(0, [HeadGroup(method, torch.arange(HQ))], 0, "sdpa", LayerStats(0, [name] * HQ)), method
+
+
+def bench_methods(n, sdpa_ms, names, q=None, k=None, v=None):
+    """Per method: estimation (select) alone and the whole patched attention call."""
+    from patchattn import backends
+    from patchattn.methods.base import AttnContext
+    from patchattn.patching import causal_lazy_mask, sparse_attention
+
+    if q is None:
+        q, k, v = structured_inputs(n)
+    scale = D ** -0.5
+    mask = causal_lazy_mask(1, n, n, device=torch.device(DEV))
+    layout = backends.kernel_layout(mask, q, k, None)
+    q_pos, k_pos = mask.positions()
+    kv_heads = torch.arange(HQ, device=DEV) // (HQ // HKV)
+    out = {}
+    for name in names:
+        state, method = _layer_state(name, METHODS[name])
+        ctx = AttnContext(q_pos=q_pos, k_pos=k_pos, kv_start=mask.kv_start(), base_rows=mask.rows, scale=scale,
+                          softcap=None, layer=0, layout=layout)
+        try:
+            call = lambda: sparse_attention(state, q, k, v, mask, scale=scale, softcap=None,  # noqa: E731
+                                            sliding_window=None)
+            call()  # compile / autotune
+            state.stats.kept = [0] * HQ
+            state.stats.valid = [0] * HQ
+            call()
+            density = sum(state.stats.kept) / sum(state.stats.valid)
+            est = cuda_time(lambda: method.select(q, k[:, kv_heads], ctx), budget_ms=600)
+            total = cuda_time(call, budget_ms=800)
+            out[name] = {"estimate_ms": est, "total_ms": total, "density": density,
+                         "estimate_pct_of_sdpa": 100 * est / sdpa_ms, "speedup_vs_sdpa": sdpa_ms / total}
+        except Exception as e:  # noqa: BLE001 - record, keep going
+            out[name] = {"error": repr(e)[:300]}
+        torch.cuda.empty_cache()
+    return out
+
+
+def bench_break_even(lengths, names):
+    """Smallest tested length from which each method's patched attention beats dense SDPA."""
+    rows = []
+    for n in lengths:
+        q, k, v = structured_inputs(n)
+        sdpa_ms = cuda_time(lambda: sdpa(q, k, v), budget_ms=400)
+        rows.append({"n": n, "sdpa_ms": sdpa_ms, "methods": bench_methods(n, sdpa_ms, names, q, k, v)})
+        del q, k, v
+        torch.cuda.empty_cache()
+    return rows
+
+
+def break_even_table(rows, names):
+    """Per method: the smallest tested N from which it beats SDPA at every tested length (None: never)."""
+    table = {}
+    for name in names:
+        speed = sorted((r["n"], r["methods"].get(name, {}).get("speedup_vs_sdpa", 0.0)) for r in rows
+                       if "methods" in r)
+        best = None
+        for n, sp in reversed(speed):
+            if sp <= 1.0:
+                break
+            best = n
+        table[name] = best
+    return table
+
+
+def llama3_8b_shaped(layers: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
+                      num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=262144,
+                      rope_theta=500000.0, attn_implementation="sdpa")
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(DEV):
+            torch.manual_seed(0)
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()
+
+
+def bench_ttft(lengths, layers, names):
+    """Whole-prefill time (logits of the last token) of a random-weight Llama-3-8B-shaped model."""
+    from patchattn import Plan, patch_model, stats, unpatch_model
+
+    model = llama3_8b_shaped(layers)
+    rows = []
+    for n in lengths:
+        ids = torch.randint(0, 128256, (1, n), device=DEV)
+
+        def prefill():
+            with torch.no_grad():
+                return model(input_ids=ids, use_cache=False, logits_to_keep=1).logits
+
+        row = {"n": n, "dense_ms": cuda_time(prefill, budget_ms=3000, min_reps=3, max_reps=5, warmup=1)}
+        for name in names:
+            try:
+                patch_model(model, Plan.uniform(model, name, METHODS[name]))
+                t = cuda_time(prefill, budget_ms=3000, min_reps=3, max_reps=5, warmup=1)
+                density = stats(model).density
+                row[name] = {"ms": t, "speedup": row["dense_ms"] / t, "density": density}
+            except Exception as e:  # noqa: BLE001
+                row[name] = {"error": repr(e)[:300]}
+            finally:
+                unpatch_model(model)
+            torch.cuda.empty_cache()
+        rows.append(row)
+        print(f"TTFT N={n}: " + json.dumps(row), flush=True)
+    del model
+    torch.cuda.empty_cache()
+    return rows
+
+
 def bench_length(n, densities, args, notes):
     res = bench_dense_and_block_sparse(n, densities, args, notes)
     torch.cuda.empty_cache()
@@ -268,22 +408,28 @@ def bench_length(n, densities, args, notes):
     torch.cuda.empty_cache()
     res["estimators"] = bench_estimators(n, res["sdpa_ms"])
     torch.cuda.empty_cache()
+    res["methods"] = bench_methods(n, res["sdpa_ms"], args.methods)
+    torch.cuda.empty_cache()
     return res
 
 
 # ----------------------------------------------------------------------------- report
 
 
-def print_tables(results):
-    print("\n| N | density | SDPA ms | block-sparse ms | density x SDPA ms | ratio | flex ms |")
+def print_tables(report):
+    results = report["results"]
+    print("\n| N | tile | density | block-sparse ms | SDPA ms | flex ms | ratio vs density x SDPA |")
     print("|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['n']} | all blocks | {r['sdpa_ms']:.2f} | {r['block_sparse_all_blocks_ms']:.2f} | "
-              f"{r['sdpa_ms']:.2f} | {r['block_sparse_all_blocks_ms'] / r['sdpa_ms']:.2f} | |")
-        for row in r["block_sparse"]:
-            flex = f"{row['flex_ms']:.2f}" if "flex_ms" in row else row.get("flex_error", "-")[:40]
-            print(f"| {r['n']} | {row['density']:.3f} | {r['sdpa_ms']:.2f} | {row['block_sparse_ms']:.2f} | "
-                  f"{row['target_ms']:.2f} | {row['ratio_vs_density_x_sdpa']:.2f} | {flex} |")
+        for key in [k for k in r if k.startswith("block_sparse_b") and k[14:].isdigit()]:
+            block = key[14:]
+            allb = r.get(f"{key}_all_blocks_ms")
+            if allb is not None:
+                print(f"| {r['n']} | {block} | all blocks | {allb:.2f} | {r['sdpa_ms']:.2f} | | {allb / r['sdpa_ms']:.2f} |")
+            for row in r[key]:
+                flex = f"{row['flex_ms']:.2f}" if "flex_ms" in row else row.get("flex_error", "-")[:30]
+                print(f"| {r['n']} | {block} | {row['density']:.3f} | {row['block_sparse_ms']:.2f} | "
+                      f"{r['sdpa_ms']:.2f} | {flex} | {row['ratio_vs_density_x_sdpa']:.2f} |")
     print("\n| N | VS kept / computed density | end-to-end ms | index ms | kernel ms | e2e / SDPA |")
     print("|---|---|---|---|---|---|")
     for r in results:
@@ -295,6 +441,22 @@ def print_tables(results):
     for r in results:
         for name, e in r["estimators"].items():
             print(f"| {r['n']} | {name} | {e['ms']:.2f} | {e['pct_of_sdpa']:.1f} |")
+    print("\n| N | method | density | estimate ms | total ms | SDPA ms | speedup |")
+    print("|---|---|---|---|---|---|---|")
+    for r in results + report.get("break_even_rows", []):
+        for name, m in r.get("methods", {}).items():
+            if "error" in m:
+                print(f"| {r['n']} | {name} | error: {m['error'][:60]} | | | | |")
+            else:
+                print(f"| {r['n']} | {name} | {m['density']:.3f} | {m['estimate_ms']:.2f} | {m['total_ms']:.2f} | "
+                      f"{r['sdpa_ms']:.2f} | {m['speedup_vs_sdpa']:.2f} |")
+    if "break_even" in report:
+        print("\nbreak-even (dense below):", json.dumps(report["break_even"]))
+    for row in report.get("ttft", []):
+        cells = ", ".join(f"{k} {v['ms']:.0f} ms ({v['speedup']:.2f}x, density {v['density']:.3f})"
+                          if isinstance(v, dict) and "ms" in v else f"{k} {v}" for k, v in row.items()
+                          if k not in ("n", "dense_ms"))
+        print(f"TTFT N={row['n']}: dense {row['dense_ms']:.0f} ms; {cells}")
 
 
 def parse_lengths(text):
@@ -305,6 +467,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seqlens", default="8k,32k,64k,128k", help="comma list, e.g. 8k,32k")
     parser.add_argument("--densities", default="0.05,0.1,0.2,0.3,0.5")
+    parser.add_argument("--blocks", default="128,64", help="block sizes of the random block lists")
+    parser.add_argument("--flex-block", type=int, default=128, help="block size at which flex_attention is timed")
+    parser.add_argument("--methods", default=",".join(METHODS), help="methods timed end to end")
+    parser.add_argument("--break-even-seqlens", default="2k,4k,8k,16k")
+    parser.add_argument("--ttft-seqlens", default="32k,128k")
+    parser.add_argument("--ttft-layers", type=int, default=4)
+    parser.add_argument("--ttft-methods", default="vertical_slash,flexprefill,xattention")
     parser.add_argument("--quick", action="store_true", help="4k,8k; two densities")
     parser.add_argument("--no-flex", dest="flex", action="store_false")
     parser.add_argument("--flex-max-n", type=int, default=128 * 1024)
@@ -316,25 +485,44 @@ def main(argv=None):
         raise SystemExit("needs a CUDA device")
     lengths = parse_lengths("4k,8k" if args.quick else args.seqlens)
     densities = [0.1, 0.5] if args.quick else [float(x) for x in args.densities.split(",")]
+    args.blocks = [int(b) for b in args.blocks.split(",")]
+    args.methods = [m for m in args.methods.split(",") if m]
+    ttft_methods = [m for m in args.ttft_methods.split(",") if m]
 
     import triton
 
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-              "cuda": torch.version.cuda, "shape": {"B": 1, "Hq": HQ, "Hkv": HKV, "D": D, "dtype": "bfloat16",
-                                                    "block": BLOCK},
-              "timing": "median of CUDA-event timings after 2 warm-up calls", "notes": [], "results": []}
+              "cuda": torch.version.cuda, "shape": {"B": 1, "Hq": HQ, "Hkv": HKV, "D": D, "dtype": "bfloat16"},
+              "methods_params": {m: METHODS[m] for m in args.methods},
+              "timing": "median of CUDA-event timings after warm-up", "notes": [], "results": []}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    save = lambda: out.write_text(json.dumps(report, indent=1))  # noqa: E731 - partial results survive a timeout
     t0 = time.time()
     for n in lengths:
         t1 = time.time()
-        report["results"].append(bench_length(n, densities, args, report["notes"]))
-        report["results"][-1]["wall_s"] = time.time() - t1
-        out.write_text(json.dumps(report, indent=1))  # keep partial results if a later length fails
+        try:
+            report["results"].append(bench_length(n, densities, args, report["notes"]))
+            report["results"][-1]["wall_s"] = time.time() - t1
+        except Exception as e:  # noqa: BLE001
+            report["notes"].append(f"N={n} failed: {e!r}"[:400])
+        save()
         print(f"N={n} done in {time.time() - t1:.0f}s", flush=True)
+    if ttft_methods and args.ttft_seqlens:
+        try:
+            report["ttft_layers"] = args.ttft_layers
+            report["ttft"] = bench_ttft(parse_lengths(args.ttft_seqlens), args.ttft_layers, ttft_methods)
+        except Exception as e:  # noqa: BLE001
+            report["notes"].append(f"TTFT failed: {e!r}"[:400])
+        save()
+    if args.break_even_seqlens:
+        report["break_even_rows"] = bench_break_even(parse_lengths(args.break_even_seqlens), args.methods)
+        report["break_even"] = break_even_table(report["break_even_rows"] + report["results"], args.methods)
+        save()
     report["total_wall_s"] = time.time() - t0
-    out.write_text(json.dumps(report, indent=1))
-    print_tables(report["results"])
+    save()
+    print_tables(report)
+    return report
 
 
 if __name__ == "__main__":
