@@ -313,14 +313,19 @@ def calibrate(model, tokenizer, prompts: PromptSource = None, recipe: Union[str,
     sums: Dict[int, Dict[str, torch.Tensor]] = {}
     bar = tqdm(total=len(prompt_ids) * n_layers, desc="calibrate: profiling layers", disable=not progress)
     for i, ids in enumerate(prompt_ids):
-        stats = profile_prompt(model, ids, all_lengths, space, rcp.profiling.rows, rcp.profiling.last_rows,
-                               seed * 7919 + i, progress=bar)
+        # The check length is measured on the first `check_prompts` prompts only (it is a check,
+        # not an input to the choice), which keeps calibration time down.
+        todo = all_lengths if i < rcp.profiling.check_prompts else lengths
+        stats = profile_prompt(model, ids, todo, space, rcp.profiling.rows, rcp.profiling.last_rows,
+                               seed * 7919 + i, progress=bar, extras_length=lengths[-1])
         for n, st in stats.items():
             acc = sums.setdefault(n, {k: torch.zeros_like(v) for k, v in st.items()})
             for k, v in st.items():
                 acc[k] += v
     bar.close()
-    mean = {n: {k: v / len(prompt_ids) for k, v in st.items()} for n, st in sums.items()}
+    counts = {n: len(prompt_ids) for n in lengths}
+    counts[check_length] = min(len(prompt_ids), rcp.profiling.check_prompts)
+    mean = {n: {k: v / counts[n] for k, v in st.items()} for n, st in sums.items()}
     t_prof = time.perf_counter() - t_prof
 
     # ---- retrieval scores on synthetic needle prompts (when the recipe uses them)
@@ -395,7 +400,7 @@ def calibrate(model, tokenizer, prompts: PromptSource = None, recipe: Union[str,
                    "target_density": rcp.target_density, "target_recall": rcp.target_recall,
                    "candidates": len(specs)},
         "prompts": {"source": prompt_desc, "hash": prompt_hash, "count": len(prompt_ids), "tokens": n_max,
-                    "rows_per_length": rcp.profiling.rows},
+                    "rows_per_length": rcp.profiling.rows, "check_prompts": counts[check_length]},
         "lengths": lengths,
         "check_length": check_length,
         "seed": seed,

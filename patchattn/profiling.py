@@ -224,11 +224,12 @@ def _row_stats(kept: torch.Tensor):
     return kept.mean(1), (-torch.log(kept.clamp_min(1e-6))).mean(1)
 
 
-def layer_option_stats(space: OptionSpace, q, k, rows, scale, softcap, layer: int = 0) -> Dict[str, torch.Tensor]:
+def layer_option_stats(space: OptionSpace, q, k, rows, scale, softcap, layer: int = 0,
+                       extras: bool = True) -> Dict[str, torch.Tensor]:
     """Signals of every option for one layer at length L = k.shape[-2].
 
     q [H,L,D] and k [H,L,D] (already one key head per query head). Returns recall, kl, density
-    [H, n_options] and entropy, local_mass [H] (all float64 on CPU)."""
+    [H, n_options] and, with `extras`, entropy and local_mass [H] (all float64 on CPU)."""
     h, length, _ = k.shape
     device = q.device
     total_pairs = causal_pairs(length)
@@ -244,12 +245,18 @@ def layer_option_stats(space: OptionSpace, q, k, rows, scale, softcap, layer: in
         density.append(torch.ones(h, 1, dtype=torch.float64, device=device))
 
     if space.stream_windows:
+        # Kept mass of window w for row r: keys (r-w, r] from a prefix sum over keys, plus the
+        # sink keys the window does not reach.
         w, idx = _unique_budgets(space.stream_windows, length, device)
-        bucket = torch.searchsorted(w, dist_c, right=True)  # smallest option index that keeps it
-        bucket = torch.where(ar[None, :] < space.stream_sink, torch.zeros_like(bucket), bucket)
-        mass = torch.zeros(h, rows.numel(), w.numel() + 1, device=device)
-        mass.scatter_add_(-1, bucket.expand(h, -1, -1), probs)
-        r, c = _row_stats(mass.cumsum(-1)[..., :-1].double())
+        prefix = torch.nn.functional.pad(probs.cumsum(-1), (1, 0))  # [H,R,L+1]
+        hi = (rows + 1)[None, :, None].expand(h, -1, w.numel())
+        lo = (rows[:, None] + 1 - w[None, :]).clamp(min=0)[None].expand(h, -1, -1)
+        band = prefix.gather(-1, hi) - prefix.gather(-1, lo)  # [H,R,nW]
+        sink = min(space.stream_sink, length)
+        if sink:
+            outside = dist[None, :, :sink, None] >= w[None, None, None, :]  # [1,R,sink,nW]
+            band = band + (probs[:, :, :sink, None] * outside).sum(2)
+        r, c = _row_stats(band.double())
         dens = torch.tensor([band_pairs(length, space.stream_sink, int(x)) / total_pairs for x in w.tolist()],
                             dtype=torch.float64, device=device)
         recall.append(r[:, idx]), kl.append(c[:, idx]), density.append(dens[idx].expand(h, -1))
@@ -301,8 +308,8 @@ def layer_option_stats(space: OptionSpace, q, k, rows, scale, softcap, layer: in
         blocks = torch.arange(nb, device=device)
         always = (blocks[:, None] == blocks[None, :]) | (blocks[None, :] == 0)
         bucket = torch.where(always[None], torch.zeros_like(bucket), bucket)
-        kb = (ar // bs).expand(h, rows.numel(), -1)
-        block_mass = torch.zeros(h, rows.numel(), nb, device=device).scatter_add_(-1, kb, probs)
+        padded = torch.nn.functional.pad(probs, (0, nb * bs - length))
+        block_mass = padded.view(h, rows.numel(), nb, bs).sum(-1)
         row_bucket = bucket[:, rows // bs]  # [H,R,nb]
         mass = torch.zeros(h, rows.numel(), nk, device=device).scatter_add_(-1, row_bucket, block_mass)
         r, c = _row_stats(mass.double().cumsum(-1)[..., :-1])
@@ -314,12 +321,17 @@ def layer_option_stats(space: OptionSpace, q, k, rows, scale, softcap, layer: in
         dens = pairs.cumsum(-1)[:, :-1].double() / total_pairs
         recall.append(r[:, ki]), kl.append(c[:, ki]), density.append(dens[:, ki])
 
-    plogp = torch.where(probs > 0, probs * probs.clamp_min(1e-30).log(), torch.zeros_like(probs))
-    norm = torch.log((rows + 1).double()).clamp_min(1e-9)
-    entropy = (-plogp.sum(-1).double() / norm[None]).mean(-1)
-    local = (probs * (dist >= 0) * (dist < 64)).sum(-1).double().mean(-1)
-    return {"recall": torch.cat(recall, 1).cpu(), "kl": torch.cat(kl, 1).cpu(),
-            "density": torch.cat(density, 1).cpu(), "entropy": entropy.cpu(), "local_mass": local.cpu()}
+    out = {"recall": torch.cat(recall, 1).cpu(), "kl": torch.cat(kl, 1).cpu(), "density": torch.cat(density, 1).cpu()}
+    if extras:
+        # Entropy normalised by log(#keys) and the mass within 64 tokens: descriptive only.
+        plogp = probs * probs.clamp_min(1e-30).log()
+        norm = torch.log((rows + 1).double()).clamp_min(1e-9)
+        out["entropy"] = (-plogp.sum(-1).double() / norm[None]).mean(-1).cpu()
+        prefix = torch.nn.functional.pad(probs.cumsum(-1), (1, 0))
+        hi = (rows + 1)[None, :, None].expand(h, -1, 1)
+        lo = (rows + 1 - 64).clamp(min=0)[None, :, None].expand(h, -1, 1)
+        out["local_mass"] = (prefix.gather(-1, hi) - prefix.gather(-1, lo))[..., 0].double().mean(-1).cpu()
+    return out
 
 
 # ----------------------------------------------------------------------------- prompt profile
@@ -330,13 +342,15 @@ def per_q_head(k: torch.Tensor, num_q: int) -> torch.Tensor:
 
 @torch.inference_mode()
 def profile_prompt(model, ids: Sequence[int], lengths: Sequence[int], space: OptionSpace, rows: int,
-                   last_rows: int, seed: int, progress=None) -> Dict[int, Dict[str, torch.Tensor]]:
+                   last_rows: int, seed: int, progress=None, extras_length: Optional[int] = None
+                   ) -> Dict[int, Dict[str, torch.Tensor]]:
     """One forward of `ids` (as long as the longest length); stats for each length from its
     prefix (a causal model's first L positions do not see the rest). Returns
     {length: {signal: [layers, H, ...]}}."""
     device = next(model.parameters()).device
     lengths = sorted(set(int(n) for n in lengths))
     n_max = lengths[-1]
+    n_extras = extras_length if extras_length is not None else n_max
     if len(ids) < n_max:
         raise ValueError(f"prompt has {len(ids)} tokens; {n_max} needed")
     row_sets = {}
@@ -348,7 +362,8 @@ def profile_prompt(model, ids: Sequence[int], lengths: Sequence[int], space: Opt
     def hook(layer, query, key, value, scale, softcap):
         q, k = query[0], per_q_head(key[0], query.shape[1])
         for n in lengths:
-            per_layer[n][layer] = layer_option_stats(space, q[:, :n], k[:, :n], row_sets[n], scale, softcap, layer)
+            per_layer[n][layer] = layer_option_stats(space, q[:, :n], k[:, :n], row_sets[n], scale, softcap, layer,
+                                                     extras=n == n_extras)
         if progress is not None:
             progress.update(1)
 
@@ -438,17 +453,23 @@ def verify_plan(model, plan: Plan, ids: Sequence[int], rows: torch.Tensor) -> Di
         ctx = _causal_ctx(n, device, scale, softcap, layer)
         probs = dense_rows(q, k, rows, scale, softcap)  # [H,R,N]
         dense_out = probs @ v.float()
+        groups: Dict[str, List[int]] = {}
         for h in range(q.shape[0]):
-            spec = plan.head_spec(layer, h)
-            sel = get_method(spec.method)(spec.params).select(q[None, h:h + 1], k[None, h:h + 1], ctx)
-            keep = torch.ones_like(probs[h], dtype=torch.bool) if isinstance(sel, AllPairs) else \
-                sel.rows(rows, ctx.k_pos)[0, 0]
-            kept = probs[h] * keep
-            mass = kept.sum(-1)
-            out = (kept @ v[h].float()) / mass.clamp_min(1e-30)[:, None]
-            rel = (out - dense_out[h]).norm(dim=-1) / dense_out[h].norm(dim=-1).clamp_min(1e-12)
-            recall[layer, h] = mass.double().mean().item()
-            error[layer, h] = rel.double().mean().item()
+            groups.setdefault(plan.head_spec(layer, h).key(), []).append(h)
+        for heads in groups.values():  # heads sharing a spec run as one group, as when patched
+            spec = plan.head_spec(layer, heads[0])
+            idx = torch.tensor(heads, device=device)
+            sel = get_method(spec.method)(spec.params).select(q[None, idx], k[None, idx], ctx)
+            if isinstance(sel, AllPairs):
+                keep = torch.ones_like(probs[idx], dtype=torch.bool)
+            else:
+                keep = sel.rows(rows, ctx.k_pos)[0].expand(len(heads), -1, -1)
+            kept = probs[idx] * keep
+            mass = kept.sum(-1)  # [h,R]
+            out = (kept @ v[idx].float()) / mass.clamp_min(1e-30)[..., None]
+            rel = (out - dense_out[idx]).norm(dim=-1) / dense_out[idx].norm(dim=-1).clamp_min(1e-12)
+            recall[layer, heads] = mass.double().mean(-1).cpu()
+            error[layer, heads] = rel.double().mean(-1).cpu()
 
     with capture(model, hook):
         model(input_ids=torch.tensor([list(ids)], device=device), use_cache=False, logits_to_keep=1)

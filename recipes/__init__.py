@@ -111,6 +111,7 @@ class Profiling(_Strict):
 
     rows: int = Field(default=128, ge=8)
     last_rows: int = Field(default=32, ge=0)
+    check_prompts: int = Field(default=2, ge=1, description="prompts whose stats are also taken at the check length")
     verify_prompts: int = Field(default=1, ge=0, description="prompts re-run through the real methods at the check length")
 
     @model_validator(mode="after")
