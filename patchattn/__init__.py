@@ -10,6 +10,7 @@ from .methods import METHODS, get_method, register_method
 from .patching import UnsupportedModelError, is_patched, patch_model, patched, unpatch_model
 from .plan import Plan, PlanError, model_info
 from .telemetry import Stats, reset_stats, stats
+from .calibration import calibrate  # noqa: E402  (needs the modules above)
 
 __version__ = "0.1.0"
 

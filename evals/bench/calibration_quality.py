@@ -1,0 +1,210 @@
+"""Calibrated plan vs uniform plans at matched realized density, on held-out prompts.
+
+    python evals/bench/calibration_quality.py --model smollm2-135m \\
+        --plan patchattn/plans/smollm2-135m.budget.json \\
+        --text ../shared/assets/corpora/wikitext-2-raw/wiki.test.raw \\
+        --lengths 4096,8192 --samples 20 --out evals/bench/results/calibration_quality.json
+    # tiny CPU smoke run:
+    python evals/bench/calibration_quality.py --lengths 1024 --samples 2 --tokens 2048 --window 1024
+
+Rows: dense, the calibrated plan, and uniform `vertical_slash` and `streaming` plans whose
+BudgetRule scale is searched (bisection in log-scale) so that their realized density on the
+eval prompts matches the calibrated plan's. Per plan: realized density over every patched
+prefill of the run, passkey accuracy per length (synthetic prompts, seed distinct from
+calibration, key at depths spread 0..1, greedy decoding) and wikitext perplexity (first
+--tokens tokens, windows of --window) with its delta vs dense. None of these prompts are
+calibration prompts (the shipped plan was calibrated on LongBench-v2 documents).
+Runs on CUDA when available (--device auto), on CPU otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+from patchattn import Plan, patch_model, reset_stats, stats, unpatch_model
+from patchattn.evals import synthetic
+from patchattn.evals.perplexity import perplexity, read_text, token_windows
+from patchattn.evals.runner import greedy_generate
+from patchattn.models import load
+
+DEFAULT_PLAN = Path(__file__).resolve().parents[2] / "patchattn" / "plans" / "smollm2-135m.budget.json"
+DEFAULT_TEXT = Path(__file__).resolve().parents[3] / "shared" / "assets" / "corpora" / "wikitext-2-raw" / "wiki.test.raw"
+
+# The uniform families whose one scale knob is searched to match density.
+UNIFORM = {
+    "uniform_vertical_slash": ("vertical_slash", lambda s: {"vertical": {"scale": s}, "slash": {"scale": s},
+                                                            "last_q": 64, "sink": 4, "window": 64}),
+    "uniform_streaming": ("streaming", lambda s: {"sink": 4, "window": {"scale": s, "min": 16}}),
+}
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+@torch.inference_mode()
+def _prefill_density(model, plan: Plan, inputs: List[List[int]]) -> float:
+    """Realized density of `plan` over prefills of `inputs` (logits of the last token only)."""
+    device = next(model.parameters()).device
+    patch_model(model, plan)
+    try:
+        reset_stats(model)
+        for ids in inputs:
+            model(input_ids=torch.tensor([ids], device=device), use_cache=False, logits_to_keep=1)
+        return float(stats(model).density)
+    finally:
+        unpatch_model(model)
+
+
+def match_density(model, family: str, target: float, inputs: List[List[int]], tol: float = 0.01,
+                  iters: int = 10, log=print) -> tuple:
+    """Bisection on log(scale) of a uniform plan until its realized density is within `tol`
+    (relative) of `target`; returns (scale, density, plan)."""
+    method, params = UNIFORM[family]
+    lo, hi = math.log(1e-4), math.log(1.0)
+    best = None
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        scale = float(f"{math.exp(mid):.5g}")
+        plan = Plan.uniform(model, method, params(scale))
+        d = _prefill_density(model, plan, inputs)
+        log(f"  {family}: scale {scale:.5g} -> density {d:.4f} (target {target:.4f})")
+        if best is None or abs(d - target) < abs(best[1] - target):
+            best = (scale, d, plan)
+        if abs(d - target) <= tol * target:
+            break
+        if d > target:
+            hi = mid
+        else:
+            lo = mid
+    return best
+
+
+@torch.inference_mode()
+def evaluate(model, tokenizer, plan: Optional[Plan], text: str, tokens: int, window: int,
+             passkey: Dict[int, list], batch_size: int, progress: bool) -> dict:
+    device = next(model.parameters()).device
+    if plan is not None:
+        patch_model(model, plan)
+        reset_stats(model)
+    try:
+        _sync(device)
+        start = time.perf_counter()
+        ppl = perplexity(model, tokenizer, text, tokens, window, progress=progress)
+        acc, completions = {}, {}
+        for length, samples in passkey.items():
+            scores, outs = [], []
+            for i in range(0, len(samples), batch_size):
+                batch = samples[i:i + batch_size]
+                texts, _ = greedy_generate(model, tokenizer, [s.prompt for s in batch],
+                                           batch[0].max_new_tokens, batch[0].stop)
+                scores += [synthetic.score(s.task, s, t) for s, t in zip(batch, texts)]
+                outs += texts
+            acc[str(length)] = sum(scores) / len(scores)
+            completions[str(length)] = outs
+        _sync(device)
+        density = float(stats(model).density) if plan is not None else 1.0
+        return {"density": density, "ppl": ppl["ppl"], "ppl_tokens": ppl["tokens"], "passkey": acc,
+                "completions": completions, "seconds": time.perf_counter() - start}
+    finally:
+        if plan is not None:
+            unpatch_model(model)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--plan", default=str(DEFAULT_PLAN), help="calibrated plan JSON")
+    p.add_argument("--text", default=str(DEFAULT_TEXT), help="perplexity text (wikitext-2 raw test)")
+    p.add_argument("--tokens", type=int, default=8192, help="perplexity: first N tokens of --text")
+    p.add_argument("--window", type=int, default=4096, help="perplexity window")
+    p.add_argument("--lengths", default="4096,8192", help="passkey prompt lengths")
+    p.add_argument("--samples", type=int, default=20, help="passkey samples per length")
+    p.add_argument("--seed", type=int, default=1234, help="passkey seed (differs from calibration's)")
+    p.add_argument("--haystack", help="passkey haystack file/folder (default: built-in filler)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--match-tol", type=float, default=0.01, help="relative density tolerance of the scale search")
+    p.add_argument("--out", help="write results JSON here")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    model, tokenizer = load(args.model, dtype=getattr(torch, args.dtype), device=device)
+    plan = Plan.load(args.plan)
+    plan.check_model(model)
+    text = read_text(args.text)
+    lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
+    passkey = {n: synthetic.generate_samples("passkey", tokenizer, n, args.samples, seed=args.seed,
+                                             haystack=args.haystack) for n in lengths}
+    progress = not args.no_progress
+
+    started = time.perf_counter()
+    rows = {"dense": evaluate(model, tokenizer, None, text, args.tokens, args.window, passkey, args.batch_size, progress)}
+    print(f"dense: ppl {rows['dense']['ppl']:.3f}, passkey {rows['dense']['passkey']}", flush=True)
+    rows["calibrated"] = evaluate(model, tokenizer, plan, text, args.tokens, args.window, passkey, args.batch_size, progress)
+    target = rows["calibrated"]["density"]
+    print(f"calibrated: density {target:.4f}, ppl {rows['calibrated']['ppl']:.3f}, passkey {rows['calibrated']['passkey']}",
+          flush=True)
+
+    # Density probe for the scale search: the eval inputs themselves (ppl windows + one passkey
+    # prompt per length), so the uniform plans match the calibrated plan where it was measured.
+    probe = token_windows(tokenizer, text, args.tokens, args.window)
+    probe += [tokenizer(samples[len(samples) // 2].prompt).input_ids for samples in passkey.values()]
+    matched = {}
+    for family in UNIFORM:
+        scale, d, uplan = match_density(model, family, target, probe, tol=args.match_tol)
+        matched[family] = {"scale": scale, "probe_density": d, "params": uplan.layers[0].params}
+        rows[family] = evaluate(model, tokenizer, uplan, text, args.tokens, args.window, passkey, args.batch_size, progress)
+        print(f"{family}: scale {scale}, density {rows[family]['density']:.4f}, ppl {rows[family]['ppl']:.3f}, "
+              f"passkey {rows[family]['passkey']}", flush=True)
+
+    dense_ppl = rows["dense"]["ppl"]
+    header = "| plan | realized density | " + " | ".join(f"passkey@{n}" for n in lengths) + \
+             " | wikitext ppl | vs dense |"
+    lines = [header, "|" + "---|" * (4 + len(lengths))]
+    for name, r in rows.items():
+        acc = " | ".join(f"{r['passkey'][str(n)]:.2f}" for n in lengths)
+        lines.append(f"| {name} | {r['density']:.4f} | {acc} | {r['ppl']:.3f} | {100 * (r['ppl'] / dense_ppl - 1):+.2f} % |")
+    table = "\n".join(lines)
+
+    cal = rows["calibrated"]
+    checks = {
+        "density_le_0.25": cal["density"] <= 0.25,
+        "passkey_ge_dense": all(cal["passkey"][str(n)] >= rows["dense"]["passkey"][str(n)] for n in lengths),
+        "ppl_within_3pct": cal["ppl"] <= 1.03 * dense_ppl,
+        "beats_uniform_ppl": all(cal["ppl"] < rows[f]["ppl"] for f in UNIFORM),
+        "beats_uniform_passkey": all(cal["passkey"][str(n)] >= rows[f]["passkey"][str(n)] for f in UNIFORM for n in lengths),
+    }
+    print(f"\n{args.model} on {device} ({args.dtype}); ppl: {cal['ppl_tokens']} tokens of {Path(args.text).name}, "
+          f"windows of {args.window}; passkey: {args.samples} samples per length, seed {args.seed}\n")
+    print(table)
+    print("\nacceptance: " + ", ".join(f"{k}={'PASS' if v else 'FAIL'}" for k, v in checks.items()))
+    result = {
+        "model": args.model, "plan": str(args.plan), "plan_calibration": {k: v for k, v in (plan.calibration or {}).items()
+                                                                           if k != "heads"},
+        "device": device, "dtype": args.dtype, "torch": torch.__version__, "machine": platform.machine(),
+        "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
+        "text": str(args.text), "tokens": args.tokens, "window": args.window, "lengths": lengths,
+        "samples": args.samples, "seed": args.seed, "matched": matched, "rows": rows, "checks": checks,
+        "table": table, "seconds": time.perf_counter() - started,
+    }
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
