@@ -356,14 +356,15 @@ def _plot(path: Path, meta: dict, summary: List[dict]) -> bool:
     return True
 
 
-def write_results(out: Union[str, Path], meta: dict, result: dict) -> dict:
-    """Write results.json, results.md and accuracy.png into `out`; return the JSON object."""
+def write_results(out: Union[str, Path], meta: dict, result: dict, plot: bool = True) -> dict:
+    """Write results.json, results.md and (with `plot`) accuracy.png into `out`; return the JSON."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     full = {"meta": meta, **result}
     (out / "results.json").write_text(json.dumps(full, indent=2) + "\n")
     (out / "results.md").write_text(_markdown(meta, result))
-    _plot(out / "accuracy.png", meta, result["results"])
+    if plot:
+        _plot(out / "accuracy.png", meta, result["results"])
     return full
 
 
@@ -440,7 +441,7 @@ def _execute(args, model, tokenizer, plan, samples, device, dtype) -> dict:
     meta = _meta(args, device, dtype)
     result = evaluate(model, tokenizer, samples, plan, batch_size=args.batch_size,
                       max_new_tokens=args.max_new_tokens, warmup=args.warmup,
-                      checkpoint=lambda partial: write_results(args.out, meta, partial))
+                      checkpoint=lambda partial: write_results(args.out, meta, partial, plot=False))
     return write_results(args.out, meta, result)
 
 
