@@ -143,6 +143,22 @@ def _load_rows(ptr, rows, offs_d, stride_row, row_mask, HEAD_DIM: tl.constexpr, 
 
 
 @triton.jit
+def _block_tile(q, k_base, v_base, idx_base, t, offs_n, offs_d, pos, kv_start, n_k, window, sk_n, sv_n, sm_scale,
+                softcap, m_i, l_i, acc, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, EVEN_N: tl.constexpr, MASKED: tl.constexpr):
+    """Fold listed key block number t into the softmax state; MASKED applies the base mask."""
+    kb = tl.load(idx_base + t)
+    cols = kb * BLOCK_N + offs_n
+    live = cols < n_k
+    k = _load_rows(k_base, cols, offs_d, sk_n, live, HEAD_DIM, BLOCK_D, MASKED and not EVEN_N)
+    v = _load_rows(v_base, cols, offs_d, sv_n, live, HEAD_DIM, BLOCK_D, MASKED and not EVEN_N)
+    s = _scaled_scores(q, k, sm_scale, softcap, SOFTCAP)
+    if MASKED:
+        s = tl.where(live[None, :] & _base_valid(pos, cols, kv_start, n_k, window, HAS_WINDOW), s, float("-inf"))
+    return _online_step(s, v, m_i, l_i, acc)
+
+
+@triton.jit
 def _block_sparse_fwd(
     Q, K, V, Out, Lse, BlockIdx, BlockCnt, KvStart,
     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
@@ -178,22 +194,38 @@ def _block_sparse_fwd(
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for t in range(0, count):
-        kb = tl.load(idx_base + t)
-        cols = kb * BLOCK_N + offs_n
-        live = cols < n_k
-        k = _load_rows(k_base, cols, offs_d, sk_n, live, HEAD_DIM, BLOCK_D, not EVEN_N)
-        v = _load_rows(v_base, cols, offs_d, sv_n, live, HEAD_DIM, BLOCK_D, not EVEN_N)
-        s = _scaled_scores(q, k, sm_scale, softcap, SOFTCAP)
-        # Interior tiles (every pair valid) skip the element mask.
-        n_lo = kb * BLOCK_N
-        n_hi = n_lo + BLOCK_N - 1
-        edge = (n_hi > first_pos) | (n_lo < kv_start) | (n_hi >= n_k)
+    # Lists are ascending, so tiles that need the element mask (crossing kv_start or the window's
+    # far edge: low block ids; crossing the diagonal or n_k: high ids) sit at the two ends. Find
+    # them with short scalar scans and run the interior with a mask-free, branch-free loop that
+    # the compiler can software-pipeline.
+    t_hi = count
+    scanning = t_hi > 0
+    while scanning:
+        n_hi = tl.load(idx_base + t_hi - 1) * BLOCK_N + BLOCK_N - 1
+        scanning = (n_hi > first_pos) | (n_hi >= n_k) | MASK_ALL
+        t_hi = tl.where(scanning, t_hi - 1, t_hi)
+        scanning = scanning & (t_hi > 0)
+    t_lo = 0
+    scanning = t_lo < t_hi
+    while scanning:
+        n_lo = tl.load(idx_base + t_lo) * BLOCK_N
+        scanning = n_lo < kv_start
         if HAS_WINDOW:
-            edge = edge | (last_pos - n_lo >= window)
-        if MASK_ALL or edge:
-            s = tl.where(live[None, :] & _base_valid(pos, cols, kv_start, n_k, window, HAS_WINDOW), s, float("-inf"))
-        m_i, l_i, acc = _online_step(s, v, m_i, l_i, acc)
+            scanning = scanning | (last_pos - n_lo >= window)
+        t_lo = tl.where(scanning, t_lo + 1, t_lo)
+        scanning = scanning & (t_lo < t_hi)
+    for t in range(0, t_lo):
+        m_i, l_i, acc = _block_tile(q, k_base, v_base, idx_base, t, offs_n, offs_d, pos, kv_start, n_k, window,
+                                    sk_n, sv_n, sm_scale, softcap, m_i, l_i, acc, HEAD_DIM, BLOCK_D, BLOCK_N,
+                                    SOFTCAP, HAS_WINDOW, EVEN_N, True)
+    for t in range(t_lo, t_hi):
+        m_i, l_i, acc = _block_tile(q, k_base, v_base, idx_base, t, offs_n, offs_d, pos, kv_start, n_k, window,
+                                    sk_n, sv_n, sm_scale, softcap, m_i, l_i, acc, HEAD_DIM, BLOCK_D, BLOCK_N,
+                                    SOFTCAP, HAS_WINDOW, EVEN_N, False)
+    for t in range(t_hi, count):
+        m_i, l_i, acc = _block_tile(q, k_base, v_base, idx_base, t, offs_n, offs_d, pos, kv_start, n_k, window,
+                                    sk_n, sv_n, sm_scale, softcap, m_i, l_i, acc, HEAD_DIM, BLOCK_D, BLOCK_N,
+                                    SOFTCAP, HAS_WINDOW, EVEN_N, True)
 
     _store_rows(Out, Lse, b.to(tl.int64) * so_b + h.to(tl.int64) * so_h, pid_bh.to(tl.int64) * n_q,
                 offs_m, offs_d, n_q, so_n, acc, m_i, l_i, HEAD_DIM, BLOCK_D)
@@ -207,7 +239,7 @@ _block_sparse_tuned = _autotuned(_block_sparse_fwd, _ATTN_CONFIGS)
 
 @triton.jit
 def _vertical_slash_fwd(
-    Q, K, V, Out, Lse, VIdx, VLo, VHi, SegLo, SegHi, SegCnt, ColMask, DiagMask, KvStart,
+    Q, K, V, Out, Lse, VIdx, VLo, VHi, SegLo, SegHi, SegCnt, SegFull, ColMask, DiagMask, KvStart,
     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
     n_q, n_k, n_q_blocks, n_heads, group, q_offset, sm_scale, softcap, window, tune_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -261,6 +293,7 @@ def _vertical_slash_fwd(
     for si in range(0, n_seg):
         d_lo = tl.load(SegLo + row_base + si)
         d_hi = tl.load(SegHi + row_base + si)
+        full = tl.load(SegFull + row_base + si)  # every diagonal of [d_lo, d_hi] kept: a band
         k_lo = tl.maximum(first_pos - d_hi, k_min)
         k_hi = tl.minimum(last_pos - d_lo, n_k - 1)  # inclusive
         for n0 in range(k_lo, k_hi + 1, BLOCK_N):
@@ -271,9 +304,12 @@ def _vertical_slash_fwd(
             s = _scaled_scores(q, k, sm_scale, softcap, SOFTCAP)
             ok = live[None, :] & _base_valid(pos, cols, kv_start, n_k, window, HAS_WINDOW)
             dist = pos[:, None] - cols[None, :]
-            diag = tl.load(DiagMask + row_base + dist, mask=ok & (dist < n_k), other=0)
+            if full != 0:  # a band needs no per-pair lookup of the diagonal mask (the common case)
+                on_diag = (dist >= d_lo) & (dist <= d_hi)
+            else:
+                on_diag = tl.load(DiagMask + row_base + dist, mask=ok & (dist < n_k), other=0) != 0
             in_vertical = tl.load(ColMask + row_base + cols, mask=live, other=1)
-            keep = ok & (diag != 0) & (in_vertical == 0)[None, :]
+            keep = ok & on_diag & (in_vertical == 0)[None, :]
             m_i, l_i, acc = _online_step(tl.where(keep, s, float("-inf")), v, m_i, l_i, acc)
 
     _store_rows(Out, Lse, b.to(tl.int64) * so_b + h.to(tl.int64) * so_h, pid_bh.to(tl.int64) * n_q,
@@ -392,6 +428,7 @@ class VerticalSlashIndex:
     seg_hi: torch.Tensor
     seg_cnt: torch.Tensor  # leading segments that reach this query block's valid keys
     block_m: int
+    seg_full: Optional[torch.Tensor] = None  # [B, H, Nk] int32: segment i keeps all its diagonals
 
 
 def _sorted_kept(mask: torch.Tensor) -> torch.Tensor:
@@ -441,8 +478,16 @@ def vertical_slash_index(
     seg_cnt = torch.searchsorted(seg_lo, (k_max - k_min).expand(bsz, h, -1).contiguous(), right=True)
     seg_cnt = torch.where(k_max >= k_min, seg_cnt, torch.zeros_like(seg_cnt))
 
+    # Segments whose diagonals are all kept (bands such as the local window) are masked by
+    # comparing distances instead of looking each pair's diagonal up.
+    kept_before = torch.nn.functional.pad(diag.to(torch.int32).cumsum(-1, dtype=torch.int32), (1, 0))
+    lo_c, hi_c = seg_lo.clamp(max=n_k - 1), seg_hi.clamp(max=n_k - 1)
+    run = kept_before.gather(-1, hi_c + 1) - kept_before.gather(-1, lo_c)
+    seg_full = (seg_lo < _INDEX_PAD) & (run == hi_c - lo_c + 1)
+
     i32 = lambda t: t.to(torch.int32).contiguous()  # noqa: E731
-    return VerticalSlashIndex(i32(v_idx), i32(v_lo), i32(v_hi), i32(seg_lo), i32(seg_hi), i32(seg_cnt), block_m)
+    return VerticalSlashIndex(i32(v_idx), i32(v_lo), i32(v_hi), i32(seg_lo), i32(seg_hi), i32(seg_cnt), block_m,
+                              i32(seg_full))
 
 
 def vertical_slash_pair_counts(
@@ -537,13 +582,14 @@ def vertical_slash_attention(
         raise ValueError("index was built for a different block_m or [B, Hq]")
     kvs = _kv_start_tensor(kv_start, bsz, q.device)
     n_qb = triton.cdiv(n_q, block_m)
+    seg_full = index.seg_full if index.seg_full is not None else torch.zeros_like(index.seg_lo)
     col_u8 = column_mask.contiguous().view(torch.uint8)
     diag_u8 = diagonal_mask.contiguous().view(torch.uint8)
     fixed_n = dict(BLOCK_N=block_n) if block_n else {}
     _launch(
         _vertical_slash_tuned_n if block_n else _vertical_slash_tuned, _vertical_slash_fwd, (bsz * hq, n_qb),
         q, k, v, out, lse, index.v_idx, index.v_lo, index.v_hi, index.seg_lo, index.seg_hi, index.seg_cnt,
-        col_u8, diag_u8, kvs,
+        seg_full, col_u8, diag_u8, kvs,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
         n_q, n_k, n_qb, hq, hq // hkv, q_offset, scale, float(softcap or 0.0), int(sliding_window or 0),
         _tune_bucket(n_q), untuned=dict(BLOCK_N=block_n or 64), **fixed_n,

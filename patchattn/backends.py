@@ -182,17 +182,19 @@ def _tile_pairs(layout: KernelLayout, bm: int, bn: int) -> torch.Tensor:
 # ------------------------------------------------------------------------------- selections -> kernels
 
 
-def _kernel_tiles(block_size: int, q_offset: int) -> Optional[Tuple[int, int]]:
+def _kernel_tiles(block_size: int, q_offset: int, head_dim: int) -> Optional[Tuple[int, int]]:
     """(block_m, block_n) of kernel tiles nested inside the selection's blocks, or None."""
+    top = TILE_MAX if head_dim <= 128 else 64  # 128 x 256 fp32 accumulators would spill
     for t in (128, 64, 32, 16):
-        if block_size % t == 0 and q_offset % t == 0:
-            return min(t, BLOCK_M_MAX), min(t, BLOCK_N_MAX)
+        if t <= top and block_size % t == 0 and q_offset % t == 0:
+            return t, t
     return None
 
 
-# Kernel tile shape for selections with large blocks (the H100 benchmark picks these).
-BLOCK_M_MAX = 64
-BLOCK_N_MAX = 64
+# Largest kernel tile for selections with large blocks: on H100 (evals/bench/results/
+# prefill_h100.json) 128 x 128 tiles beat 64 x 64 at every density from 32k tokens on, by up to
+# 1.5x at density 0.1 (half the per-tile softmax bookkeeping and list reads).
+TILE_MAX = 128
 
 
 def lists_from_blocks(keep: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -230,11 +232,12 @@ def block_selection_lists(selection: BlockSelection, layout: KernelLayout, q_pos
 
 def _kept_block_pairs(keep: torch.Tensor, tile_pairs: torch.Tensor, heads: int) -> torch.Tensor:
     """Exact kept pairs [B, H] = sum of tile pair counts over kept tiles (chunked over heads)."""
-    b = keep.shape[0]
-    out = torch.empty(b, keep.shape[1], dtype=torch.long, device=keep.device)
-    for h in range(keep.shape[1]):
-        out[:, h] = torch.where(keep[:, h], tile_pairs, 0).sum((-1, -2))
-    return out.expand(b, heads) if keep.shape[1] == 1 else out
+    b, hs = keep.shape[:2]
+    out = torch.empty(b, hs, dtype=torch.long, device=keep.device)
+    step = max(1, (1 << 25) // max(1, keep[0, 0].numel() * b))  # int64 temporaries of <= 256 MiB
+    for h in range(0, hs, step):
+        out[:, h:h + step] = torch.where(keep[:, h:h + step], tile_pairs[:, None], 0).sum((-1, -2))
+    return out.expand(b, heads) if hs == 1 else out
 
 
 def _heads_for_kernel(query, key, value, heads: torch.Tensor):
@@ -263,9 +266,9 @@ def run_group(selection: Selection, query, key, value, heads: torch.Tensor, layo
     if isinstance(selection, AllPairs):
         selection = BlockSelection(blocks=torch.ones(1, 1, 1, 1, dtype=torch.bool, device=q.device),
                                    block_size=1 << 40, first_q_block=0, first_k_block=0)
-        tiles = (64, 64)  # one block covers everything: any tiling nests inside it
+        tiles = _kernel_tiles(TILE_MAX, 0, q.shape[-1])  # one block covers everything: any tiling nests
     elif isinstance(selection, BlockSelection):
-        tiles = _kernel_tiles(selection.block_size, q_pos0)
+        tiles = _kernel_tiles(selection.block_size, q_pos0, q.shape[-1])
     elif isinstance(selection, ColumnDiagonalSelection):
         b, n = q.shape[0], layout.n_k
         cols = selection.columns.expand(b, h, n)

@@ -188,7 +188,9 @@ def test_patched_model_kernel_vs_reference_gpu(monkeypatch):
             logits = model(input_ids=ids, attention_mask=am).logits.float()
         results[choice] = (logits, stats(model).density)
     (lk, dk), (lr, dr) = results["triton"], results["reference"]
-    assert abs(dk - dr) < 1e-9 and dk < 0.9
+    # bf16 estimators differ by rounding between the backends, so a near-tie may select
+    # differently: densities agree closely, not exactly.
+    assert abs(dk - dr) < 1e-3 and dk < 0.9
     valid = am.bool()
     err = ((lk - lr)[valid].norm() / lr[valid].norm()).item()
     assert err <= 2e-2, err

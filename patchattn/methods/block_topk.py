@@ -31,7 +31,7 @@ class BlockTopK(SparseMethod):
 
     def select(self, q, k, ctx):
         bs = self.params.block_size
-        probs, first_q, first_k = pooled_block_attention(q, k, ctx, bs)  # [B,H,nqb,nkb]
+        probs, first_q, first_k = _pooled(q, k, ctx, bs)  # [B,H,nqb,nkb]
         if self.params.gamma is not None:
             keep = mass_mask(probs, self.params.gamma)
         else:
@@ -83,6 +83,19 @@ def pooled_block_attention(q, k, ctx, bs: int):
     allowed = (k_blocks[None, :] <= q_blocks[:, None])[None, None] & k_has[:, :, None, :]
     probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
     return probs, first_q, first_k
+
+
+def _pooled(q, k, ctx, bs: int):
+    layout = ctx.layout
+    if layout is not None and int(ctx.q_pos[0]) % bs == 0 and int(ctx.k_pos[0]) == 0:
+        # Kernel path: pooled sums straight from q/k's dtype (no fp32 copies of [B,H,N,D]);
+        # same block-causal softmax, row blocks aligned with absolute blocks here.
+        from ..kernels.triton_estimators import pooled_block_scores
+
+        probs = pooled_block_scores(q, k, block_size=bs, scale=ctx.scale, kv_start=layout.kv_start,
+                                    q_offset=layout.q_offset, softcap=ctx.softcap)
+        return probs, int(ctx.q_pos[0]) // bs, 0
+    return pooled_block_attention(q, k, ctx, bs)
 
 
 def mass_mask(probs: torch.Tensor, gamma: float) -> torch.Tensor:
