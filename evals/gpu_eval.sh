@@ -13,6 +13,12 @@
 #   BATCH    [auto]          auto = 65536 prompt tokens per prefill (8 x 8k, 16 x 4k, 20 x 2k)
 #   HAYSTACK []              .txt file or folder; default is the built-in filler
 #   PY       [python3, or .venv/bin/python when present]
+#   PATCHATTN_DENSE_BELOW [0]  on CUDA patchattn runs layers dense below each method's measured
+#                            break-even length (patchattn/backends.py: streaming 4096,
+#                            vertical_slash 8192): right for speed, but then the 2k/4k rows would
+#                            measure dense accuracy. 0 applies the plan at every length; unset it
+#                            (PATCHATTN_DENSE_BELOW=) to evaluate what users get by default. The
+#                            table marks cells where prefills ran dense ("dense_below").
 #
 # Runs from a plain checkout too: if `patchattn.evals` is not importable (the repository is not
 # pip-installed) it installs it editable with --no-deps/--no-index, which needs only setuptools.
@@ -31,6 +37,9 @@ if [ -z "${PY:-}" ]; then
   if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
 fi
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+if [ -z "${PATCHATTN_DENSE_BELOW+set}" ]; then export PATCHATTN_DENSE_BELOW=0; fi
+[ -z "${PATCHATTN_DENSE_BELOW}" ] && unset PATCHATTN_DENSE_BELOW
+echo "gpu_eval: PATCHATTN_DENSE_BELOW=${PATCHATTN_DENSE_BELOW-<backend default>}"
 
 [ -f "$PLAN" ] || { echo "gpu_eval: plan $PLAN not found" >&2; exit 2; }
 "$PY" - <<'PYEOF' || { echo "gpu_eval: needs a CUDA device visible to torch" >&2; exit 2; }

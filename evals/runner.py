@@ -80,8 +80,9 @@ def _stopped(tokenizer, tokens: List[int], stop: Sequence[str]) -> bool:
 
 @torch.inference_mode()
 def greedy_generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int,
-                    stop: Sequence[str] = ()) -> Tuple[List[str], float]:
-    """Greedy completions of `prompts` (one batch) and the seconds the prompt forward took."""
+                    stop: Sequence[str] = (), prefill_repeats: int = 1) -> Tuple[List[str], float]:
+    """Greedy completions of `prompts` (one batch) and the seconds the prompt forward took
+    (the fastest of `prefill_repeats` identical forwards)."""
     device = model.device
     # Left padding: every row's next token then sits at the right edge.
     enc = tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="left").to(device)
@@ -90,11 +91,14 @@ def greedy_generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: in
     extra = {}
     if len(prompts) > 1:
         extra = {"attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
-    _sync(device)
-    start = time.perf_counter()
-    out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **extra)
-    _sync(device)
-    prefill_s = time.perf_counter() - start
+    prefill_s, out = float("inf"), None
+    for _ in range(max(1, prefill_repeats)):
+        out = None  # free the previous repeat's KV cache before the next forward
+        _sync(device)
+        start = time.perf_counter()
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **extra)
+        _sync(device)
+        prefill_s = min(prefill_s, time.perf_counter() - start)
 
     eos, cache_arg = _eos_ids(model, tokenizer), _cache_arg(model)
     new: List[List[int]] = [[] for _ in prompts]
@@ -159,12 +163,13 @@ def resolve_batch_size(batch_size: Union[int, str], device: torch.device, length
 
 # ---------------------------------------------------------------------------------- one mode
 def _run_job(model, tokenizer, samples: List[synthetic.Sample], batch_size: int,
-             max_new_tokens: Optional[int], bar) -> List[dict]:
+             max_new_tokens: Optional[int], prefill_repeats: int, bar) -> List[dict]:
     rows = []
     for i in range(0, len(samples), batch_size):
         batch = samples[i:i + batch_size]
         budget = max_new_tokens or batch[0].max_new_tokens
-        texts, prefill_s = greedy_generate(model, tokenizer, [s.prompt for s in batch], budget, batch[0].stop)
+        texts, prefill_s = greedy_generate(model, tokenizer, [s.prompt for s in batch], budget, batch[0].stop,
+                                           prefill_repeats=prefill_repeats)
         for s, text in zip(batch, texts):
             # Batched prompts share one timed forward: report the per-prompt share.
             rows.append({"completion": text, "score": synthetic.score(s.task, s, text),
@@ -192,7 +197,7 @@ def _warmup(model, tokenizer, samples: Samples, batch_size, progress: bool) -> N
 
 
 def _run_mode(model, tokenizer, samples: Samples, mode: str, batch_size, max_new_tokens, warmup: bool,
-              telemetry: bool, progress: bool) -> Dict[Job, dict]:
+              prefill_repeats: int, telemetry: bool, progress: bool) -> Dict[Job, dict]:
     import patchattn
 
     if warmup:
@@ -205,7 +210,7 @@ def _run_mode(model, tokenizer, samples: Samples, mode: str, batch_size, max_new
             bs = resolve_batch_size(batch_size, model.device, job[1], len(job_samples))
             if telemetry:
                 patchattn.reset_stats(model)
-            rows = _run_job(model, tokenizer, job_samples, bs, max_new_tokens, bar)
+            rows = _run_job(model, tokenizer, job_samples, bs, max_new_tokens, prefill_repeats, bar)
             entry = {"rows": rows, "batch_size": bs, "density": None, "sparse_calls": None, "fallbacks": None}
             if telemetry:
                 st = patchattn.stats(model)
@@ -216,18 +221,24 @@ def _run_mode(model, tokenizer, samples: Samples, mode: str, batch_size, max_new
 
 def evaluate(model, tokenizer, samples: Samples, plan=None, *, batch_size: Union[int, str] = "auto",
              max_new_tokens: Optional[int] = None, warmup: bool = True, progress: bool = True,
-             checkpoint: Optional[Callable[[dict], None]] = None) -> dict:
+             prefill_repeats: Optional[int] = None, checkpoint: Optional[Callable[[dict], None]] = None) -> dict:
     """Dense (and, with `plan`, patched) accuracy and prefill time on the same `samples`.
 
     Returns {"results": one row per task x length, "samples": per-sample completions}.
     `checkpoint(result)` is called with the dense-only result before the patched pass, so a
-    crash in a long patched run keeps the baseline.
+    crash in a long patched run keeps the baseline. `prefill_repeats` (default 2 on CUDA, 1 on
+    CPU) times each batch's prefill that many times and keeps the fastest: on a GPU a 2k-token
+    prefill of a small model takes milliseconds, so one-off costs of a new padded shape would
+    otherwise dominate a cell measured by one batch; on CPU a repeat costs seconds and
+    shapes need no compilation.
     """
     import patchattn
 
+    if prefill_repeats is None:
+        prefill_repeats = 2 if model.device.type == "cuda" else 1
     if plan is not None:
         plan.check_model(model)  # fail before the dense pass, not after it
-    dense = _run_mode(model, tokenizer, samples, "dense", batch_size, max_new_tokens, warmup,
+    dense = _run_mode(model, tokenizer, samples, "dense", batch_size, max_new_tokens, warmup, prefill_repeats,
                       telemetry=False, progress=progress)
     patched = None
     if plan is not None:
@@ -236,7 +247,7 @@ def evaluate(model, tokenizer, samples: Samples, plan=None, *, batch_size: Union
         patchattn.patch_model(model, plan)
         try:
             patched = _run_mode(model, tokenizer, samples, "patched", batch_size, max_new_tokens, warmup,
-                                telemetry=True, progress=progress)
+                                prefill_repeats, telemetry=True, progress=progress)
         finally:
             patchattn.unpatch_model(model)
     return _summarize(samples, dense, patched)
@@ -263,6 +274,9 @@ def _summarize(samples: Samples, dense, patched) -> dict:
             "prompt_tokens": _mean(s.n_tokens for s in job_samples),
             "dense": d_acc, "patched": p_acc, "delta": None if p_acc is None else p_acc - d_acc,
             "density": p_job["density"] if p_job else None,
+            # Share of patched prefill layer-calls that ran dense because the prompt was below the
+            # plan's dense_below or the GPU backend's break-even length; `density` covers only the rest.
+            "dense_fallback_share": _fallback_share(p_job) if p_job else None,
             "sparse_calls": p_job["sparse_calls"] if p_job else None,
             "fallbacks": p_job["fallbacks"] if p_job else None,
             "prefill_s_dense": d_time, "prefill_s_patched": p_time,
@@ -278,8 +292,23 @@ def _summarize(samples: Samples, dense, patched) -> dict:
     return {"results": summary, "samples": per_sample}
 
 
+def _fallback_share(job: dict) -> Optional[float]:
+    short = (job["fallbacks"] or {}).get("short_prompt", 0)
+    total = short + (job["sparse_calls"] or 0)
+    return short / total if total else None
+
+
 def _fmt(x, spec: str) -> str:
     return "–" if x is None else format(x, spec)
+
+
+def _density_cell(r: dict) -> str:
+    share = r.get("dense_fallback_share")
+    if not share:
+        return _fmt(r["density"], ".3f")
+    if r["density"] is None:
+        return "1 (all dense_below)"
+    return f"{r['density']:.3f} ({100 * share:.0f}% dense_below)"
 
 
 def markdown_table(result: dict) -> str:
@@ -291,7 +320,7 @@ def markdown_table(result: dict) -> str:
     for r in result["results"]:
         lines.append(
             f"| {r['task']} | {r['length']} | {_fmt(r['prompt_tokens'], '.0f')} | {_fmt(r['dense'], '.3f')} | "
-            f"{_fmt(r['patched'], '.3f')} | {_fmt(r['delta'], '+.3f')} | {_fmt(r['density'], '.3f')} | "
+            f"{_fmt(r['patched'], '.3f')} | {_fmt(r['delta'], '+.3f')} | {_density_cell(r)} | "
             f"{_fmt(r['prefill_s_dense'], '.3f')} | {_fmt(r['prefill_s_patched'], '.3f')} | "
             f"{_fmt(r['speedup'], '.2f')}{'' if r['speedup'] is None else 'x'} |"
         )
@@ -308,7 +337,9 @@ def _markdown(meta: dict, result: dict) -> str:
         "",
         "Accuracy is RULER string match (fraction of gold answers in the greedy completion). "
         "Density is the realized fraction of causal query-key pairs the patched prefill computed "
-        "(telemetry). Prefill seconds are per prompt (a batched forward's time split evenly).",
+        "(telemetry). \"dense_below\": prefills shorter than the plan's dense_below or the GPU "
+        "backend's break-even length ran dense (set PATCHATTN_DENSE_BELOW=0 to apply the plan at "
+        "every length). Prefill seconds are per prompt (a batched forward's time split evenly).",
         "",
     ]
     return "\n".join(head) + markdown_table(result)
@@ -441,6 +472,7 @@ def _execute(args, model, tokenizer, plan, samples, device, dtype) -> dict:
     meta = _meta(args, device, dtype)
     result = evaluate(model, tokenizer, samples, plan, batch_size=args.batch_size,
                       max_new_tokens=args.max_new_tokens, warmup=args.warmup,
+                      prefill_repeats=args.prefill_repeats,
                       checkpoint=lambda partial: write_results(args.out, meta, partial, plot=False))
     return write_results(args.out, meta, result)
 
@@ -499,6 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                    help="auto: bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--prefill-repeats", type=int, default=None,
+                   help="time each prefill this many times, keep the fastest (default: 2 on cuda, 1 on cpu)")
     p.add_argument("--no-warmup", dest="warmup", action="store_false",
                    help="skip the untimed warm-up prefills before each mode")
     return p

@@ -144,3 +144,20 @@ def test_plan_for_another_model_fails_before_dense_pass(tmp_path, capsys):
                     "--samples", "1", "--out", str(tmp_path / "o")])
     assert rc == 2 and "plan is for another model" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_dense_below_cells_are_marked(stories):
+    """Prompts below the plan's dense_below run dense: the cell says so instead of a density."""
+    import patchattn
+    from patchattn.evals.runner import build_samples, evaluate, markdown_table
+
+    model, tok = stories
+    plan = patchattn.Plan.uniform(model, "streaming", {"sink": 4, "window": 32}, dense_below=320)
+    samples = build_samples(tok, ["passkey"], [256, 384], n=1)
+    result = evaluate(model, tok, samples, plan, max_new_tokens=2, warmup=False, progress=False)
+    short, long = result["results"]
+    assert short["density"] is None and short["dense_fallback_share"] == 1.0
+    assert short["patched"] == short["dense"]  # it really ran dense
+    assert long["dense_fallback_share"] == 0.0 and 0 < long["density"] < 1
+    table = markdown_table(result)
+    assert "| 1 (all dense_below) |" in table and f"| {long['density']:.3f} |" in table
