@@ -271,17 +271,43 @@ def _grid(t: torch.Tensor, nd: int = 4) -> List[List[float]]:
 
 
 # ----------------------------------------------------------------------------- calibrate
+def _profile_all(model, prompt_ids, lengths, check_length, space, rcp, seed, n_layers, progress):
+    """Mean (over prompts) option stats per length: {length: {signal: [layers, H, ...]}}."""
+    all_lengths = lengths + [check_length]
+    sums: Dict[int, Dict[str, torch.Tensor]] = {}
+    bar = tqdm(total=len(prompt_ids) * n_layers, desc="calibrate: profiling layers", disable=not progress)
+    for i, ids in enumerate(prompt_ids):
+        # The check length is measured on the first `check_prompts` prompts only (it is a check,
+        # not an input to the choice), which keeps calibration time down.
+        todo = all_lengths if i < rcp.profiling.check_prompts else lengths
+        stats = profile_prompt(model, ids, todo, space, rcp.profiling.rows, rcp.profiling.last_rows,
+                               seed * 7919 + i, progress=bar, extras_length=lengths[-1])
+        for n, st in stats.items():
+            acc = sums.setdefault(n, {k: torch.zeros_like(v) for k, v in st.items()})
+            for k, v in st.items():
+                acc[k] += v
+    bar.close()
+    counts = {n: len(prompt_ids) for n in lengths}
+    counts[check_length] = min(len(prompt_ids), rcp.profiling.check_prompts)
+    mean = {n: {k: v / counts[n] for k, v in st.items()} for n, st in sums.items()}
+
+    return mean
+
+
 def calibrate(model, tokenizer, prompts: PromptSource = None, recipe: Union[str, Path, dict, Recipe] = "budget", *,
               target_density: Optional[float] = None, target_recall: Optional[float] = None,
               lengths: Sequence[int] = (4096, 8192), check_length: Optional[int] = None, samples: int = 8,
               seed: int = 0, record_timing: bool = False, progress: bool = True,
-              model_name: Optional[str] = None, timing: Optional[dict] = None) -> Plan:
+              model_name: Optional[str] = None, timing: Optional[dict] = None,
+              cache: Union[None, str, Path] = None) -> Plan:
     """Profile `model` on `prompts` and return a calibrated Plan (see the module docstring).
 
     prompts: a directory, a .jsonl or text file, a list of strings, or None for synthetic needle
     prompts. lengths: >= 2 calibration lengths (budgets are fitted to hold at all of them);
     check_length: a third length the result is checked on (default: midway between the two
-    shortest). `timing`, if a dict, receives the phase durations whatever `record_timing` says."""
+    shortest). `timing`, if a dict, receives the phase durations whatever `record_timing` says.
+    cache: a folder where profiles (and retrieval scores) are stored and reused, keyed by
+    everything they depend on (prompts, weights, candidates, lengths, rows, seed)."""
     t0 = time.perf_counter()
     rcp = load_recipe(recipe, target_density=target_density, target_recall=target_recall)
     lengths = sorted(set(int(n) for n in lengths))
@@ -308,24 +334,22 @@ def calibrate(model, tokenizer, prompts: PromptSource = None, recipe: Union[str,
     specs = space.specs()
     all_lengths = lengths + [check_length]
 
+    weights = weights_fingerprint(model)
+    # Profiles depend on the inputs and the candidate set, not on the target: a cache lets the
+    # same profile be re-allocated under other targets / objectives without new forwards.
+    profile_key = _sha(json.dumps({"prompts": prompt_hash, "weights": weights, "specs": specs,
+                                   "profiling": rcp.profiling.model_dump(mode="json"), "lengths": lengths,
+                                   "check": check_length, "seed": seed}, sort_keys=True).encode())
+    cache_file = Path(cache) / f"profile-{profile_key[7:]}.pt" if cache else None
+
     # ---- profile: one forward per prompt
     t_prof = time.perf_counter()
-    sums: Dict[int, Dict[str, torch.Tensor]] = {}
-    bar = tqdm(total=len(prompt_ids) * n_layers, desc="calibrate: profiling layers", disable=not progress)
-    for i, ids in enumerate(prompt_ids):
-        # The check length is measured on the first `check_prompts` prompts only (it is a check,
-        # not an input to the choice), which keeps calibration time down.
-        todo = all_lengths if i < rcp.profiling.check_prompts else lengths
-        stats = profile_prompt(model, ids, todo, space, rcp.profiling.rows, rcp.profiling.last_rows,
-                               seed * 7919 + i, progress=bar, extras_length=lengths[-1])
-        for n, st in stats.items():
-            acc = sums.setdefault(n, {k: torch.zeros_like(v) for k, v in st.items()})
-            for k, v in st.items():
-                acc[k] += v
-    bar.close()
-    counts = {n: len(prompt_ids) for n in lengths}
-    counts[check_length] = min(len(prompt_ids), rcp.profiling.check_prompts)
-    mean = {n: {k: v / counts[n] for k, v in st.items()} for n, st in sums.items()}
+    mean = torch.load(cache_file) if cache_file is not None and cache_file.exists() else None
+    if mean is None:
+        mean = _profile_all(model, prompt_ids, lengths, check_length, space, rcp, seed, n_layers, progress)
+        if cache_file is not None:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(mean, cache_file)
     t_prof = time.perf_counter() - t_prof
 
     # ---- retrieval scores on synthetic needle prompts (when the recipe uses them)
@@ -336,9 +360,18 @@ def calibrate(model, tokenizer, prompts: PromptSource = None, recipe: Union[str,
 
         r = rcp.retrieval
         # Needle prompts no longer than the calibration prompts (tiny-context models too).
-        needle_samples = synthetic.generate_samples(r.task, tokenizer, min(r.length, n_max), r.samples,
-                                                    seed=seed + 10_000)
-        retrieval = retrieval_scores(model, tokenizer, needle_samples)
+        ret_key = _sha(json.dumps({"weights": weights, "retrieval": r.model_dump(mode="json"), "n_max": n_max,
+                                   "seed": seed}, sort_keys=True).encode())
+        ret_file = Path(cache) / f"retrieval-{ret_key[7:]}.pt" if cache else None
+        if ret_file is not None and ret_file.exists():
+            retrieval = torch.load(ret_file)
+        else:
+            needle_samples = synthetic.generate_samples(r.task, tokenizer, min(r.length, n_max), r.samples,
+                                                        seed=seed + 10_000)
+            retrieval = retrieval_scores(model, tokenizer, needle_samples)
+            if ret_file is not None:
+                ret_file.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(retrieval, ret_file)
     t_ret = time.perf_counter() - t_ret
 
     # ---- choose one option per head
@@ -400,12 +433,13 @@ def calibrate(model, tokenizer, prompts: PromptSource = None, recipe: Union[str,
                    "target_density": rcp.target_density, "target_recall": rcp.target_recall,
                    "candidates": len(specs)},
         "prompts": {"source": prompt_desc, "hash": prompt_hash, "count": len(prompt_ids), "tokens": n_max,
-                    "rows_per_length": rcp.profiling.rows, "check_prompts": counts[check_length]},
+                    "rows_per_length": rcp.profiling.rows,
+                    "check_prompts": min(len(prompt_ids), rcp.profiling.check_prompts)},
         "lengths": lengths,
         "check_length": check_length,
         "seed": seed,
         "model": {"name": model_name or Path(str(getattr(model.config, "_name_or_path", "") or "")).name,
-                  "fingerprint": info.fingerprint, "weights": weights_fingerprint(model)},
+                  "fingerprint": info.fingerprint, "weights": weights},
         "expected_density": {str(n): _r(expected[n]) for n in all_lengths},
         "mean_recall": {str(n): _r(chosen(n, "recall").mean()) for n in all_lengths},
         "mean_kl": {str(n): _r(chosen(n, "kl").mean()) for n in all_lengths},
@@ -461,6 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--record-timing", action="store_true",
                    help="store phase durations in plan.calibration.timing (the plan is then not byte-reproducible)")
     p.add_argument("--png", help="also write a layers x heads heatmap")
+    p.add_argument("--cache", help="folder to store/reuse profiles (re-allocate under new targets without forwards)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -481,7 +516,8 @@ def calibrate_main(argv: Optional[List[str]] = None) -> int:
         plan = calibrate(model, tokenizer, args.prompts, args.recipe, target_density=args.target_density,
                          target_recall=args.target_recall, lengths=lengths, check_length=args.check_length,
                          samples=args.samples, seed=args.seed, record_timing=args.record_timing,
-                         progress=not args.no_progress, model_name=args.model, timing=timing)
+                         progress=not args.no_progress, model_name=args.model, timing=timing,
+                         cache=args.cache)
     except (RecipeError, ValueError, FileNotFoundError) as e:
         print(f"patchattn calibrate: {e}", file=sys.stderr)
         return 2

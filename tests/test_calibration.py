@@ -227,3 +227,21 @@ def test_cli_writes_plan_timing_and_heatmap(tmp_path):
     bad.write_text(yaml.safe_dump(dict(TINY, objectiv="kl")))
     assert calibrate_main(["--model", str(STORIES), "--recipe", str(bad), "--prompts", str(prompts),
                            "--lengths", "64,128", "--out", str(tmp_path / "x.json"), "--no-progress"]) == 2
+
+
+@needs(STORIES)
+def test_profile_cache_reallocates_without_forwards(stories, tmp_path, monkeypatch):
+    import patchattn.calibration as calibration
+
+    model, tok = stories
+    first = tiny_calibrate(model, tok, cache=tmp_path)
+    assert len(list(tmp_path.glob("profile-*.pt"))) == 1
+
+    def no_forwards(*a, **k):
+        raise AssertionError("profile should come from the cache")
+
+    monkeypatch.setattr(calibration, "profile_prompt", no_forwards)
+    again = tiny_calibrate(model, tok, cache=tmp_path)
+    assert again.to_json() == first.to_json()
+    looser = tiny_calibrate(model, tok, cache=tmp_path, target_density=0.8)
+    assert looser.calibration["expected_density"]["128"] > first.calibration["expected_density"]["128"]
