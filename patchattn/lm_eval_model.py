@@ -10,7 +10,9 @@ own CLI after that import::
 
 model_args: ``pretrained`` (folder, hub id, .gguf path or alias such as ``smollm2-135m``),
 ``plan`` (plan JSON; absent = dense baseline), ``gguf_file``, ``dtype`` (default float32 on CPU,
-bfloat16 on CUDA), plus any HFLM argument (``max_length``, ``batch_size``, ...).
+bfloat16 on CUDA), plus any HFLM argument (``max_length``, ``batch_size``, ...). ``max_length``
+defaults to the context + 128 tokens on rotary models, so prompts sized to the full context are
+not left-truncated to make room for the answer.
 """
 
 from __future__ import annotations
@@ -44,6 +46,22 @@ def _dtype(dtype, device: str) -> torch.dtype:
     return dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype))
 
 
+# Generation room past the model's context for prompts sized to the full context (the synthetic
+# tasks' largest budget is 96 new tokens).
+GENERATION_ROOM = 128
+
+
+def _default_max_length(model) -> Optional[int]:
+    """HFLM left-truncates prompts to max_length - max_gen_toks, which would cut the beginning
+    (instructions, shallow needles) off a task sized to the model's full context. Rotary models
+    decode a few dozen tokens past their trained context, so for them allow context + room;
+    others (learned position tables) keep HFLM's own limit (None)."""
+    cfg = model.config.get_text_config()
+    rotary = getattr(cfg, "rope_theta", None) is not None or getattr(cfg, "rope_parameters", None)
+    context = getattr(cfg, "max_position_embeddings", None)
+    return context + GENERATION_ROOM if rotary and context else None
+
+
 @register_model("patchattn")
 class PatchAttnLM(HFLM):
     """HFLM over a model from ``patchattn.models.load``, patched with ``plan`` when one is given."""
@@ -59,6 +77,8 @@ class PatchAttnLM(HFLM):
         if plan:
             patch_model(model, Plan.load(plan))
             reset_stats(model)
+        if kwargs.get("max_length") is None and (room := _default_max_length(model)):
+            kwargs["max_length"] = room
         # HFLM takes a ready model object; it then ignores loading options such as revision.
         super().__init__(pretrained=model, tokenizer=tokenizer, **kwargs)
         self.spec = str(pretrained)

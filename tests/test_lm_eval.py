@@ -187,3 +187,13 @@ def test_lm_eval_cli_smollm2_dense_and_patched(tmp_path):
     # sink 4 + window 128 of ~1k causal keys: about a quarter of the pairs.
     assert 0.15 < result["config"]["patchattn_density"] < 0.35
     assert result["config"]["patchattn_plan"] == str(plan_path)
+
+
+@needs(STORIES)
+def test_full_context_prompts_are_not_truncated():
+    """A prompt sized to the whole context keeps its beginning: max_length leaves generation room."""
+    from patchattn.lm_eval_model import GENERATION_ROOM, PatchAttnLM
+
+    lm = PatchAttnLM(pretrained=str(STORIES), device="cpu")
+    assert lm.max_length == 512 + GENERATION_ROOM  # stories260k: rotary, 512-token context
+    assert PatchAttnLM(pretrained=str(STORIES), device="cpu", max_length=300).max_length == 300
