@@ -11,6 +11,16 @@ from patchattn.evals.runner import eval_main, greedy_generate
 pytestmark = needs(STORIES)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # stories260k's matrices are tiny: a second OpenMP thread only adds barriers, and on shared
+    # CI cores a descheduled thread stalls each of them (measured 3-10x slower under load).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def stories():
     from patchattn import models

@@ -102,14 +102,29 @@ def _lm_eval_cmd():
     return [str(script), "lm-eval"] if script.is_file() else [sys.executable, "-m", "patchattn.cli", "lm-eval"]
 
 
-def _run_lm_eval(args, tmp_path):
+def _lm_eval_env(tmp_path):
     # One OpenMP thread: on shared CI cores a descheduled second thread stalls every small op.
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               OMP_NUM_THREADS="1", HF_DATASETS_CACHE=str(tmp_path / "hf_datasets"))
-    proc = subprocess.run(_lm_eval_cmd() + args, cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
+    return dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+                OMP_NUM_THREADS="1", HF_DATASETS_CACHE=str(tmp_path / "hf_datasets"))
+
+
+def _run_lm_eval_concurrently(arg_lists, tmp_path):
+    """Several single-threaded lm-eval runs side by side (CI has 2 cores); their stdouts."""
+    procs = []
+    for i, args in enumerate(arg_lists):
+        cwd = tmp_path / f"run{i}"  # separate datasets caches: concurrent writers would race
+        cwd.mkdir()
+        procs.append(subprocess.Popen(_lm_eval_cmd() + args, cwd=cwd, env=_lm_eval_env(cwd),
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        outs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:  # a timed-out run must not outlive the test
+            if p.poll() is None:
+                p.kill()
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    return [out for out, _ in outs]
 
 
 def _score(stdout: str, task: str) -> float:
@@ -137,9 +152,10 @@ def test_lm_eval_cli_dense_and_patched(tmp_path):
 
     common = ["run", "--model", "patchattn", "--include_path", str(tmp_path / "tasks"),
               "--tasks", ",".join(names), "--batch_size", "1"]
-    dense = _run_lm_eval(common + ["--model_args", f"pretrained={STORIES}"], tmp_path)
-    patched = _run_lm_eval(common + ["--model_args", f"pretrained={STORIES},plan={plan_path}",
-                                     "--output_path", str(tmp_path / "results")], tmp_path)
+    dense, patched = _run_lm_eval_concurrently([
+        common + ["--model_args", f"pretrained={STORIES}"],
+        common + ["--model_args", f"pretrained={STORIES},plan={plan_path}", "--output_path", str(tmp_path / "results")],
+    ], tmp_path)
     for stdout in (dense, patched):
         assert re.search(r"\|\s*patchattn_passkey_384\s*\|.*\|\s*score\s*\|", stdout), stdout
         if ppl:
@@ -177,11 +193,13 @@ def test_lm_eval_cli_smollm2_dense_and_patched(tmp_path):
     # The issue's spelling: no `run` subcommand, pretrained as an alias, plan absent = dense.
     common = ["--model", "patchattn", "--include_path", str(tmp_path / "tasks"), "--tasks", names[0],
               "--batch_size", "1"]
-    dense = _run_lm_eval(common + ["--model_args", "pretrained=smollm2-135m"], tmp_path)
-    # SmolLM2 finds a passkey at 1k tokens (5/5 at ~2k in the reference runs).
+    dense, patched = _run_lm_eval_concurrently([
+        common + ["--model_args", "pretrained=smollm2-135m"],
+        common + ["--model_args", f"pretrained={folder},gguf_file={gguf},plan={plan_path}",
+                  "--output_path", str(tmp_path / "results")],
+    ], tmp_path)
+    # SmolLM2 finds a passkey at 1k tokens (at both depths here; 5/5 at ~2k in reference runs).
     assert _score(dense, names[0]) == 1.0, dense
-    patched = _run_lm_eval(common + ["--model_args", f"pretrained={folder},gguf_file={gguf},plan={plan_path}",
-                                     "--output_path", str(tmp_path / "results")], tmp_path)
     assert 0.0 <= _score(patched, names[0]) <= 1.0
     result = json.loads(next((tmp_path / "results").rglob("results_*.json")).read_text())
     # sink 4 + window 128 of ~1k causal keys: about a quarter of the pairs.
