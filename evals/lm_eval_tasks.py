@@ -138,6 +138,18 @@ def write_tasks_main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--ppl-docs", type=int, default=4, help="chunks per perplexity task")
     args = p.parse_args(argv)
     tasks = [t for t in args.tasks.split(",") if t]
+    from .runner import EvalError, _model_config, check_lengths
+
+    config = _model_config(args.model)
+    try:
+        if config is not None:
+            # lm-eval would otherwise left-truncate longer prompts to the model's max_length.
+            check_lengths(config, args.lengths)
+        unknown = [t for t in tasks if t not in synthetic.TASKS]
+        if unknown:
+            raise EvalError(f"unknown task(s) {unknown}; choose from {', '.join(synthetic.TASKS)}")
+    except EvalError as e:
+        p.error(str(e))
     names = write_tasks(args.out, load_tokenizer(args.model), tasks, args.lengths, args.samples,
                         args.seed, args.haystack, args.ppl_text, args.ppl_docs)
     print(f"wrote {len(names)} tasks to {args.out}: {','.join(names)}")

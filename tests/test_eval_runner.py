@@ -171,3 +171,22 @@ def test_dense_below_cells_are_marked(stories):
     assert long["dense_fallback_share"] == 0.0 and 0 < long["density"] < 1
     table = markdown_table(result)
     assert "| 1 (all dense_below) |" in table and f"| {long['density']:.3f} |" in table
+
+
+def test_prefill_repeats_time_the_same_forward(stories):
+    """Repeated (timed) prefills do not change the completion; telemetry sees every forward."""
+    import patchattn
+
+    model, tok = stories
+    prompt = "Once upon a time, there was a little dog named Max. He"
+    once, _ = greedy_generate(model, tok, [prompt], 8)
+    plan = patchattn.Plan.uniform(model, "streaming", {"sink": 2, "window": 4})
+    with patchattn.patched(model, plan):
+        calls = []
+        for repeats in (1, 3):
+            patchattn.reset_stats(model)
+            texts, seconds = greedy_generate(model, tok, [prompt], 8, prefill_repeats=repeats)
+            calls.append(patchattn.stats(model).sparse_calls)
+            assert seconds > 0
+        assert calls[1] == 3 * calls[0] > 0
+    assert greedy_generate(model, tok, [prompt], 8, prefill_repeats=2)[0] == once

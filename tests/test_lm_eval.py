@@ -215,3 +215,17 @@ def test_full_context_prompts_are_not_truncated():
     lm = PatchAttnLM(pretrained=str(STORIES), device="cpu")
     assert lm.max_length == 512 + GENERATION_ROOM  # stories260k: rotary, 512-token context
     assert PatchAttnLM(pretrained=str(STORIES), device="cpu", max_length=300).max_length == 300
+
+
+@needs(STORIES)
+def test_write_tasks_cli_refuses_bad_lengths_and_tasks(tmp_path, capsys):
+    base = ["--model", str(STORIES), "--out", str(tmp_path / "t"), "--samples", "1"]
+    with pytest.raises(SystemExit):
+        lm_eval_tasks.write_tasks_main(base + ["--tasks", "passkey", "--lengths", "256,4096"])
+    assert "[4096] exceed the model's context of 512 tokens" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        lm_eval_tasks.write_tasks_main(base + ["--tasks", "passkey,nope", "--lengths", "256"])
+    assert "unknown task(s) ['nope']" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()
+    lm_eval_tasks.write_tasks_main(base + ["--tasks", "passkey", "--lengths", "256"])
+    assert (tmp_path / "t" / "patchattn_passkey_256.yaml").is_file()
