@@ -47,6 +47,7 @@ except ImportError:  # pragma: no cover - running from a checkout without the pa
     from recipes import Recipe, RecipeError, load_recipe  # type: ignore
 
 PromptSource = Union[None, str, Path, Sequence[str]]
+PROFILE_VERSION = 2  # bump when profile contents change (invalidates caches)
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -154,6 +155,21 @@ def weights_fingerprint(model) -> str:
         h.update(name.encode())
         h.update(p.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes() if p.numel() else b"")
     return "sha256:" + h.hexdigest()[:16]
+
+
+def head_output_scale(model) -> torch.Tensor:
+    """[layers, Hq] Frobenius norm of each head's slice of the output projection: a value error
+    of a head reaches the residual stream through it (1 where the layout is not o_proj)."""
+    from .patching import attention_modules
+
+    cfg = text_config(model.config)
+    out = torch.ones(cfg.num_hidden_layers, cfg.num_attention_heads, dtype=torch.float64)
+    for layer, module in attention_modules(model).items():
+        w = getattr(getattr(module, "o_proj", None), "weight", None)
+        if w is not None and w.shape[1] % cfg.num_attention_heads == 0:
+            per_head = w.detach().float().reshape(w.shape[0], cfg.num_attention_heads, -1)
+            out[layer] = per_head.norm(dim=(0, 2)).double().cpu()
+    return out
 
 
 # ----------------------------------------------------------------------------- allocation
@@ -337,7 +353,7 @@ def calibrate(model, tokenizer, prompts: PromptSource = None, recipe: Union[str,
     weights = weights_fingerprint(model)
     # Profiles depend on the inputs and the candidate set, not on the target: a cache lets the
     # same profile be re-allocated under other targets / objectives without new forwards.
-    profile_key = _sha(json.dumps({"prompts": prompt_hash, "weights": weights, "specs": specs,
+    profile_key = _sha(json.dumps({"version": PROFILE_VERSION, "prompts": prompt_hash, "weights": weights, "specs": specs,
                                    "profiling": rcp.profiling.model_dump(mode="json"), "lengths": lengths,
                                    "check": check_length, "seed": seed}, sort_keys=True).encode())
     cache_file = Path(cache) / f"profile-{profile_key[7:]}.pt" if cache else None
@@ -379,7 +395,11 @@ def calibrate(model, tokenizer, prompts: PromptSource = None, recipe: Union[str,
     recall_cal = torch.stack([mean[n]["recall"] for n in lengths]).reshape(len(lengths), m, o)
     kl_cal = torch.stack([mean[n]["kl"] for n in lengths]).reshape(len(lengths), m, o)
     dens_cal = torch.stack([mean[n]["density"] for n in lengths]).reshape(len(lengths), m, o)
-    loss = (kl_cal if rcp.objective == "kl" else 1 - recall_cal).mean(0)
+    if rcp.objective == "output":
+        err_cal = torch.stack([mean[n]["out_err"] for n in lengths]).reshape(len(lengths), m, o)
+        loss = (err_cal * head_output_scale(model).reshape(1, m, 1)).mean(0)
+    else:
+        loss = (kl_cal if rcp.objective == "kl" else 1 - recall_cal).mean(0)
     cost = dens_cal.max(0).values  # holds the budget at every calibration length
     recall_min = recall_cal.min(0).values
     allowed = torch.ones(m, o, dtype=torch.bool)

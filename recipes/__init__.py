@@ -137,7 +137,8 @@ class Recipe(_Strict):
     description: str = ""
     reference_length: int = Field(default=8192, ge=16)
     candidates: Optional[Candidates] = None
-    objective: Literal["kl", "recall"] = "kl"
+    # kl: mean -log(recall); recall: mean lost mass; output: lost mass x value spread x |W_o head|
+    objective: Literal["kl", "recall", "output"] = "kl"
     target_density: Optional[float] = Field(default=None, gt=0, le=1)
     target_recall: Optional[float] = Field(default=None, gt=0, le=1)
     max_density: Optional[float] = Field(default=None, gt=0, le=1)
