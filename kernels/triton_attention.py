@@ -43,7 +43,10 @@ _ATTN_CONFIGS = [
 ]
 _TILE_N_CONFIGS = [triton.Config({"BLOCK_N": n}, num_warps=c.num_warps, num_stages=c.num_stages)
                    for n in (64, 128) for c in _ATTN_CONFIGS]
-_SMEM_BUDGET = 200 * 1024  # H100 allows 227 KB per block; leave room for the compiler's scratch
+_SMEM_BUDGET = 200 * 1024  # untuned launches: H100 allows 227 KB per block; leave room for scratch
+# Autotuning may try configs up to the hardware limit (a config that does not fit is skipped by
+# the autotuner): 128 x 128 tiles with 3 stages need ~224 KB at head_dim 128.
+_SMEM_BUDGET_TUNED = 227 * 1024
 # PATCHATTN_TRITON_AUTOTUNE=0 launches one fitting config instead of tuning (quick tests).
 _AUTOTUNE = os.environ.get("PATCHATTN_TRITON_AUTOTUNE", "1") != "0"
 
@@ -63,7 +66,7 @@ def _prune_configs(configs, named_args, **meta):
     def smem(c):
         return _smem_bytes(c.num_stages, meta["BLOCK_M"], _tile_n({**meta, **c.kwargs}), meta["BLOCK_D"], elem)
 
-    fits = [c for c in configs if smem(c) <= _SMEM_BUDGET]
+    fits = [c for c in configs if smem(c) <= _SMEM_BUDGET_TUNED]
     deep = [c for c in fits if c.num_stages > 1]  # single-stage only when nothing deeper fits
     return deep or fits or [min(configs, key=smem)]
 

@@ -127,6 +127,15 @@ def test_invalid_params():
 # ----------------------------------------------------------------------------- GPU: kernel backend
 
 
+@pytest.fixture
+def one_config(monkeypatch):
+    """One fitting kernel config instead of autotuning: correctness, not speed, is tested here."""
+    from patchattn.kernels import triton_attention, triton_estimators
+
+    monkeypatch.setattr(triton_attention, "_AUTOTUNE", False)
+    monkeypatch.setattr(triton_estimators, "_AUTOTUNE", False)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("name,params", [
@@ -136,7 +145,7 @@ def test_invalid_params():
     ("vertical_slash", {"vertical": 64, "slash": 64, "last_q": 64}),
     ("block_topk", {"block_size": 64, "top_k": 4}),
 ])
-def test_kernel_backend_gpu(name, params):
+def test_kernel_backend_gpu(one_config, name, params):
     """bf16 through backends.run_group (GQA, left padding, batch 2) vs fp32 masked softmax."""
     from patchattn import backends
 
@@ -159,7 +168,7 @@ def test_kernel_backend_gpu(name, params):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_patched_model_kernel_vs_reference_gpu(monkeypatch):
+def test_patched_model_kernel_vs_reference_gpu(one_config, monkeypatch):
     """A patched Llama-shaped model gives the same logits and telemetry on both backends."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
