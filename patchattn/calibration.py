@@ -354,7 +354,7 @@ def calibrate(model, tokenizer, prompts: PromptSource = None, recipe: Union[str,
     # Profiles depend on the inputs and the candidate set, not on the target: a cache lets the
     # same profile be re-allocated under other targets / objectives without new forwards.
     profile_key = _sha(json.dumps({"version": PROFILE_VERSION, "prompts": prompt_hash, "weights": weights, "specs": specs,
-                                   "profiling": rcp.profiling.model_dump(mode="json"), "lengths": lengths,
+                                   "profiling": rcp.profiling.model_dump(mode="json", exclude={"verify_prompts"}), "lengths": lengths,
                                    "check": check_length, "seed": seed}, sort_keys=True).encode())
     cache_file = Path(cache) / f"profile-{profile_key[7:]}.pt" if cache else None
 
