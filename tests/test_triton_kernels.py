@@ -272,6 +272,41 @@ def check_patching_kernel_path(method, params, bsz, hq, hkv, n_q, n_k, d, pad, s
                 ref_agrees=(rel_err(ref_path, out) <= 1e-4 and torch.equal(ref_kept, kept)) if same_sel else True)
 
 
+def check_patched_llama(dtype=torch.float32):
+    """A patched tiny Llama (GQA, batch 2, left padding; vertical_slash and xattention layers):
+    the kernel backend gives the reference backend's logits and telemetry."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from patchattn import Plan, backends, patch_model, stats
+    from patchattn.telemetry import reset_stats
+
+    cfg = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=32, attn_implementation="sdpa")
+    model = LlamaForCausalLM(cfg).eval()
+    plan = Plan.uniform(model, "vertical_slash", {"vertical": 16, "slash": 16, "last_q": 16}).to_dict()
+    plan["layers"][1] = {"method": "xattention", "params": {"block_size": 32, "stride": 8, "threshold": 0.9}}
+    patch_model(model, Plan.from_dict(plan))
+    ids = torch.randint(0, 256, (2, 300))
+    am = torch.ones_like(ids)
+    am[1, :23] = 0
+    res = {}
+    old = os.environ.get(backends.BACKEND_ENV)
+    try:
+        for choice in ("triton", "reference"):
+            os.environ[backends.BACKEND_ENV] = choice
+            reset_stats(model)
+            calls = sum(backends.kernel_calls.values())
+            with torch.no_grad():
+                logits = model(input_ids=ids, attention_mask=am).logits
+            res[choice] = (logits, stats(model).density, sum(backends.kernel_calls.values()) - calls)
+    finally:
+        os.environ.pop(backends.BACKEND_ENV) if old is None else os.environ.__setitem__(backends.BACKEND_ENV, old)
+    (lk, dk, ck), (lr, dr, cr) = res["triton"], res["reference"]
+    valid = am.bool()
+    return dict(err=rel_err(lk[valid], lr[valid]), density_equal=dk == dr, sparse=dk < 0.95, kernel_calls=ck,
+                reference_calls=cr)
+
+
 # Small CPU cases: (check, kwargs). Shapes cover GQA, batch > 1, ragged tails, left padding,
 # q_offset (prefill after cache), sliding window, softcap, unequal block_m / block_n.
 F32, F16 = torch.float32, torch.float16
@@ -323,6 +358,7 @@ CPU_CASES = {
     "path_flexprefill": (check_patching_kernel_path, dict(
         method="flexprefill", params={"block_size": 16, "gamma": 0.3, "tau": 0.3, "last_q": 16},
         bsz=2, hq=4, hkv=2, n_q=128, n_k=128, d=32, pad=19, softcap=None, dtype=F32)),
+    "patched_llama": (check_patched_llama, {}),
     "path_xattention": (check_patching_kernel_path, dict(
         method="xattention", params={"block_size": 32, "stride": 4, "threshold": 0.5},
         bsz=2, hq=4, hkv=2, n_q=150, n_k=150, d=32, pad=37, softcap=None, dtype=F32)),
@@ -333,7 +369,10 @@ def _assert_result(name, res):
     check = CPU_CASES[name][0] if name in CPU_CASES else None
     assert "error" not in res, res.get("error")
     tol = 5e-3 if CPU_CASES.get(name, (None, {}))[1].get("dtype") is F16 else 1e-5
-    if check is check_patching_kernel_path:
+    if check is check_patched_llama:
+        assert res["err"] <= 1e-5 and res["density_equal"] and res["sparse"], res
+        assert res["kernel_calls"] == 2 and res["reference_calls"] == 0, res
+    elif check is check_patching_kernel_path:
         assert res["layout_ok"] and not res["nan"] and res["out"] <= tol, res
         assert res["kept_ok"] and res["skips"] and res["ref_agrees"], res
     elif check in (check_block_sparse, check_vertical_slash):
