@@ -487,8 +487,8 @@ def calibrate(model, tokenizer, prompts: PromptSource = None, recipe: Union[str,
         heads["fidelity_error"] = _grid(err_v)
     t_ver = time.perf_counter() - t_ver
 
-    phases = {"profile_s": round(t_prof, 1), "retrieval_s": round(t_ret, 1), "verify_s": round(t_ver, 1),
-              "total_s": round(time.perf_counter() - t0, 1)}
+    phases = {"profile_s": round(t_prof, 3), "retrieval_s": round(t_ret, 3), "verify_s": round(t_ver, 3),
+              "total_s": round(time.perf_counter() - t0, 3)}
     if timing is not None:
         timing.update(phases)
     if record_timing:
