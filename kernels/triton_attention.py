@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_estimators import kv_start_tensor
+
 LOG2E = tl.constexpr(1.4426950408889634)
 _INDEX_PAD = 1 << 30  # sorts after every real key index / diagonal
 
@@ -336,14 +338,6 @@ def _check_qkv(q, k, v):
     return [t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v)]
 
 
-def _kv_start_tensor(kv_start, batch: int, device) -> torch.Tensor:
-    if kv_start is None:
-        return torch.zeros(batch, dtype=torch.int32, device=device)
-    if not torch.is_tensor(kv_start):
-        kv_start = torch.tensor(kv_start)
-    return kv_start.to(device=device, dtype=torch.int32).expand(batch).contiguous()
-
-
 def _outputs(q, out):
     b, h, n, d = q.shape
     if out is None:
@@ -402,7 +396,7 @@ def block_sparse_attention(
     if block_index.stride(-1) != 1:
         block_index = block_index.contiguous()
     block_count = block_count.to(torch.int32).contiguous()
-    kvs = _kv_start_tensor(kv_start, bsz, q.device)
+    kvs = kv_start_tensor(kv_start, bsz, q.device)
     grid = (bsz * hq, n_qb)
     _launch(
         _block_sparse_tuned, _block_sparse_fwd, grid,
@@ -453,7 +447,7 @@ def vertical_slash_index(
     """Convert bool column/diagonal masks [B, H, Nk] to the kernel's index form, on their device."""
     bsz, h, n_k = column_mask.shape
     dev = column_mask.device
-    kvs = _kv_start_tensor(kv_start, bsz, dev).long()[:, None, None]  # [B,1,1]
+    kvs = kv_start_tensor(kv_start, bsz, dev).long()[:, None, None]  # [B,1,1]
     first_pos, last_pos = _block_positions(n_q, q_offset, block_m, dev)
 
     # Lowest key any row of the block may see, and the highest.
@@ -506,7 +500,7 @@ def vertical_slash_pair_counts(
     """
     bsz, h, n_k = column_mask.shape
     dev = column_mask.device
-    kvs = _kv_start_tensor(kv_start, bsz, dev).long()[:, None, None]
+    kvs = kv_start_tensor(kv_start, bsz, dev).long()[:, None, None]
     win = sliding_window if sliding_window is not None else n_k + n_q + abs(q_offset) + 1
     p_lo, p_hi = q_offset, n_q - 1 + q_offset  # query positions
     j = torch.arange(n_k, device=dev)
@@ -583,7 +577,7 @@ def vertical_slash_attention(
                                      sliding_window=sliding_window, block_m=block_m)
     elif index.block_m != block_m or tuple(index.v_lo.shape[:2]) != (bsz, hq):
         raise ValueError("index was built for a different block_m or [B, Hq]")
-    kvs = _kv_start_tensor(kv_start, bsz, q.device)
+    kvs = kv_start_tensor(kv_start, bsz, q.device)
     n_qb = triton.cdiv(n_q, block_m)
     seg_full = index.seg_full if index.seg_full is not None else torch.zeros_like(index.seg_lo)
     col_u8 = column_mask.contiguous().view(torch.uint8)

@@ -40,7 +40,8 @@ def _use_triton(x: torch.Tensor, impl: Optional[str]) -> bool:
     return triton is not None and (x.is_cuda or _interpreting())
 
 
-def _kv_start(kv_start, batch: int, device) -> torch.Tensor:
+def kv_start_tensor(kv_start, batch: int, device) -> torch.Tensor:
+    """Per-batch first valid key index as an int32 [B] tensor (None: no padding)."""
     if kv_start is None:
         return torch.zeros(batch, dtype=torch.int32, device=device)
     if not torch.is_tensor(kv_start):
@@ -82,7 +83,7 @@ def last_q_scores_torch(q_last, k, *, scale, q_positions, kv_start=None, softcap
     b, hq, n_last, _ = q_last.shape
     n_k = k.shape[2]
     pos = _positions(q_positions, b, n_last, q_last.device).long()  # [B,L]
-    kvs = _kv_start(kv_start, b, q_last.device).long()
+    kvs = kv_start_tensor(kv_start, b, q_last.device).long()
     j = torch.arange(n_k, device=q_last.device)
     keep = (j <= pos[..., None]) & (j >= kvs[:, None, None])  # [B,L,Nk]
     s = _softcap(_grouped_scores(q_last, k) * scale, softcap)
@@ -182,7 +183,7 @@ def _last_q_triton(q_last, k, *, scale, q_positions, kv_start=None, softcap=None
     q_last = q_last if q_last.stride(-1) == 1 else q_last.contiguous()
     k = k if k.stride(-1) == 1 else k.contiguous()
     pos = _positions(q_positions, b, n_last, q_last.device)
-    kvs = _kv_start(kv_start, b, q_last.device)
+    kvs = kv_start_tensor(kv_start, b, q_last.device)
     block_l, block_d, block_n = max(16, triton.next_power_of_2(n_last)), max(16, triton.next_power_of_2(d)), 64
     if block_l > 128:
         raise ValueError("last_q_scores supports at most 128 query rows")
@@ -267,7 +268,7 @@ def pooled_block_scores(
     b, hq, n_q, _ = q.shape
     n_k = k.shape[2]
     q_offset = n_k - n_q if q_offset is None else q_offset
-    kvs = _kv_start(kv_start, b, q.device).long()
+    kvs = kv_start_tensor(kv_start, b, q.device).long()
     pq, q_count = _block_means(q, kvs - q_offset, block_size)
     pk, k_count = _block_means(k, kvs, block_size)
     s = _softcap(_grouped_scores(pq, pk) * scale, softcap)
@@ -307,7 +308,7 @@ def antidiagonal_block_scores_torch(q, k, *, block_size, stride, scale, kv_start
     b, hq, n_q, _ = q.shape
     n_k = k.shape[2]
     q_offset = n_k - n_q if q_offset is None else q_offset
-    kvs = _kv_start(kv_start, b, q.device).long()
+    kvs = kv_start_tensor(kv_start, b, q.device).long()
     rq = _antidiag_reduce(q, kvs - q_offset, stride, reverse=True)
     rk = _antidiag_reduce(k, kvs, stride, reverse=False)
     s = _grouped_scores(rq, rk) * scale  # [B,Hq,NRq,NRk]
@@ -412,7 +413,7 @@ def _antidiagonal_triton(q, k, *, block_size, stride, scale, kv_start=None, q_of
     q_offset = n_k - n_q if q_offset is None else q_offset
     q = q if q.stride(-1) == 1 else q.contiguous()
     k = k if k.stride(-1) == 1 else k.contiguous()
-    kvs = _kv_start(kv_start, b, q.device)
+    kvs = kv_start_tensor(kv_start, b, q.device)
     per = block_size // stride
     n_red_q = triton.cdiv(n_q, stride)
     nqb, nkb = triton.cdiv(n_q, block_size), triton.cdiv(n_k, block_size)
