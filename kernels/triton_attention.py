@@ -148,6 +148,35 @@ def _load_rows(ptr, rows, offs_d, stride_row, row_mask, HEAD_DIM: tl.constexpr, 
 
 
 @triton.jit
+def _program_setup(Q, K, V, KvStart, sq_b, sq_h, sq_n, sk_b, sk_h, sv_b, sv_h, n_q, n_heads, group, q_offset,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Which (batch, query head, query block) this program owns, its q tile and its K/V bases.
+
+    Axis 0 walks heads fastest, so the G query heads of one kv head run side by side and share
+    K/V tiles through L2; axis 1 starts with the last (longest) query blocks to shorten the tail.
+    """
+    pid_bh = tl.program_id(0)
+    qb = tl.num_programs(1) - 1 - tl.program_id(1)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    kvh = h // group
+
+    offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    pos = offs_m + q_offset
+    kv_start = tl.load(KvStart + b)
+    first_pos = qb * BLOCK_M + q_offset
+    last_pos = tl.minimum(qb * BLOCK_M + BLOCK_M, n_q) - 1 + q_offset
+
+    q = _load_rows(Q + b.to(tl.int64) * sq_b + h.to(tl.int64) * sq_h, offs_m, offs_d, sq_n,
+                   offs_m < n_q, HEAD_DIM, BLOCK_D, True)
+    k_base = K + b.to(tl.int64) * sk_b + kvh.to(tl.int64) * sk_h
+    v_base = V + b.to(tl.int64) * sv_b + kvh.to(tl.int64) * sv_h
+    return pid_bh, qb, b, h, offs_m, offs_n, offs_d, pos, kv_start, first_pos, last_pos, q, k_base, v_base
+
+
+@triton.jit
 def _block_tile(q, k_base, v_base, idx_base, t, offs_n, offs_d, pos, kv_start, n_k, window, sk_n, sv_n, sm_scale,
                 softcap, m_i, l_i, acc, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                 SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, EVEN_N: tl.constexpr, MASKED: tl.constexpr):
@@ -172,26 +201,9 @@ def _block_sparse_fwd(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, EVEN_N: tl.constexpr, MASK_ALL: tl.constexpr,
 ):
-    # Axis 0 walks heads fastest, so the G query heads of one kv head run side by side and share
-    # K/V tiles through L2; axis 1 starts with the last (longest) query blocks to shorten the tail.
-    pid_bh = tl.program_id(0)
-    qb = tl.num_programs(1) - 1 - tl.program_id(1)
-    b = pid_bh // n_heads
-    h = pid_bh % n_heads
-    kvh = h // group
-
-    offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    pos = offs_m + q_offset
-    kv_start = tl.load(KvStart + b)
-    first_pos = qb * BLOCK_M + q_offset
-    last_pos = tl.minimum(qb * BLOCK_M + BLOCK_M, n_q) - 1 + q_offset
-
-    q = _load_rows(Q + b.to(tl.int64) * sq_b + h.to(tl.int64) * sq_h, offs_m, offs_d, sq_n,
-                   offs_m < n_q, HEAD_DIM, BLOCK_D, True)
-    k_base = K + b.to(tl.int64) * sk_b + kvh.to(tl.int64) * sk_h
-    v_base = V + b.to(tl.int64) * sv_b + kvh.to(tl.int64) * sv_h
+    (pid_bh, qb, b, h, offs_m, offs_n, offs_d, pos, kv_start, first_pos, last_pos, q, k_base,
+     v_base) = _program_setup(Q, K, V, KvStart, sq_b, sq_h, sq_n, sk_b, sk_h, sv_b, sv_h, n_q, n_heads, group,
+                              q_offset, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N)
     idx_h = h // idx_group  # block lists may be given per kv head (shared by the group)
     idx_base = BlockIdx + b.to(tl.int64) * si_b + idx_h.to(tl.int64) * si_h + qb.to(tl.int64) * si_q
     count = tl.load(BlockCnt + b * sc_b + idx_h * sc_h + qb)
@@ -250,24 +262,9 @@ def _vertical_slash_fwd(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0)
-    qb = tl.num_programs(1) - 1 - tl.program_id(1)
-    b = pid_bh // n_heads
-    h = pid_bh % n_heads
-    kvh = h // group
-
-    offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    pos = offs_m + q_offset
-    kv_start = tl.load(KvStart + b)
-    first_pos = qb * BLOCK_M + q_offset
-    last_pos = tl.minimum(qb * BLOCK_M + BLOCK_M, n_q) - 1 + q_offset
-
-    q = _load_rows(Q + b.to(tl.int64) * sq_b + h.to(tl.int64) * sq_h, offs_m, offs_d, sq_n,
-                   offs_m < n_q, HEAD_DIM, BLOCK_D, True)
-    k_base = K + b.to(tl.int64) * sk_b + kvh.to(tl.int64) * sk_h
-    v_base = V + b.to(tl.int64) * sv_b + kvh.to(tl.int64) * sv_h
+    (pid_bh, qb, b, h, offs_m, offs_n, offs_d, pos, kv_start, first_pos, last_pos, q, k_base,
+     v_base) = _program_setup(Q, K, V, KvStart, sq_b, sq_h, sq_n, sk_b, sk_h, sv_b, sv_h, n_q, n_heads, group,
+                              q_offset, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N)
     row_base = pid_bh.to(tl.int64) * n_k  # [B, Hq, Nk] index / mask tensors (contiguous)
     qb_slot = pid_bh.to(tl.int64) * n_q_blocks + qb  # [B, Hq, nqb] per-block ranges
 
