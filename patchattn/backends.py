@@ -216,20 +216,18 @@ def lists_from_blocks(keep: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return index[..., :maxk].contiguous(), count.contiguous()
 
 
-def _valid_tiles(layout: KernelLayout, bm: int, bn: int) -> torch.Tensor:
-    """bool [B, nqb, nkb]: tiles holding at least one base-valid pair."""
-    return _tile_pairs(layout, bm, bn) > 0
+def block_selection_lists(selection: BlockSelection, layout: KernelLayout, q_pos0: int, tiles: Tuple[int, int],
+                          tile_pairs: torch.Tensor):
+    """Kernel block lists for a BlockSelection: (index, count, keep_tiles [B,Hs,nqb,nkb]).
 
-
-def block_selection_lists(selection: BlockSelection, layout: KernelLayout, q_pos0: int, tiles: Tuple[int, int]):
-    """Kernel block lists for a BlockSelection: (index, count, keep_tiles [B,Hs,nqb,nkb], bm, bn)."""
+    `tile_pairs` is `_tile_pairs(layout, *tiles)`: tiles without a base-valid pair are dropped."""
     bm, bn = tiles
     bs = selection.block_size
     dev = selection.blocks.device
     rows = (q_pos0 + torch.arange(0, layout.n_q, bm, device=dev)) // bs - selection.first_q_block
     cols = torch.arange(0, layout.n_k, bn, device=dev) // bs - selection.first_k_block
     keep = selection.blocks[:, :, rows][:, :, :, cols]
-    keep = keep & _valid_tiles(layout, bm, bn)[:, None]
+    keep = keep & (tile_pairs > 0)[:, None]
     index, count = lists_from_blocks(keep)
     return index, count, keep
 
@@ -291,9 +289,10 @@ def run_group(selection: Selection, query, key, value, heads: torch.Tensor, layo
     if tiles is None:
         return None
     bm, bn = tiles
-    index, count, keep = block_selection_lists(selection, layout, q_pos0, tiles)
+    tile_pairs = _tile_pairs(layout, bm, bn)  # drops empty tiles and counts kept pairs
+    index, count, keep = block_selection_lists(selection, layout, q_pos0, tiles, tile_pairs)
     if index.shape[1] not in (1, h) and h % index.shape[1]:
         return None
     o, _ = ta.block_sparse_attention(q, k, v, index, count, block_m=bm, block_n=bn, out=out, **opts)
     kernel_calls["block"] += 1
-    return o, _kept_block_pairs(keep, _tile_pairs(layout, bm, bn), h)
+    return o, _kept_block_pairs(keep, tile_pairs, h)
