@@ -31,7 +31,7 @@ class BlockTopK(SparseMethod):
 
     def select(self, q, k, ctx):
         bs = self.params.block_size
-        probs, first_q, first_k = _pooled(q, k, ctx, bs)  # [B,H,nqb,nkb]
+        probs, first_q, first_k = pooled_block_probs(q, k, ctx, bs)  # [B,H,nqb,nkb]
         if self.params.gamma is not None:
             keep = mass_mask(probs, self.params.gamma)
         else:
@@ -85,7 +85,8 @@ def pooled_block_attention(q, k, ctx, bs: int):
     return probs, first_q, first_k
 
 
-def _pooled(q, k, ctx, bs: int):
+def pooled_block_probs(q, k, ctx, bs: int):
+    """`pooled_block_attention`, from the fused Triton estimator when this call runs on the kernels."""
     layout = ctx.layout
     if layout is not None and int(ctx.q_pos[0]) % bs == 0 and int(ctx.k_pos[0]) == 0:
         # Kernel path: pooled sums straight from q/k's dtype (no fp32 copies of [B,H,N,D]);

@@ -17,7 +17,7 @@ import torch
 from pydantic import Field
 
 from .base import BlockSelection, Params, SparseMethod
-from .block_topk import _block_means, mass_mask, pooled_block_attention
+from .block_topk import _block_means, mass_mask, pooled_block_probs
 from .vertical_slash import estimate_vertical_slash
 from ..kernels.reference import softcapped
 
@@ -46,7 +46,7 @@ class FlexPrefill(SparseMethod):
         nqb = int(ctx.q_pos[-1]) // bs - first_q + 1
         keep = torch.zeros(*q.shape[:2], nqb, nkb, dtype=torch.bool, device=q.device)
         if bool(query_aware.any()):
-            keep |= mass_mask(self._pooled_probs(q, k, ctx, bs), p.gamma) & query_aware[..., None, None]
+            keep |= mass_mask(pooled_block_probs(q, k, ctx, bs)[0], p.gamma) & query_aware[..., None, None]
         if not bool(query_aware.all()):
             columns = mass_mask(_normalise(vertical), p.gamma)
             diagonals = mass_mask(_normalise(slash), p.gamma)
@@ -58,16 +58,6 @@ class FlexPrefill(SparseMethod):
         keep |= (q_blocks[:, None] == k_blocks[None, :]) | (k_blocks[None, None, None, :] == sink_block)
         self.last_query_aware = query_aware  # which heads took the query-aware branch (tests, notebooks)
         return BlockSelection(blocks=keep, block_size=bs, first_q_block=first_q, first_k_block=first_k)
-
-    def _pooled_probs(self, q, k, ctx, bs):
-        layout = ctx.layout
-        if layout is not None and int(ctx.q_pos[0]) % bs == 0:
-            # Kernel path: pooled sums straight from bf16 (no fp32 copy of k), same block layout.
-            from ..kernels.triton_estimators import pooled_block_scores
-
-            return pooled_block_scores(q, k, block_size=bs, scale=ctx.scale, kv_start=layout.kv_start,
-                                       q_offset=layout.q_offset, softcap=ctx.softcap)
-        return pooled_block_attention(q, k, ctx, bs)[0]
 
     def expected_density(self, n: int) -> float:
         return float("nan")  # depends on the attention itself; measured, not predicted
