@@ -175,7 +175,7 @@ def _layer_state(plan: Plan, layer: int, original: str) -> LayerState:
 
 
 # ------------------------------------------------------------------------------- attention
-def _original_forward(module, name: str):
+def original_attention(module, name: str):
     """The attention function the module used before patching."""
     default = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
     if name == "eager" or name is None:
@@ -188,7 +188,7 @@ def _original_forward(module, name: str):
 def _run_original(module, name, query, key, value, attention_mask, **kwargs):
     if isinstance(attention_mask, LazyMask):
         attention_mask = attention_mask.original()
-    return _original_forward(module, name)(module, query, key, value, attention_mask, **kwargs)
+    return original_attention(module, name)(module, query, key, value, attention_mask, **kwargs)
 
 
 def patchattn_attention_forward(

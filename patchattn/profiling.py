@@ -23,20 +23,19 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sys
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .kernels.reference import softcapped
 from .methods import get_method
 from .methods.base import AllPairs, AttnContext, band_pairs, causal_pairs
 from .methods.block_topk import pooled_block_attention
 from .methods.vertical_slash import estimate_vertical_slash
+from .patching import attention_modules, original_attention
 from .plan import BudgetRule, Plan, resolve_budget, text_config
 
 IMPLEMENTATION = "patchattn_profile"
@@ -47,15 +46,6 @@ Hook = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, float, Optional[
 
 
 # ----------------------------------------------------------------------------- capture
-def _original_attention(module, name: str):
-    if name in (None, "eager"):
-        fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
-        if fn is None:
-            raise RuntimeError(f"{type(module).__name__}: no eager_attention_forward to run")
-        return fn
-    return ALL_ATTENTION_FUNCTIONS[name]
-
-
 def _profile_attention(module, query, key, value, attention_mask, scaling=None, softcap=None,
                        sliding_window=None, **kwargs):
     name = getattr(module.config, _ORIGINAL_ATTR, "sdpa")
@@ -68,7 +58,7 @@ def _profile_attention(module, query, key, value, attention_mask, scaling=None, 
         extra["sliding_window"] = sliding_window
     if softcap is not None:
         extra["softcap"] = softcap
-    return _original_attention(module, name)(module, query, key, value, attention_mask, **extra)
+    return original_attention(module, name)(module, query, key, value, attention_mask, **extra)
 
 
 def _profile_mask(**kwargs):
@@ -86,7 +76,6 @@ AttentionMaskInterface.register(IMPLEMENTATION, _profile_mask)
 def capture(model, hook: Hook):
     """Within the block, every prefill attention call of `model` first calls
     ``hook(layer, q [B,Hq,M,D], k [B,Hkv,N,D], v, scale, softcap)``."""
-    from .patching import attention_modules  # read-only use of the module finder
 
     cfg = text_config(model.config)
     original = cfg._attn_implementation
