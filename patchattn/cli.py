@@ -13,7 +13,7 @@ from typing import List, Optional
 # ------------------------------------------------------------------------------ inspect
 def plan_summary(plan, length: int) -> str:
     """Methods per layer x head, budgets, and expected density at `length` tokens."""
-    from .methods import get_method
+    from .heatmap import density_grid
 
     info = plan.model
     lines = [
@@ -26,7 +26,7 @@ def plan_summary(plan, length: int) -> str:
                                                    if not isinstance(v, (dict, list))))
     initials = {}
     counts: Counter = Counter()
-    densities = []
+    densities = [d for row in density_grid(plan, length) for d in row]
     grid = []
     for layer in range(info.num_layers):
         row = []
@@ -35,8 +35,6 @@ def plan_summary(plan, length: int) -> str:
             initials.setdefault(spec.method, spec.method[0].upper())
             row.append(initials[spec.method])
             counts[spec.method] += 1
-            d = get_method(spec.method)(spec.params).expected_density(length)
-            densities.append(d)
         dense_layer = length < plan.defaults.dense_below
         grid.append(f"  layer {layer:3d} | {' '.join(row)} | {_layer_params(plan.layers[layer])}"
                     + ("  (dense: prompt < dense_below)" if dense_layer else ""))
