@@ -51,6 +51,11 @@ _SMEM_BUDGET = 200 * 1024  # untuned launches: H100 allows 227 KB per block; lea
 _SMEM_BUDGET_TUNED = 227 * 1024
 # PATCHATTN_TRITON_AUTOTUNE=0 launches one fitting config instead of tuning (quick tests).
 _AUTOTUNE = os.environ.get("PATCHATTN_TRITON_AUTOTUNE", "1") != "0"
+# Tuning compiles and times every config once per key: with the per-power-of-two length bucket
+# and a mixed-method plan that is minutes of warm-up (measured >2 min on an H100 for a first
+# 4k forward). Below this many query rows a kernel call takes well under a millisecond and the
+# best config gains little, so short prompts launch the fixed config without tuning.
+_AUTOTUNE_MIN_N = int(os.environ.get("PATCHATTN_TRITON_AUTOTUNE_MIN_N", 16384))
 
 
 def _tile_n(meta: dict) -> int:
@@ -345,8 +350,8 @@ def _outputs(q, out):
 
 
 def _launch(kernel_tuned, kernel_raw, grid, q, *args, untuned: dict, **meta):
-    """Run the autotuned kernel, or (interpreter / autotuning off) one fitting config."""
-    if _AUTOTUNE and not _interpreting():  # the interpreter would re-run every config
+    """Run the autotuned kernel, or (interpreter / autotuning off / short prompt) one fitting config."""
+    if _AUTOTUNE and not _interpreting() and q.shape[2] >= _AUTOTUNE_MIN_N:  # the interpreter would re-run every config
         kernel_tuned[grid](q, *args, **meta)
         return
     meta = {**meta, **untuned}

@@ -13,6 +13,7 @@ SPARSE = [
     ("streaming", {"sink": 0, "window": {"scale": 0.1, "power": 1.0, "min": 3}}),
     ("vertical_slash", {"vertical": 5, "slash": 3, "last_q": 8, "sink": 1, "window": 4}),
     ("vertical_slash", {"vertical": {"scale": 0.05}, "slash": 2, "last_q": 16, "window": 8}),
+    ("vertical_slash", {"vertical": 3, "slash": 9, "last_q": 8, "window": 2, "slash_group": 4}),
     ("block_topk", {"block_size": 8, "top_k": 2}),
     ("block_topk", {"block_size": 4, "gamma": 0.5}),
 ]
@@ -55,6 +56,20 @@ def test_vertical_slash_keeps_the_heavy_column():
     method = get_method("vertical_slash")({"vertical": 1, "slash": 0, "last_q": 8, "sink": 0, "window": 1})
     _, _, keep = run_method(method, q, k, k.clone(), causal_lazy_mask(b, n, n), scale=d ** -0.5, return_mask=True)
     assert keep[0, :, 60:, 37].all()
+
+
+def test_slash_group_keeps_whole_aligned_groups_with_the_highest_sum():
+    from patchattn.methods.vertical_slash import top_group_mask
+
+    scores = torch.tensor([[0.0, 0.0, 0.9, 0.0, 0.3, 0.3, 0.3, 0.3, 0.1, 0.0]])
+    # groups of 4: sums 0.9, 1.2, 0.1 (the last group is partial)
+    assert top_group_mask(scores, 4, 4).tolist() == [[False] * 4 + [True] * 4 + [False] * 2]
+    assert top_group_mask(scores, 5, 4).tolist() == [[True] * 8 + [False] * 2]  # ceil(5 / 4) = 2 groups
+    assert top_group_mask(scores, 1, 1).tolist() == [[i == 2 for i in range(10)]]  # group 1: plain top-k
+    method = get_method("vertical_slash")
+    grouped = method(method.validate_params({"vertical": 0, "slash": 65, "sink": 0, "window": 1, "slash_group": 64}))
+    assert grouped.expected_density(4096) > method(method.validate_params(
+        {"vertical": 0, "slash": 65, "sink": 0, "window": 1})).expected_density(4096)
 
 
 def test_block_topk_always_keeps_diagonal_and_sink_block():

@@ -142,13 +142,15 @@ def top_mask(scores, count):
     return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, scores.topk(count, dim=-1).indices, True)
 
 
-def vertical_slash_pipeline(q, k, v, n_vertical, n_slash, last_q=64):
+def vertical_slash_pipeline(q, k, v, n_vertical, n_slash, last_q=64, slash_group=1):
+    from patchattn.methods.vertical_slash import top_group_mask
+
     n = q.shape[2]
     scale = D ** -0.5
     vert, slash = last_q_scores(q[:, :, -last_q:], k, scale=scale, q_positions=torch.arange(n - last_q, n, device=DEV))
     cols = top_mask(vert, n_vertical)
     cols[..., :4] = True  # attention sink
-    diags = top_mask(slash, n_slash)
+    diags = top_group_mask(slash, n_slash, slash_group)
     diags[..., :64] = True  # local window
     index = ta.vertical_slash_index(cols, diags, n_q=n)
     out, _ = ta.vertical_slash_attention(q, k, v, cols, diags, scale=scale, index=index)
@@ -238,14 +240,15 @@ def time_flex(flex, q, k, v, index, count, n, scale, block=BLOCK):
     return res
 
 
-def bench_vertical_slash(n, sdpa_ms, locality=1.5):
+def bench_vertical_slash(n, sdpa_ms, locality=1.5, slash_group=1):
     """Vertical-slash end to end on structured inputs (estimate + top-k + index + kernel)."""
     q, k, v = structured_inputs(n, locality=locality)
     scale = D ** -0.5
     n_vertical, n_slash = max(64, int(0.01 * n)), max(64, int(0.03 * n))
-    _, (cols, diags, index) = vertical_slash_pipeline(q, k, v, n_vertical, n_slash)  # also warms up
-    vs = {"n_vertical": n_vertical, "n_slash": n_slash}
-    vs["end_to_end_ms"] = cuda_time(lambda: vertical_slash_pipeline(q, k, v, n_vertical, n_slash))
+    run = lambda: vertical_slash_pipeline(q, k, v, n_vertical, n_slash, slash_group=slash_group)  # noqa: E731
+    _, (cols, diags, index) = run()  # also warms up
+    vs = {"n_vertical": n_vertical, "n_slash": n_slash, "slash_group": slash_group}
+    vs["end_to_end_ms"] = cuda_time(run)
     vs["index_ms"] = cuda_time(lambda: ta.vertical_slash_index(cols, diags, n_q=n))
     vs["kernel_ms"] = cuda_time(lambda: ta.vertical_slash_attention(q, k, v, cols, diags, scale=scale, index=index))
     best = getattr(ta._vertical_slash_tuned, "best_config", None)
@@ -277,6 +280,8 @@ def bench_estimators(n, sdpa_ms):
 METHODS = {
     "vertical_slash": {"vertical": {"scale": 0.01, "min": 64}, "slash": {"scale": 0.02, "min": 64}, "last_q": 64,
                        "sink": 4, "window": 64},
+    "vertical_slash_g64": {"vertical": {"scale": 0.01, "min": 64}, "slash": {"scale": 0.02, "min": 64}, "last_q": 64,
+                           "sink": 4, "window": 64, "slash_group": 64},
     "flexprefill": {"block_size": 128, "gamma": 0.9, "tau": 0.1, "last_q": 128},
     "xattention": {"block_size": 128, "stride": 16, "threshold": 0.9},
     "block_topk": {"block_size": 128, "top_k": {"scale": 0.05, "min": 8}},
@@ -284,12 +289,19 @@ METHODS = {
 }
 
 
+def _method_name(key):
+    """METHODS keys are method names, or NAME_VARIANT for a second configuration of one method."""
+    from patchattn.methods import METHODS as REGISTERED
+
+    return key if key in REGISTERED else key.rsplit("_", 1)[0]
+
+
 def _layer_state(name, params):
     from patchattn.methods import get_method
     from patchattn.patching import HeadGroup, LayerState
     from patchattn.telemetry import LayerStats
 
-    cls = get_method(name)
+    cls = get_method(_method_name(name))
     method = cls(cls.validate_params(params))
     return LayerState(0, [HeadGroup(method, torch.arange(HQ))], 0, "sdpa", LayerStats(0, [name] * HQ)), method
 
@@ -390,7 +402,7 @@ def bench_ttft(lengths, layers, names):
         row = {"n": n, "dense_ms": cuda_time(prefill, budget_ms=3000, min_reps=3, max_reps=5, warmup=1)}
         for name in names:
             try:
-                patch_model(model, Plan.uniform(model, name, METHODS[name]))
+                patch_model(model, Plan.uniform(model, _method_name(name), METHODS[name]))
                 t = cuda_time(prefill, budget_ms=3000, min_reps=3, max_reps=5, warmup=1)
                 density = stats(model).density
                 row[name] = {"ms": t, "speedup": row["dense_ms"] / t, "density": density}
@@ -413,6 +425,9 @@ def bench_length(n, densities, args, notes):
     torch.cuda.empty_cache()
     res["vertical_slash_weak_locality"] = bench_vertical_slash(n, res["sdpa_ms"], locality=0.6)
     torch.cuda.empty_cache()
+    for key, locality in (("vertical_slash_g64", 1.5), ("vertical_slash_g64_weak_locality", 0.6)):
+        res[key] = bench_vertical_slash(n, res["sdpa_ms"], locality=locality, slash_group=64)
+        torch.cuda.empty_cache()
     res["estimators"] = bench_estimators(n, res["sdpa_ms"])
     torch.cuda.empty_cache()
     res["methods"] = bench_methods(n, res["sdpa_ms"], args.methods)
@@ -440,9 +455,11 @@ def print_tables(report):
     print("\n| N | VS kept / computed density | end-to-end ms | index ms | kernel ms | e2e / SDPA |")
     print("|---|---|---|---|---|---|")
     for r in results:
-        for key in ("vertical_slash", "vertical_slash_weak_locality"):
+        for key in [k for k in ("vertical_slash", "vertical_slash_weak_locality", "vertical_slash_g64",
+                                 "vertical_slash_g64_weak_locality") if k in r]:
             vs = r[key]
-            print(f"| {r['n']}{' (weak locality)' if 'weak' in key else ''} | {vs['density_kept']:.3f} / "
+            label = (" slash_group 64" if "g64" in key else "") + (" (weak locality)" if "weak" in key else "")
+            print(f"| {r['n']}{label} | {vs['density_kept']:.3f} / "
                   f"{vs['density_computed']:.3f} | {vs['end_to_end_ms']:.2f} | {vs['index_ms']:.2f} | "
                   f"{vs['kernel_ms']:.2f} | {vs['end_to_end_vs_sdpa']:.3f} |")
     print("\n| N | estimator | ms | % of SDPA |")
@@ -482,7 +499,7 @@ def main(argv=None):
     parser.add_argument("--break-even-seqlens", default="4k,8k,16k")
     parser.add_argument("--ttft-seqlens", default="32k,128k")
     parser.add_argument("--ttft-layers", type=int, default=4)
-    parser.add_argument("--ttft-methods", default="vertical_slash,block_topk,streaming,flexprefill")
+    parser.add_argument("--ttft-methods", default="vertical_slash,vertical_slash_g64,block_topk,streaming,flexprefill")
     parser.add_argument("--quick", action="store_true", help="4k,8k; two densities")
     parser.add_argument("--no-flex", dest="flex", action="store_false")
     parser.add_argument("--flex-max-n", type=int, default=128 * 1024)

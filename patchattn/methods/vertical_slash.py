@@ -4,6 +4,11 @@ The last `last_q` queries are scored against all keys; their attention mass summ
 column gives the vertical scores and summed per diagonal (d = q_pos - k_pos) gives the slash
 scores. The top `vertical` columns and top `slash` diagonals are kept for every query, plus
 `sink` first tokens and a `window`-wide local band.
+
+`slash_group` > 1 selects diagonals in aligned groups of that many (scores summed per group,
+ceil(slash / slash_group) groups kept). A lone diagonal costs the tile kernel a whole
+query-block x key-tile of scores for one kept pair per row; a group of 64 adjacent diagonals
+fills its tiles at least half, so the kernel computes at most about twice what it keeps.
 """
 
 from typing import Annotated, Union
@@ -28,13 +33,15 @@ class VerticalSlash(SparseMethod):
         last_q: Annotated[int, Field(ge=1)] = 64
         sink: Annotated[int, Field(ge=0)] = 4
         window: Annotated[int, Field(ge=1)] = 64
+        slash_group: Annotated[int, Field(ge=1)] = 1
 
     def select(self, q, k, ctx):
         n = ctx.kv_len
         p = self.params
         vertical_scores, slash_scores = estimate_vertical_slash(q, k, ctx, p.last_q)
         columns = sink_columns(ctx, p.sink) | top_mask(vertical_scores, resolve_budget(p.vertical, n))
-        diagonals = local_diagonals(ctx, p.window) | top_mask(slash_scores, resolve_budget(p.slash, n))
+        diagonals = local_diagonals(ctx, p.window) | top_group_mask(slash_scores, resolve_budget(p.slash, n),
+                                                                    p.slash_group)
         return ColumnDiagonalSelection(columns=columns, diagonals=diagonals)
 
     def expected_density(self, n: int) -> float:
@@ -42,7 +49,8 @@ class VerticalSlash(SparseMethod):
         # a column of key j spans n - j rows, so take the mean length n / 2.
         p = self.params
         band = band_pairs(n, p.sink, p.window)
-        extra = (resolve_budget(p.vertical, n) + resolve_budget(p.slash, n)) * n / 2
+        slash = -(-resolve_budget(p.slash, n) // p.slash_group) * p.slash_group
+        extra = (resolve_budget(p.vertical, n) + slash) * n / 2
         return min(1.0, (band + extra) / causal_pairs(n))
 
 
@@ -53,6 +61,18 @@ def top_mask(scores: torch.Tensor, count: int) -> torch.Tensor:
     if count > 0:
         mask.scatter_(-1, scores.topk(count, dim=-1).indices, True)
     return mask
+
+
+def top_group_mask(scores: torch.Tensor, count: int, group: int) -> torch.Tensor:
+    """bool mask keeping the ceil(count / group) aligned groups of `group` entries with the
+    highest summed score (the whole last group may be partial)."""
+    if group == 1:
+        return top_mask(scores, count)
+    n = scores.shape[-1]
+    pad = (-n) % group
+    sums = torch.nn.functional.pad(scores, (0, pad)).unflatten(-1, (-1, group)).sum(-1)
+    keep = top_mask(sums, -(-count // group))
+    return keep.repeat_interleave(group, dim=-1)[..., :n]
 
 
 def estimate_vertical_slash(q, k, ctx, last_q: int):

@@ -1,0 +1,169 @@
+"""Which heads of a plan decide a task? Evaluate edited variants of a plan side by side.
+
+    python -m patchattn.evals.bench.plan_ablation --plan patchattn/plans/smollm2-135m.budget.json \\
+        --variants "dense;plan;vs@0.13;plan|method:streaming->vs@0.13;dense|layers:0-10->vs@0.13" \\
+        --lengths 4096,8192 --samples 20 --seed 77 --out ablation.json
+
+A variant is a base plan followed by edits, `BASE|SELECTOR->REPLACEMENT|...`:
+
+* BASE: `dense`, `plan` (the --plan file), `vs@S` (uniform vertical_slash, vertical = slash =
+  S*N) or `stream@S` (uniform streaming, window S*N);
+* SELECTOR: `all`, `method:NAME` (heads the current variant runs with NAME), `layers:A-B`
+  (layers A..B-1), `retrieval` (the plan's calibration.retrieval_heads), `heads:L.H,L.H`;
+* REPLACEMENT: `dense`, `vs@S`, `stream@S`, or `plan` (the --plan file's spec for that head).
+
+Per variant: realized density, passkey accuracy per length (greedy, batched), and wikitext
+perplexity when --tokens > 0. Use a passkey --seed other than the one reported in
+calibration_quality.py, so that exploring variants does not tune on the held-out samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Callable, List
+
+import torch
+
+from patchattn import Plan
+from patchattn.calibration import build_plan
+from patchattn.evals import synthetic
+from patchattn.evals.perplexity import read_text
+from patchattn.models import load
+
+from .calibration_quality import DEFAULT_PLAN, DEFAULT_TEXT, UNIFORM, evaluate
+
+HeadTable = List[List[dict]]  # [layer][q_head] -> {"method", "params"}
+
+
+def _uniform_spec(token: str) -> dict:
+    families = {"vs": "uniform_vertical_slash", "stream": "uniform_streaming"}
+    name, _, scale = token.partition("@")
+    if name not in families or not scale:
+        raise ValueError(f"unknown plan token {token!r}: expected dense, plan, vs@SCALE or stream@SCALE")
+    method, params = UNIFORM[families[name]]
+    return {"method": method, "params": params(float(scale))}
+
+
+def _table(plan: Plan) -> HeadTable:
+    return [[{"method": s.method, "params": dict(s.params)} for s in (plan.head_spec(l, h) for h in range(plan.model.num_q_heads))]
+            for l in range(plan.model.num_layers)]
+
+
+def _selector(text: str, plan: Plan) -> Callable[[int, int, dict], bool]:
+    kind, _, arg = text.partition(":")
+    if kind == "all":
+        return lambda l, h, spec: True
+    if kind == "method":
+        return lambda l, h, spec: spec["method"] == arg
+    if kind == "layers":
+        a, _, b = arg.partition("-")
+        return lambda l, h, spec: int(a) <= l < int(b)
+    if kind == "retrieval":
+        heads = {tuple(x) for x in (plan.calibration or {}).get("retrieval_heads", [])}
+        if not heads:
+            raise ValueError("selector 'retrieval': the plan records no calibration.retrieval_heads")
+        return lambda l, h, spec: (l, h) in heads
+    if kind == "heads":
+        heads = {tuple(int(x) for x in item.split(".")) for item in arg.split(",")}
+        return lambda l, h, spec: (l, h) in heads
+    raise ValueError(f"unknown selector {text!r}: expected all, method:NAME, layers:A-B, retrieval or heads:L.H,...")
+
+
+def build_variant(model, plan: Plan, text: str) -> Plan:
+    """The plan a variant string describes (see the module docstring)."""
+    base, *edits = text.split("|")
+    planned = _table(plan)
+    n_layers, n_heads = len(planned), len(planned[0])
+    if base == "plan":
+        table = [row[:] for row in planned]
+    elif base == "dense":
+        table = [[{"method": "dense", "params": {}} for _ in range(n_heads)] for _ in range(n_layers)]
+    else:
+        spec = _uniform_spec(base)
+        table = [[spec for _ in range(n_heads)] for _ in range(n_layers)]
+    for edit in edits:
+        sel_text, arrow, repl = edit.partition("->")
+        if not arrow:
+            raise ValueError(f"edit {edit!r}: expected SELECTOR->REPLACEMENT")
+        selected = _selector(sel_text, plan)
+        for l in range(n_layers):
+            for h in range(n_heads):
+                if selected(l, h, table[l][h]):
+                    table[l][h] = (planned[l][h] if repl == "plan" else
+                                   {"method": "dense", "params": {}} if repl == "dense" else _uniform_spec(repl))
+    return build_plan(model, table, {"variant": text})
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--plan", default=str(DEFAULT_PLAN))
+    p.add_argument("--variants", required=True, help="';'-separated variant strings")
+    p.add_argument("--lengths", default="4096,8192")
+    p.add_argument("--samples", type=int, default=20)
+    p.add_argument("--seed", type=int, default=77, help="passkey seed (keep it apart from the reported eval seed)")
+    p.add_argument("--text", default=str(DEFAULT_TEXT))
+    p.add_argument("--tokens", type=int, default=0, help="perplexity on the first N tokens of --text (0: skip)")
+    p.add_argument("--window", type=int, default=4096)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--out")
+    args = p.parse_args(argv)
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    model, tokenizer = load(args.model, dtype=getattr(torch, args.dtype), device=device)
+    plan = Plan.load(args.plan)
+    plan.check_model(model)
+    variants = [v.strip() for v in args.variants.split(";") if v.strip()]
+    built = {v: build_variant(model, plan, v) for v in variants}  # parse everything before the long work
+    lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
+    passkey = {n: synthetic.generate_samples("passkey", tokenizer, n, args.samples, seed=args.seed) for n in lengths}
+    text = read_text(args.text) if args.tokens else ""
+    rows = {}
+    started = time.perf_counter()
+
+    def table() -> str:
+        lines = ["| variant | density | " + " | ".join(f"passkey@{n}" for n in lengths) + " | ppl |",
+                 "|" + "---|" * (3 + len(lengths))]
+        for v, r in rows.items():
+            ppl = f"{r['ppl']:.3f}" if r["ppl"] is not None else "–"
+            lines.append(f"| `{v}` | {r['density']:.4f} | "
+                         + " | ".join(f"{r['passkey'][str(n)]:.2f}" for n in lengths) + f" | {ppl} |")
+        return "\n".join(lines)
+
+    def save() -> None:  # after every variant, so a time limit keeps the finished rows
+        if args.out:
+            result = {"model": args.model, "plan": str(args.plan), "device": device, "dtype": args.dtype,
+                      "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
+                      "torch": torch.__version__, "machine": platform.machine(), "lengths": lengths,
+                      "samples": args.samples, "seed": args.seed, "tokens": args.tokens, "rows": rows,
+                      "table": table(), "seconds": time.perf_counter() - started}
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+    for v in variants:
+        plan_v = None if v == "dense" else built[v]
+        rows[v] = evaluate(model, tokenizer, plan_v, text, args.tokens, args.window, passkey, args.batch_size, False)
+        rows[v]["methods"] = dict(sorted(_count_methods(built[v]).items()))
+        print(f"{v}: density {rows[v]['density']:.4f}, passkey {rows[v]['passkey']}, ppl {rows[v]['ppl']} "
+              f"({rows[v]['seconds']:.0f} s)", flush=True)
+        save()
+    print(f"\n{args.model} on {device} ({args.dtype}); passkey {args.samples} samples, seed {args.seed}\n\n{table()}")
+    return 0
+
+
+def _count_methods(plan: Plan) -> dict:
+    counts: dict = {}
+    for row in _table(plan):
+        for spec in row:
+            counts[spec["method"]] = counts.get(spec["method"], 0) + 1
+    return counts
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
