@@ -62,6 +62,9 @@ def kernels_enabled(device: torch.device) -> bool:
 # how sparse their selection turns out (vertical_slash with scattered diagonals, flexprefill and
 # xattention at gamma/threshold 0.9) did not win at any length on the synthetic inputs; they get
 # the same 32k threshold, which is where the kernels win at the densities they are meant for.
+# vertical_slash with slash_group=64 computes about what it keeps (128k: kept 0.036 of pairs,
+# computed 0.054) and runs 7.3x faster than SDPA there (evals/bench/results/
+# prefill_vs_slash_group_h100.json); with single diagonals it computes 0.455 and loses (0.70x).
 # The plan's own dense_below applies on top. PATCHATTN_DENSE_BELOW=<int> overrides every entry.
 KERNEL_BREAK_EVEN = {
     "streaming": 32768,

@@ -11,7 +11,7 @@ timeout "${1:-170}" python3 -m pytest -m gpu tests/test_triton_kernels.py tests/
   -p no:cacheprovider > "$OUT/pytest_gpu.log" 2>&1
 echo "pytest rc=$?" >> "$OUT/pytest_gpu.log"
 tail -5 "$OUT/pytest_gpu.log"
-timeout "${2:-240}" python3 -m patchattn.evals.bench.prefill --seqlens 32k,128k --blocks 128 --break-even-seqlens '' --ttft-seqlens 128k --ttft-methods vertical_slash,block_topk,streaming \
+timeout "${2:-240}" python3 -m patchattn.evals.bench.prefill --seqlens 32k,128k --blocks 128 --break-even-seqlens "" --ttft-seqlens 128k --ttft-methods vertical_slash,vertical_slash_g64,block_topk,streaming \
   --out "$OUT/prefill_a.json" > "$OUT/bench_a.log" 2>&1
 echo "bench a rc=$?" >> "$OUT/bench_a.log"
 timeout "${3:-120}" python3 -m patchattn.evals.bench.prefill --seqlens 8k,64k --blocks 128 --ttft-seqlens '' --break-even-seqlens 4k,16k \

@@ -25,7 +25,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$OUT/gpu.txt" 
 
 # Exact method semantics (torch reference path, fp32), as on CPU.
 PATCHATTN_BACKEND=reference timeout "${1:-300}" python3 -m patchattn.evals.bench.calibration_quality \
-  --plan "$PLAN" --text "$WIKITEXT" --tokens 8192 --window 4096 --lengths 4096,8192 --samples 20 \
+  --plan "$PLAN" --text "$WIKITEXT" --tokens 8192 --window 4096 --lengths 4096,8192 --samples 20 --batch-size 10 \
   --no-progress --out "$OUT/calibration_quality.json" > "$OUT/calibration_quality.log" 2>&1
 echo "calibration_quality rc=$?" >> "$OUT/calibration_quality.log"
 tail -25 "$OUT/calibration_quality.log"
