@@ -1,0 +1,76 @@
+"""Where does a patched prefill spend its time? torch.profiler over one Llama-3-8B-shaped forward.
+
+    python -m patchattn.evals.bench.profile_ttft --n 128k --layers 4 --method vertical_slash_g64 \\
+        --out ttft_profile.json
+
+The TTFT benchmark in prefill.py measures a patched 4-layer prefill at 128k about 95 ms slower
+than its attention-only timings add up to; this profiles one dense and one patched forward
+(after warm-up) and prints the CUDA-time totals per operator / kernel, so the difference shows
+up by name. Methods and parameters are prefill.py's METHODS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from .prefill import METHODS, _method_name, llama3_8b_shaped, parse_lengths
+
+VOCAB = 128256
+
+
+def _profile(forward, rows: int):
+    forward()  # warm-up: compile / autotune outside the profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        forward()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    table = events.table(sort_by="cuda_time_total", row_limit=rows)
+    top = sorted(events, key=lambda e: e.device_time_total, reverse=True)[:rows]
+    summary = [{"name": e.key, "calls": e.count, "cuda_ms": e.device_time_total / 1e3, "cpu_ms": e.cpu_time_total / 1e3}
+               for e in top]
+    return table, summary
+
+
+def main(argv=None) -> int:
+    from patchattn import Plan, patch_model, unpatch_model
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", default="128k")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--method", default="vertical_slash_g64", choices=sorted(METHODS))
+    p.add_argument("--rows", type=int, default=25, help="operators listed per profile")
+    p.add_argument("--out")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("needs a CUDA device")
+    n = parse_lengths(args.n)[0]
+    model = llama3_8b_shaped(args.layers)
+    ids = torch.randint(0, VOCAB, (1, n), device="cuda")
+
+    def forward():
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False, logits_to_keep=1)
+
+    report = {"n": n, "layers": args.layers, "method": args.method, "params": METHODS[args.method],
+              "gpu": torch.cuda.get_device_name()}
+    table, report["dense"] = _profile(forward, args.rows)
+    print(f"dense, N={n}\n{table}")
+    patch_model(model, Plan.uniform(model, _method_name(args.method), METHODS[args.method]))
+    try:
+        table, report["patched"] = _profile(forward, args.rows)
+    finally:
+        unpatch_model(model)
+    print(f"{args.method}, N={n}\n{table}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
