@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session: the GPU tests, then the prefill benchmark in two parts (the acceptance lengths
 # and TTFT first, so a time limit cuts the optional parts). Logs and JSON go to $OUT.
-# Usage: OUT=/some/dir bash evals/bench/run_h100.sh [test-timeout-s] [bench-a-timeout-s] [bench-b-timeout-s]
+# Usage: OUT=/some/dir bash evals/bench/run_h100.sh [test-timeout-s] [bench-a-timeout-s] [bench-b-timeout-s] [profile-timeout-s]
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -19,3 +19,8 @@ timeout "${3:-120}" python3 -m patchattn.evals.bench.prefill --seqlens 8k,64k --
 echo "bench b rc=$?" >> "$OUT/bench_b.log"
 tail -60 "$OUT/bench_a.log"
 tail -40 "$OUT/bench_b.log"
+# Where the patched TTFT loses time beyond its attention-only timings (per-operator CUDA time).
+timeout "${4:-120}" python3 -m patchattn.evals.bench.profile_ttft --n 128k --layers 4 --method vertical_slash_g64 \
+  --out "$OUT/ttft_profile.json" > "$OUT/ttft_profile.log" 2>&1
+echo "profile rc=$?" >> "$OUT/ttft_profile.log"
+tail -70 "$OUT/ttft_profile.log"
