@@ -63,9 +63,13 @@ def random_block_lists(bsz, heads, n_q, n_k, bm, bn, q_offset, density, device="
     return index.to(device), count.to(device), tokens.to(device)
 
 
-def random_vs_masks(bsz, heads, n_q, n_k, q_offset, p_col, p_diag, device="cpu"):
+def random_vs_masks(bsz, heads, n_q, n_k, q_offset, p_col, p_diag, device="cpu", diag_group=1):
     col = torch.rand(bsz, heads, n_k) < p_col
     diag = torch.rand(bsz, heads, n_k) < p_diag
+    if diag_group > 1:  # whole aligned groups of diagonals, as vertical_slash's slash_group selects them
+        from patchattn.methods.vertical_slash import top_group_mask
+
+        diag = top_group_mask(torch.rand(bsz, heads, n_k), max(1, int(p_diag * n_k)), diag_group)
     diag[..., :3] = True  # local band
     col[..., 0] = True  # sink
     d = (torch.arange(n_q)[:, None] + q_offset - torch.arange(n_k)[None]).clamp(0, n_k - 1)
@@ -112,13 +116,13 @@ def check_block_sparse(bsz, hq, hkv, n_q, n_k, d, bm, bn, q_offset, kv_start, wi
 
 
 def check_vertical_slash(bsz, hq, hkv, n_q, n_k, d, bm, bn, q_offset, kv_start, window, softcap, dtype,
-                         p_col=0.08, p_diag=0.08, device="cpu"):
+                         p_col=0.08, p_diag=0.08, device="cpu", diag_group=1):
     from patchattn.kernels.triton_attention import (
         vertical_slash_attention, vertical_slash_index, vertical_slash_pair_counts)
 
     q, k, v = _qkv(bsz, hq, hkv, n_q, n_k, d, dtype, device)
     kvs = torch.tensor(kv_start, dtype=torch.int32)
-    col, diag, tokens = random_vs_masks(bsz, hq, n_q, n_k, q_offset, p_col, p_diag, device)
+    col, diag, tokens = random_vs_masks(bsz, hq, n_q, n_k, q_offset, p_col, p_diag, device, diag_group)
     base = base_keep(bsz, n_q, n_k, q_offset, kvs, window, device)
     keep = base & tokens
     opts = dict(q_offset=q_offset, kv_start=kvs.to(device), sliding_window=window)
@@ -335,6 +339,9 @@ CPU_CASES = {
     "vs_sparse_diagonals": (check_vertical_slash, dict(bsz=1, hq=2, hkv=1, n_q=200, n_k=200, d=32, bm=16, bn=16,
                                                        q_offset=0, kv_start=[3], window=None, softcap=None, dtype=F32,
                                                        p_col=0.03, p_diag=0.02)),
+    "vs_grouped_diagonals": (check_vertical_slash, dict(bsz=2, hq=2, hkv=1, n_q=200, n_k=200, d=32, bm=16, bn=16,
+                                                        q_offset=0, kv_start=[0, 21], window=None, softcap=None,
+                                                        dtype=F32, p_col=0.03, p_diag=0.1, diag_group=8)),
     "lastq_gqa_pad": (check_last_q, dict(bsz=2, hq=4, hkv=2, n_last=20, n_k=150, d=32, kv_start=[0, 140],
                                          softcap=None, dtype=F32)),
     "lastq_cap_f16": (check_last_q, dict(bsz=1, hq=2, hkv=1, n_last=16, n_k=100, d=16, kv_start=[3], softcap=10.0,
