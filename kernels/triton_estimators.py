@@ -324,10 +324,12 @@ def antidiagonal_block_scores_torch(q, k, *, block_size, stride, scale, kv_start
 if triton is not None:
 
     @triton.jit
-    def _antidiag_tile(Q, K, q_base, k_base, sq_n, sk_n, red_rows, red_cols, offs_d, n_q, n_k, q_offset,
+    def _antidiag_tile(Q, K, q_base, k_base, sq_n, sk_n, red_rows, c0, offs_d, n_q, n_k, q_offset,
                        kv_start, sm_scale, HEAD_DIM: tl.constexpr, STRIDE: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr):
-        """Scaled antidiagonal sums for reduced rows x reduced cols, summed over the stride offsets."""
+        """Scaled antidiagonal sums (log2 units) for reduced rows x reduced cols c0 .. c0 + BLOCK_N,
+        summed over the stride offsets; -inf where not allowed."""
+        red_cols = c0 + tl.arange(0, BLOCK_N)
         s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         dmask = offs_d[None, :] < HEAD_DIM
         for r in range(STRIDE):
@@ -345,15 +347,12 @@ if triton is not None:
         return tl.where(ok, s * (sm_scale * LOG2E), float("-inf"))
 
     @triton.jit
-    def _antidiag_kernel(
-        Q, K, Lse2, Out, KvStart,
-        sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, so_b, so_h, so_q,
-        n_q, n_k, n_heads, group, q_offset, sm_scale, tune_bucket,
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, STRIDE: tl.constexpr, PER_BLOCK: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACCUMULATE: tl.constexpr,
-    ):
-        """ACCUMULATE=False: per reduced row, log2-sum-exp over its allowed reduced keys -> Lse2.
-        ACCUMULATE=True: probabilities summed into [query block, key block] cells -> Out."""
+    def _antidiag_setup(KvStart, sq_b, sq_h, sk_b, sk_h, n_q, n_k, n_heads, group, q_offset,
+                        STRIDE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Program prologue of the antidiagonal kernels: which (batch, head, reduced-row tile) this
+        is, its base offsets, and the reduced-key range [lo, hi) it may see: from the group
+        holding kv_start (aligned down to the tile width, which keeps key-block cells inside one
+        tile) to the causal limit of its last row. Tiles run last-first (the longest rows first)."""
         pid_bh = tl.program_id(0)
         tile = tl.num_programs(1) - 1 - tl.program_id(1)
         b = pid_bh // n_heads
@@ -364,21 +363,32 @@ if triton is not None:
         q_base = b.to(tl.int64) * sq_b + h.to(tl.int64) * sq_h
         k_base = b.to(tl.int64) * sk_b + (h // group).to(tl.int64) * sk_h
         n_red_q = (n_q + STRIDE - 1) // STRIDE
-        lse_off = pid_bh.to(tl.int64) * n_red_q + red_rows
-        # Reduced keys this tile may see: from the group holding kv_start (aligned down to the tile
-        # width, which keeps key-block cells inside one tile) to the causal limit of its last row.
         last_row = tl.minimum(tile * BLOCK_M + BLOCK_M, n_red_q) - 1
         hi = (tl.minimum(last_row * STRIDE + STRIDE, n_q) - 1 + q_offset) // STRIDE + 1
         hi = tl.minimum(hi, (n_k + STRIDE - 1) // STRIDE)
         lo = (kv_start // STRIDE) // BLOCK_N * BLOCK_N
+        return pid_bh, tile, b, h, red_rows, offs_d, kv_start, q_base, k_base, n_red_q, lo, hi
+
+    @triton.jit
+    def _antidiag_kernel(
+        Q, K, Lse2, Out, KvStart,
+        sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, so_b, so_h, so_q,
+        n_q, n_k, n_heads, group, q_offset, sm_scale, tune_bucket,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, STRIDE: tl.constexpr, PER_BLOCK: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACCUMULATE: tl.constexpr,
+    ):
+        """ACCUMULATE=False: per reduced row, log2-sum-exp over its allowed reduced keys -> Lse2.
+        ACCUMULATE=True: probabilities summed into [query block, key block] cells -> Out."""
+        pid_bh, tile, b, h, red_rows, offs_d, kv_start, q_base, k_base, n_red_q, lo, hi = _antidiag_setup(
+            KvStart, sq_b, sq_h, sk_b, sk_h, n_q, n_k, n_heads, group, q_offset, STRIDE, BLOCK_D, BLOCK_M, BLOCK_N)
+        lse_off = pid_bh.to(tl.int64) * n_red_q + red_rows
         if ACCUMULATE:
             lse2 = tl.load(Lse2 + lse_off, mask=red_rows < n_red_q, other=float("inf"))
         else:
             m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
             l_i = tl.zeros([BLOCK_M], tl.float32)
         for c0 in range(lo, hi, BLOCK_N):
-            red_cols = c0 + tl.arange(0, BLOCK_N)
-            s = _antidiag_tile(Q, K, q_base, k_base, sq_n, sk_n, red_rows, red_cols, offs_d, n_q, n_k, q_offset,
+            s = _antidiag_tile(Q, K, q_base, k_base, sq_n, sk_n, red_rows, c0, offs_d, n_q, n_k, q_offset,
                                kv_start, sm_scale, HEAD_DIM, STRIDE, BLOCK_M, BLOCK_N)
             if ACCUMULATE:
                 p = tl.exp2(s - lse2[:, None])
@@ -411,28 +421,15 @@ if triton is not None:
         log-sum-exp runs, each row's probability mass per key block is stored relative to the
         running max of that moment (Part) together with that max (Snap); a second loop, without
         any dot product, rescales them by the final log-sum-exp and sums rows into Out cells."""
-        pid_bh = tl.program_id(0)
-        tile = tl.num_programs(1) - 1 - tl.program_id(1)
-        b = pid_bh // n_heads
-        h = pid_bh % n_heads
-        red_rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, BLOCK_D)
-        kv_start = tl.load(KvStart + b)
-        q_base = b.to(tl.int64) * sq_b + h.to(tl.int64) * sq_h
-        k_base = b.to(tl.int64) * sk_b + (h // group).to(tl.int64) * sk_h
-        n_red_q = (n_q + STRIDE - 1) // STRIDE
-        last_row = tl.minimum(tile * BLOCK_M + BLOCK_M, n_red_q) - 1
-        hi = (tl.minimum(last_row * STRIDE + STRIDE, n_q) - 1 + q_offset) // STRIDE + 1
-        hi = tl.minimum(hi, (n_k + STRIDE - 1) // STRIDE)
-        lo = (kv_start // STRIDE) // BLOCK_N * BLOCK_N
+        pid_bh, tile, b, h, red_rows, offs_d, kv_start, q_base, k_base, n_red_q, lo, hi = _antidiag_setup(
+            KvStart, sq_b, sq_h, sk_b, sk_h, n_q, n_k, n_heads, group, q_offset, STRIDE, BLOCK_D, BLOCK_M, BLOCK_N)
         CELLS: tl.constexpr = BLOCK_N // PER_BLOCK
         rows64 = pid_bh.to(tl.int64) * tl.num_programs(1) * BLOCK_M + red_rows  # row of Part / Snap
         cells = tl.arange(0, CELLS)
         m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         for c0 in range(lo, hi, BLOCK_N):
-            red_cols = c0 + tl.arange(0, BLOCK_N)
-            s = _antidiag_tile(Q, K, q_base, k_base, sq_n, sk_n, red_rows, red_cols, offs_d, n_q, n_k, q_offset,
+            s = _antidiag_tile(Q, K, q_base, k_base, sq_n, sk_n, red_rows, c0, offs_d, n_q, n_k, q_offset,
                                kv_start, sm_scale, HEAD_DIM, STRIDE, BLOCK_M, BLOCK_N)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             p = tl.exp2(s - m_new[:, None])
