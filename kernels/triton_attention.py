@@ -15,7 +15,6 @@ number, so tiles whose scores are all masked (-inf) never produce inf - inf = Na
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -23,14 +22,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_estimators import kv_start_tensor
+from .triton_estimators import autotuning, kv_start_tensor, tune_bucket
 
 LOG2E = tl.constexpr(1.4426950408889634)
 _INDEX_PAD = 1 << 30  # sorts after every real key index / diagonal
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # Retune per head_dim / block shape / softcap and per power-of-two query length (tune_bucket),
@@ -49,13 +44,8 @@ _SMEM_BUDGET = 200 * 1024  # untuned launches: H100 allows 227 KB per block; lea
 # Autotuning may try configs up to the hardware limit (a config that does not fit is skipped by
 # the autotuner): 128 x 128 tiles with 3 stages need ~224 KB at head_dim 128.
 _SMEM_BUDGET_TUNED = 227 * 1024
-# PATCHATTN_TRITON_AUTOTUNE=0 launches one fitting config instead of tuning (quick tests).
-_AUTOTUNE = os.environ.get("PATCHATTN_TRITON_AUTOTUNE", "1") != "0"
-# Tuning compiles and times every config once per key: with the per-power-of-two length bucket
-# and a mixed-method plan that is minutes of warm-up (measured >2 min on an H100 for a first
-# 4k forward). Below this many query rows a kernel call takes well under a millisecond and the
-# best config gains little, so short prompts launch the fixed config without tuning.
-_AUTOTUNE_MIN_N = int(os.environ.get("PATCHATTN_TRITON_AUTOTUNE_MIN_N", 16384))
+# Whether a launch tunes (PATCHATTN_TRITON_AUTOTUNE, PATCHATTN_TRITON_AUTOTUNE_MIN_N): see
+# triton_estimators.autotuning, shared by every autotuned kernel.
 
 
 def _tile_n(meta: dict) -> int:
@@ -351,17 +341,13 @@ def _outputs(q, out):
 
 def _launch(kernel_tuned, kernel_raw, grid, q, *args, untuned: dict, **meta):
     """Run the autotuned kernel, or (interpreter / autotuning off / short prompt) one fitting config."""
-    if _AUTOTUNE and not _interpreting() and q.shape[2] >= _AUTOTUNE_MIN_N:  # the interpreter would re-run every config
+    if autotuning(q.shape[2]):
         kernel_tuned[grid](q, *args, **meta)
         return
     meta = {**meta, **untuned}
     smem = lambda st: _smem_bytes(st, meta["BLOCK_M"], _tile_n(meta), meta["BLOCK_D"], q.element_size())  # noqa: E731
     stages = next((st for st in (3, 2) if smem(st) <= _SMEM_BUDGET), 1)
     kernel_raw[grid](q, *args, **meta, num_warps=4, num_stages=stages)
-
-
-def _tune_bucket(n_q: int) -> int:
-    return max(10, min(20, (n_q - 1).bit_length()))  # 1k .. 1M tokens
 
 
 def _common_meta(d: int, block_m: int, softcap, sliding_window):
@@ -406,7 +392,7 @@ def block_sparse_attention(
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
         *block_index.stride()[:3], *block_count.stride()[:2],
         n_q, n_k, hq, hq // hkv, hq // hb, q_offset, scale, float(softcap or 0.0), int(sliding_window or 0),
-        _tune_bucket(n_q), BLOCK_N=block_n, EVEN_N=n_k % block_n == 0, MASK_ALL=_MASK_EVERY_TILE,
+        tune_bucket(n_q), BLOCK_N=block_n, EVEN_N=n_k % block_n == 0, MASK_ALL=_MASK_EVERY_TILE,
         untuned={}, **_common_meta(d, block_m, softcap, sliding_window),
     )
     return out, lse
@@ -591,7 +577,7 @@ def vertical_slash_attention(
         seg_full, col_u8, diag_u8, kvs,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
         n_q, n_k, n_qb, hq, hq // hkv, q_offset, scale, float(softcap or 0.0), int(sliding_window or 0),
-        _tune_bucket(n_q), untuned=dict(BLOCK_N=block_n or 64), **fixed_n,
+        tune_bucket(n_q), untuned=dict(BLOCK_N=block_n or 64), **fixed_n,
         **_common_meta(d, block_m, softcap, sliding_window),
     )
     return out, lse
