@@ -287,6 +287,17 @@ def _grid(t: torch.Tensor, nd: int = 4) -> List[List[float]]:
 
 
 # ----------------------------------------------------------------------------- calibrate
+def _cached(path: Optional[Path], compute):
+    """compute(), stored at `path` and loaded from there when it exists (no cache: path None)."""
+    if path is not None and path.exists():
+        return torch.load(path)
+    value = compute()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(value, path)
+    return value
+
+
 def _profile_all(model, prompt_ids, lengths, check_length, space, rcp, seed, n_layers, progress):
     """Mean (over prompts) option stats per length: {length: {signal: [layers, H, ...]}}."""
     all_lengths = lengths + [check_length]
@@ -305,9 +316,7 @@ def _profile_all(model, prompt_ids, lengths, check_length, space, rcp, seed, n_l
     bar.close()
     counts = {n: len(prompt_ids) for n in lengths}
     counts[check_length] = min(len(prompt_ids), rcp.profiling.check_prompts)
-    mean = {n: {k: v / counts[n] for k, v in st.items()} for n, st in sums.items()}
-
-    return mean
+    return {n: {k: v / counts[n] for k, v in st.items()} for n, st in sums.items()}
 
 
 def calibrate(model, tokenizer, prompts: PromptSource = None, recipe: Union[str, Path, dict, Recipe] = "budget", *,
@@ -360,12 +369,8 @@ def calibrate(model, tokenizer, prompts: PromptSource = None, recipe: Union[str,
 
     # ---- profile: one forward per prompt
     t_prof = time.perf_counter()
-    mean = torch.load(cache_file) if cache_file is not None and cache_file.exists() else None
-    if mean is None:
-        mean = _profile_all(model, prompt_ids, lengths, check_length, space, rcp, seed, n_layers, progress)
-        if cache_file is not None:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(mean, cache_file)
+    mean = _cached(cache_file, lambda: _profile_all(model, prompt_ids, lengths, check_length, space, rcp, seed,
+                                                     n_layers, progress))
     t_prof = time.perf_counter() - t_prof
 
     # ---- retrieval scores on synthetic needle prompts (when the recipe uses them)
@@ -379,15 +384,8 @@ def calibrate(model, tokenizer, prompts: PromptSource = None, recipe: Union[str,
         ret_key = _sha(json.dumps({"weights": weights, "retrieval": r.model_dump(mode="json"), "n_max": n_max,
                                    "seed": seed}, sort_keys=True).encode())
         ret_file = Path(cache) / f"retrieval-{ret_key[7:]}.pt" if cache else None
-        if ret_file is not None and ret_file.exists():
-            retrieval = torch.load(ret_file)
-        else:
-            needle_samples = synthetic.generate_samples(r.task, tokenizer, min(r.length, n_max), r.samples,
-                                                        seed=seed + 10_000)
-            retrieval = retrieval_scores(model, tokenizer, needle_samples)
-            if ret_file is not None:
-                ret_file.parent.mkdir(parents=True, exist_ok=True)
-                torch.save(retrieval, ret_file)
+        retrieval = _cached(ret_file, lambda: retrieval_scores(model, tokenizer, synthetic.generate_samples(
+            r.task, tokenizer, min(r.length, n_max), r.samples, seed=seed + 10_000)))
     t_ret = time.perf_counter() - t_ret
 
     # ---- choose one option per head
