@@ -23,6 +23,7 @@ import argparse
 import json
 import platform
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Callable, List
 
@@ -73,28 +74,30 @@ def _selector(text: str, plan: Plan) -> Callable[[int, int, dict], bool]:
     raise ValueError(f"unknown selector {text!r}: expected all, method:NAME, layers:A-B, retrieval or heads:L.H,...")
 
 
+def _spec_source(token: str, planned: HeadTable) -> Callable[[int, int], dict]:
+    """(layer, q_head) -> spec for a BASE / REPLACEMENT token: plan, dense, vs@S or stream@S."""
+    if token == "plan":
+        return lambda l, h: planned[l][h]
+    spec = {"method": "dense", "params": {}} if token == "dense" else _uniform_spec(token)
+    return lambda l, h: spec
+
+
 def build_variant(model, plan: Plan, text: str) -> Plan:
     """The plan a variant string describes (see the module docstring)."""
     base, *edits = text.split("|")
     planned = _table(plan)
     n_layers, n_heads = len(planned), len(planned[0])
-    if base == "plan":
-        table = [row[:] for row in planned]
-    elif base == "dense":
-        table = [[{"method": "dense", "params": {}} for _ in range(n_heads)] for _ in range(n_layers)]
-    else:
-        spec = _uniform_spec(base)
-        table = [[spec for _ in range(n_heads)] for _ in range(n_layers)]
+    source = _spec_source(base, planned)
+    table = [[source(l, h) for h in range(n_heads)] for l in range(n_layers)]
     for edit in edits:
         sel_text, arrow, repl = edit.partition("->")
         if not arrow:
             raise ValueError(f"edit {edit!r}: expected SELECTOR->REPLACEMENT")
-        selected = _selector(sel_text, plan)
+        selected, source = _selector(sel_text, plan), _spec_source(repl, planned)
         for l in range(n_layers):
             for h in range(n_heads):
                 if selected(l, h, table[l][h]):
-                    table[l][h] = (planned[l][h] if repl == "plan" else
-                                   {"method": "dense", "params": {}} if repl == "dense" else _uniform_spec(repl))
+                    table[l][h] = source(l, h)
     return build_plan(model, table, {"variant": text})
 
 
@@ -157,12 +160,8 @@ def main(argv=None) -> int:
     return 0
 
 
-def _count_methods(plan: Plan) -> dict:
-    counts: dict = {}
-    for row in _table(plan):
-        for spec in row:
-            counts[spec["method"]] = counts.get(spec["method"], 0) + 1
-    return counts
+def _count_methods(plan: Plan) -> Counter:
+    return Counter(spec["method"] for row in _table(plan) for spec in row)
 
 
 if __name__ == "__main__":
