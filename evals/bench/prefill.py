@@ -138,12 +138,8 @@ def flex_block_mask(index, count, n, block=BLOCK):
                                     BLOCK_SIZE=(block, block), mask_mod=lambda b, h, qi, ki: qi >= ki)
 
 
-def top_mask(scores, count):
-    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, scores.topk(count, dim=-1).indices, True)
-
-
 def vertical_slash_pipeline(q, k, v, n_vertical, n_slash, last_q=64, slash_group=1):
-    from patchattn.methods.vertical_slash import top_group_mask
+    from patchattn.methods.vertical_slash import top_group_mask, top_mask
 
     n = q.shape[2]
     scale = D ** -0.5
@@ -238,6 +234,15 @@ def time_flex(flex, q, k, v, index, count, n, scale, block=BLOCK):
     res["flex_vs_block_sparse_max_abs"] = float((out.float() - ours.float()).abs().max())
     res["flex_ms"] = cuda_time(call)
     return res
+
+
+# Vertical-slash pipeline rows per length: key -> (input locality, slash_group, table label).
+VS_VARIANTS = {
+    "vertical_slash": (1.5, 1, ""),
+    "vertical_slash_weak_locality": (0.6, 1, " (weak locality)"),
+    "vertical_slash_g64": (1.5, 64, " slash_group 64"),
+    "vertical_slash_g64_weak_locality": (0.6, 64, " slash_group 64 (weak locality)"),
+}
 
 
 def bench_vertical_slash(n, sdpa_ms, locality=1.5, slash_group=1):
@@ -424,12 +429,8 @@ def bench_ttft(lengths, layers, names):
 def bench_length(n, densities, args, notes):
     res = bench_dense_and_block_sparse(n, densities, args, notes)
     torch.cuda.empty_cache()
-    res["vertical_slash"] = bench_vertical_slash(n, res["sdpa_ms"])
-    torch.cuda.empty_cache()
-    res["vertical_slash_weak_locality"] = bench_vertical_slash(n, res["sdpa_ms"], locality=0.6)
-    torch.cuda.empty_cache()
-    for key, locality in (("vertical_slash_g64", 1.5), ("vertical_slash_g64_weak_locality", 0.6)):
-        res[key] = bench_vertical_slash(n, res["sdpa_ms"], locality=locality, slash_group=64)
+    for key, (locality, slash_group, _) in VS_VARIANTS.items():
+        res[key] = bench_vertical_slash(n, res["sdpa_ms"], locality=locality, slash_group=slash_group)
         torch.cuda.empty_cache()
     res["estimators"] = bench_estimators(n, res["sdpa_ms"])
     torch.cuda.empty_cache()
@@ -458,10 +459,8 @@ def print_tables(report):
     print("\n| N | VS kept / computed density | end-to-end ms | index ms | kernel ms | e2e / SDPA |")
     print("|---|---|---|---|---|---|")
     for r in results:
-        for key in [k for k in ("vertical_slash", "vertical_slash_weak_locality", "vertical_slash_g64",
-                                 "vertical_slash_g64_weak_locality") if k in r]:
+        for key, (_, _, label) in [(k, v) for k, v in VS_VARIANTS.items() if k in r]:
             vs = r[key]
-            label = (" slash_group 64" if "g64" in key else "") + (" (weak locality)" if "weak" in key else "")
             print(f"| {r['n']}{label} | {vs['density_kept']:.3f} / "
                   f"{vs['density_computed']:.3f} | {vs['end_to_end_ms']:.2f} | {vs['index_ms']:.2f} | "
                   f"{vs['kernel_ms']:.2f} | {vs['end_to_end_vs_sdpa']:.3f} |")
