@@ -20,3 +20,13 @@ def _seed():
 
 def needs(path: Path):
     return pytest.mark.skipif(not path.exists(), reason=f"{path} not present (../shared assets)")
+
+
+@pytest.fixture
+def one_config(monkeypatch):
+    """One fitting kernel config instead of autotuning (correctness, not speed, is tested): a
+    compile per shape variant, not one per config. Every autotuned kernel asks
+    triton_estimators.autotuning(), so this one switch covers them all."""
+    from patchattn.kernels import triton_estimators
+
+    monkeypatch.setattr(triton_estimators, "_AUTOTUNE", False)

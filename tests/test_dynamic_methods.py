@@ -127,15 +127,6 @@ def test_invalid_params():
 # ----------------------------------------------------------------------------- GPU: kernel backend
 
 
-@pytest.fixture
-def one_config(monkeypatch):
-    """One fitting kernel config instead of autotuning: correctness, not speed, is tested here."""
-    from patchattn.kernels import triton_attention, triton_estimators
-
-    monkeypatch.setattr(triton_attention, "_AUTOTUNE", False)
-    monkeypatch.setattr(triton_estimators, "_AUTOTUNE", False)
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("name,params", [

@@ -443,15 +443,6 @@ def test_interpreter(interpreter_results, name):
 BF16 = torch.bfloat16
 
 
-@pytest.fixture
-def one_config(monkeypatch):
-    """Launch one fitting config instead of autotuning: a compile per shape variant, not seven."""
-    from patchattn.kernels import triton_attention, triton_estimators
-
-    monkeypatch.setattr(triton_attention, "_AUTOTUNE", False)
-    monkeypatch.setattr(triton_estimators, "_AUTOTUNE", False)
-
-
 @pytest.mark.parametrize("d", [64, 128, 256])
 @pytest.mark.parametrize("variant", ["plain", "pad_cap", "offset_window", "blocks128", "shared_lists"])
 @pytest.mark.gpu
