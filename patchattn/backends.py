@@ -66,6 +66,10 @@ def kernels_enabled(device: torch.device) -> bool:
 # computed 0.054) and runs 7.3x faster than SDPA there (evals/bench/results/
 # prefill_vs_slash_group_h100.json); with single diagonals it computes 0.455 and loses (0.70x).
 # The plan's own dense_below applies on top. PATCHATTN_DENSE_BELOW=<int> overrides every entry.
+# Query rows per program of the vertical_slash kernel. Taller tiles share each gathered column
+# tile and each slash band between more rows, but compute more pairs off a band's diagonals.
+VS_BLOCK_M = int(os.environ.get("PATCHATTN_VS_BLOCK_M", 64))
+
 KERNEL_BREAK_EVEN = {
     "streaming": 32768,
     "vertical_slash": 32768,
@@ -281,8 +285,9 @@ def run_group(selection: Selection, query, key, value, heads: torch.Tensor, layo
         if cols.shape[-1] != n or diags.shape[-1] != n:
             return None
         index = ta.vertical_slash_index(cols, diags, n_q=layout.n_q, q_offset=layout.q_offset,
-                                        kv_start=layout.kv_start, sliding_window=layout.sliding_window)
-        o, _ = ta.vertical_slash_attention(q, k, v, cols, diags, index=index, out=out, **opts)
+                                        kv_start=layout.kv_start, sliding_window=layout.sliding_window,
+                                        block_m=VS_BLOCK_M)
+        o, _ = ta.vertical_slash_attention(q, k, v, cols, diags, index=index, out=out, block_m=VS_BLOCK_M, **opts)
         kernel_calls["vertical_slash"] += 1
         kept = ta.vertical_slash_pair_counts(cols, diags, n_q=layout.n_q, q_offset=layout.q_offset,
                                              kv_start=layout.kv_start, sliding_window=layout.sliding_window)["kept"]

@@ -463,7 +463,7 @@ def test_block_sparse_gpu(one_config, d, variant):
     assert not res["nan"] and res["same"] and res["out"] <= 1e-2 and res["lse"] <= 2e-2, res
 
 
-@pytest.mark.parametrize("variant", ["plain", "pad_cap_d64", "offset_window_d256"])
+@pytest.mark.parametrize("variant", ["plain", "pad_cap_d64", "offset_window_d256", "tall_m128"])
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_vertical_slash_gpu(one_config, variant):
@@ -474,6 +474,8 @@ def test_vertical_slash_gpu(one_config, variant):
         kw.update(d=64, n_q=1000, n_k=1000, softcap=30.0, kv_start=[17, 0])
     elif variant == "offset_window_d256":
         kw.update(d=256, n_q=700, n_k=2000, q_offset=1300, window=512, p_diag=0.05)
+    elif variant == "tall_m128":  # PATCHATTN_VS_BLOCK_M=128
+        kw.update(bm=128, diag_group=64, p_diag=0.05)
     res = check_vertical_slash(**kw)
     assert not res["nan"] and res["out"] <= 1e-2 and res["lse"] <= 2e-2, res
     assert res["kept_ok"] and res["base_ok"] and res["computed_ge_kept"], res

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from patchattn import backends
 from patchattn.kernels import triton_attention as ta
 from patchattn.kernels.triton_estimators import antidiagonal_block_scores, last_q_scores, pooled_block_scores
 
@@ -138,7 +139,7 @@ def flex_block_mask(index, count, n, block=BLOCK):
                                     BLOCK_SIZE=(block, block), mask_mod=lambda b, h, qi, ki: qi >= ki)
 
 
-def vertical_slash_pipeline(q, k, v, n_vertical, n_slash, last_q=64, slash_group=1):
+def vertical_slash_pipeline(q, k, v, n_vertical, n_slash, last_q=64, slash_group=1, block_m=64):
     from patchattn.methods.vertical_slash import top_group_mask, top_mask
 
     n = q.shape[2]
@@ -148,8 +149,8 @@ def vertical_slash_pipeline(q, k, v, n_vertical, n_slash, last_q=64, slash_group
     cols[..., :4] = True  # attention sink
     diags = top_group_mask(slash, n_slash, slash_group)
     diags[..., :64] = True  # local window
-    index = ta.vertical_slash_index(cols, diags, n_q=n)
-    out, _ = ta.vertical_slash_attention(q, k, v, cols, diags, scale=scale, index=index)
+    index = ta.vertical_slash_index(cols, diags, n_q=n, block_m=block_m)
+    out, _ = ta.vertical_slash_attention(q, k, v, cols, diags, scale=scale, index=index, block_m=block_m)
     return out, (cols, diags, index)
 
 
@@ -237,25 +238,29 @@ def time_flex(flex, q, k, v, index, count, n, scale, block=BLOCK):
 
 
 # Vertical-slash pipeline rows per length: key -> (input locality, slash_group, table label).
-VS_VARIANTS = {
-    "vertical_slash": (1.5, 1, ""),
-    "vertical_slash_weak_locality": (0.6, 1, " (weak locality)"),
-    "vertical_slash_g64": (1.5, 64, " slash_group 64"),
-    "vertical_slash_g64_weak_locality": (0.6, 64, " slash_group 64 (weak locality)"),
+VS_VARIANTS = {  # name: (locality, slash_group, kernel block_m, label)
+    "vertical_slash": (1.5, 1, 64, ""),
+    "vertical_slash_weak_locality": (0.6, 1, 64, " (weak locality)"),
+    "vertical_slash_g64": (1.5, 64, 64, " slash_group 64"),
+    "vertical_slash_g64_weak_locality": (0.6, 64, 64, " slash_group 64 (weak locality)"),
+    "vertical_slash_g64_m128": (1.5, 64, 128, " slash_group 64, block_m 128"),
+    "vertical_slash_g64_weak_locality_m128": (0.6, 64, 128, " slash_group 64 (weak locality), block_m 128"),
 }
 
 
-def bench_vertical_slash(n, sdpa_ms, locality=1.5, slash_group=1):
+def bench_vertical_slash(n, sdpa_ms, locality=1.5, slash_group=1, block_m=64):
     """Vertical-slash end to end on structured inputs (estimate + top-k + index + kernel)."""
     q, k, v = structured_inputs(n, locality=locality)
     scale = D ** -0.5
     n_vertical, n_slash = max(64, int(0.01 * n)), max(64, int(0.03 * n))
-    run = lambda: vertical_slash_pipeline(q, k, v, n_vertical, n_slash, slash_group=slash_group)  # noqa: E731
+    run = lambda: vertical_slash_pipeline(q, k, v, n_vertical, n_slash, slash_group=slash_group,  # noqa: E731
+                                          block_m=block_m)
     _, (cols, diags, index) = run()  # also warms up
-    vs = {"n_vertical": n_vertical, "n_slash": n_slash, "slash_group": slash_group}
+    vs = {"n_vertical": n_vertical, "n_slash": n_slash, "slash_group": slash_group, "block_m": block_m}
     vs["end_to_end_ms"] = cuda_time(run)
-    vs["index_ms"] = cuda_time(lambda: ta.vertical_slash_index(cols, diags, n_q=n))
-    vs["kernel_ms"] = cuda_time(lambda: ta.vertical_slash_attention(q, k, v, cols, diags, scale=scale, index=index))
+    vs["index_ms"] = cuda_time(lambda: ta.vertical_slash_index(cols, diags, n_q=n, block_m=block_m))
+    vs["kernel_ms"] = cuda_time(lambda: ta.vertical_slash_attention(q, k, v, cols, diags, scale=scale, index=index,
+                                                                    block_m=block_m))
     best = getattr(ta._vertical_slash_tuned, "best_config", None)
     vs["config"] = str(best)
     tile_n = best.kwargs.get("BLOCK_N", 64) if best is not None else 64
@@ -316,7 +321,6 @@ def _layer_state(name, params):
 
 def bench_methods(n, sdpa_ms, names, q=None, k=None, v=None):
     """Per method: estimation (select) alone and the whole patched attention call."""
-    from patchattn import backends
     from patchattn.methods.base import AttnContext
     from patchattn.patching import causal_lazy_mask, sparse_attention
 
@@ -429,8 +433,9 @@ def bench_ttft(lengths, layers, names):
 def bench_length(n, densities, args, notes):
     res = bench_dense_and_block_sparse(n, densities, args, notes)
     torch.cuda.empty_cache()
-    for key, (locality, slash_group, _) in VS_VARIANTS.items():
-        res[key] = bench_vertical_slash(n, res["sdpa_ms"], locality=locality, slash_group=slash_group)
+    for key in args.vs_variants:
+        locality, slash_group, block_m, _ = VS_VARIANTS[key]
+        res[key] = bench_vertical_slash(n, res["sdpa_ms"], locality=locality, slash_group=slash_group, block_m=block_m)
         torch.cuda.empty_cache()
     res["estimators"] = bench_estimators(n, res["sdpa_ms"])
     torch.cuda.empty_cache()
@@ -459,7 +464,7 @@ def print_tables(report):
     print("\n| N | VS kept / computed density | end-to-end ms | index ms | kernel ms | e2e / SDPA |")
     print("|---|---|---|---|---|---|")
     for r in results:
-        for key, (_, _, label) in [(k, v) for k, v in VS_VARIANTS.items() if k in r]:
+        for key, (_, _, _, label) in [(k, v) for k, v in VS_VARIANTS.items() if k in r]:
             vs = r[key]
             print(f"| {r['n']}{label} | {vs['density_kept']:.3f} / "
                   f"{vs['density_computed']:.3f} | {vs['end_to_end_ms']:.2f} | {vs['index_ms']:.2f} | "
@@ -488,7 +493,8 @@ def print_tables(report):
 
 
 def parse_lengths(text):
-    return [int(float(t[:-1]) * 1024) if t.lower().endswith("k") else int(t) for t in text.split(",")]
+    """'8k,32k' -> [8192, 32768]; '' -> [] (skip that part of the run)."""
+    return [int(float(t[:-1]) * 1024) if t.lower().endswith("k") else int(t) for t in text.split(",") if t]
 
 
 def main(argv=None):
@@ -498,6 +504,7 @@ def main(argv=None):
     parser.add_argument("--blocks", default="128,64", help="block sizes of the random block lists")
     parser.add_argument("--flex-block", type=int, default=128, help="block size at which flex_attention is timed")
     parser.add_argument("--methods", default=",".join(METHODS), help="methods timed end to end")
+    parser.add_argument("--vs-variants", default=",".join(VS_VARIANTS), help="vertical-slash pipeline rows (VS_VARIANTS)")
     parser.add_argument("--break-even-seqlens", default="4k,8k,16k")
     parser.add_argument("--ttft-seqlens", default="32k,128k")
     parser.add_argument("--ttft-layers", type=int, default=4)
@@ -515,6 +522,10 @@ def main(argv=None):
     densities = [0.1, 0.5] if args.quick else [float(x) for x in args.densities.split(",")]
     args.blocks = [int(b) for b in args.blocks.split(",")]
     args.methods = [m for m in args.methods.split(",") if m]
+    args.vs_variants = [m for m in args.vs_variants.split(",") if m]
+    unknown = sorted(set(args.vs_variants) - set(VS_VARIANTS))
+    if unknown:
+        parser.error(f"unknown --vs-variants {unknown}; choose from {sorted(VS_VARIANTS)}")
     ttft_methods = [m for m in args.ttft_methods.split(",") if m]
 
     import triton
@@ -522,6 +533,7 @@ def main(argv=None):
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
               "cuda": torch.version.cuda, "shape": {"B": 1, "Hq": HQ, "Hkv": HKV, "D": D, "dtype": "bfloat16"},
               "methods_params": {m: METHODS[m] for m in args.methods},
+              "vs_block_m": backends.VS_BLOCK_M,  # the method path's vertical_slash kernel rows per program
               "timing": "median of CUDA-event timings after warm-up", "notes": [], "results": []}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
