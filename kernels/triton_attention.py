@@ -416,10 +416,16 @@ class VerticalSlashIndex:
     seg_full: Optional[torch.Tensor] = None  # [B, H, Nk] int32: segment i keeps all its diagonals
 
 
-def _sorted_kept(mask: torch.Tensor) -> torch.Tensor:
-    """Ascending indices where mask is True, then _INDEX_PAD; int64 [..., L] (no host sync)."""
-    ar = torch.arange(mask.shape[-1], device=mask.device)
-    return torch.where(mask, ar, _INDEX_PAD).sort(dim=-1).values
+def _sorted_kept(mask: torch.Tensor, values: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The indices where mask is True (or `values` there, which must ascend along the last dim),
+    in ascending order, then _INDEX_PAD; int64 [..., L], no host sync. A cumsum + scatter
+    compaction: linear, where a sort of [B, H, N] cost ~0.6 ms per call at 128k x 32 heads."""
+    n = mask.shape[-1]
+    slot = torch.where(mask, mask.cumsum(-1) - 1, n)  # dropped entries all land in a spare slot n
+    if values is None:
+        values = torch.arange(n, device=mask.device).expand(mask.shape)
+    out = torch.full((*mask.shape[:-1], n + 1), _INDEX_PAD, dtype=torch.long, device=mask.device)
+    return out.scatter_(-1, slot, values.long())[..., :n]
 
 
 def _block_positions(n_q: int, q_offset: int, block_m: int, device):
@@ -457,8 +463,8 @@ def vertical_slash_index(
     gap_before = d - torch.cat([big, d[..., :-1]], dim=-1)
     gap_after = torch.cat([d[..., 1:], big.neg() * 2], dim=-1) - d
     real = d < _INDEX_PAD
-    seg_lo = torch.where(real & (gap_before > block_m), d, _INDEX_PAD).sort(dim=-1).values
-    seg_hi = torch.where(real & (gap_after > block_m), d, _INDEX_PAD).sort(dim=-1).values
+    seg_lo = _sorted_kept(real & (gap_before > block_m), d)
+    seg_hi = _sorted_kept(real & (gap_after > block_m), d)
     # A segment reaches the block iff its highest key last_pos - d_lo >= k_min.
     seg_cnt = torch.searchsorted(seg_lo, (k_max - k_min).expand(bsz, h, -1).contiguous(), right=True)
     seg_cnt = torch.where(k_max >= k_min, seg_cnt, torch.zeros_like(seg_cnt))

@@ -425,51 +425,6 @@ if triton is not None:
             tl.store(Lse2 + lse_off, lse2, mask=red_rows < n_red_q)
 
 
-    @triton.jit
-    def _antidiag_one_pass_kernel(
-        Q, K, Out, Part, Snap, KvStart,
-        sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, so_b, so_h, so_q, sp_row, ss_row,
-        n_q, n_k, n_heads, group, q_offset, sm_scale,
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, STRIDE: tl.constexpr, PER_BLOCK: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    ):
-        """The two passes of _antidiag_kernel with one score computation: while the online
-        log-sum-exp runs, each row's probability mass per key block is stored relative to the
-        running max of that moment (Part) together with that max (Snap); a second loop, without
-        any dot product, rescales them by the final log-sum-exp and sums rows into Out cells."""
-        pid_bh, tile, b, h, red_rows, offs_d, kv_start, q_base, k_base, n_red_q, lo, hi = _antidiag_setup(
-            KvStart, sq_b, sq_h, sk_b, sk_h, n_q, n_k, n_heads, group, q_offset, STRIDE, BLOCK_D, BLOCK_M, BLOCK_N)
-        CELLS: tl.constexpr = BLOCK_N // PER_BLOCK
-        rows64 = pid_bh.to(tl.int64) * tl.num_programs(1) * BLOCK_M + red_rows  # row of Part / Snap
-        cells = tl.arange(0, CELLS)
-        m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        for c0 in range(lo, hi, BLOCK_N):
-            s = _antidiag_tile(Q, K, q_base, k_base, sq_n, sk_n, red_rows, c0, offs_d, n_q, n_k, q_offset,
-                               kv_start, sm_scale, HEAD_DIM, STRIDE, BLOCK_M, BLOCK_N)
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(p, 1)
-            m_i = m_new
-            part = tl.sum(tl.reshape(p, [BLOCK_M, CELLS, PER_BLOCK]), 2)
-            kb = c0 // PER_BLOCK + cells
-            tl.store(Part + rows64[:, None] * sp_row + kb[None, :], part)
-            tl.store(Snap + rows64 * ss_row + c0 // BLOCK_N, m_i)
-        lse2 = tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("inf"))
-        tl.debug_barrier()  # Part / Snap were written by other threads of this program
-        n_qb = (n_q + PER_BLOCK * STRIDE - 1) // (PER_BLOCK * STRIDE)
-        n_kb = (n_k + PER_BLOCK * STRIDE - 1) // (PER_BLOCK * STRIDE)
-        qb = tile * (BLOCK_M // PER_BLOCK) + tl.arange(0, BLOCK_M // PER_BLOCK)
-        for c0 in range(lo, hi, BLOCK_N):
-            kb = c0 // PER_BLOCK + cells
-            part = tl.load(Part + rows64[:, None] * sp_row + kb[None, :])
-            snap = tl.load(Snap + rows64 * ss_row + c0 // BLOCK_N)
-            prob = part * tl.exp2(snap - lse2)[:, None]
-            cell = tl.sum(tl.reshape(prob, [BLOCK_M // PER_BLOCK, PER_BLOCK, CELLS]), 1)
-            ptrs = Out + b.to(tl.int64) * so_b + h.to(tl.int64) * so_h + qb[:, None] * so_q + kb[None, :]
-            tl.store(ptrs, cell, mask=(qb < n_qb)[:, None] & (kb < n_kb)[None, :])
-
-
 if triton is not None:
     _ANTIDIAG_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
                          for m, n, w, st in ((64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 2),
@@ -478,24 +433,7 @@ if triton is not None:
                                                               "tune_bucket"])(_antidiag_kernel)
 
 
-def _antidiagonal_one_pass(q, k, out, kvs, *, args_tail, meta, n_red_q, stride):
-    """Launch _antidiag_one_pass_kernel (fixed 64 x 64 reduced tiles; scratch of one fp32 per
-    reduced row and key block, e.g. 32 MB per head at 128k with block 128 / stride 16)."""
-    block_m = block_n = 64
-    b, hq = q.shape[:2]
-    n_tiles = triton.cdiv(n_red_q, block_m)
-    n_red_k = triton.cdiv(k.shape[2], stride)
-    n_ktiles = triton.cdiv(n_red_k, block_n)
-    part = torch.empty(b * hq * n_tiles * block_m, n_ktiles * block_n // meta["PER_BLOCK"], dtype=torch.float32,
-                       device=q.device)
-    snap = torch.empty(b * hq * n_tiles * block_m, n_ktiles, dtype=torch.float32, device=q.device)
-    _antidiag_one_pass_kernel[(b * hq, n_tiles)](
-        q, k, out, part, snap, kvs, *q.stride()[:3], *k.stride()[:3], *out.stride()[:3], part.stride(0),
-        snap.stride(0), *args_tail, BLOCK_M=block_m, BLOCK_N=block_n, **meta, num_warps=4, num_stages=3)
-    return out / out.sum(-1, keepdim=True).clamp_min(1e-30)
-
-
-def _antidiagonal_triton(q, k, *, block_size, stride, scale, kv_start=None, q_offset=None, one_pass=False):
+def _antidiagonal_triton(q, k, *, block_size, stride, scale, kv_start=None, q_offset=None):
     b, hq, n_q, d = q.shape
     hkv, n_k = k.shape[1], k.shape[2]
     q_offset = n_k - n_q if q_offset is None else q_offset
@@ -511,9 +449,6 @@ def _antidiagonal_triton(q, k, *, block_size, stride, scale, kv_start=None, q_of
     args = (q, k, lse2, out, kvs, *q.stride()[:3], *k.stride()[:3], *out.stride()[:3],
             n_q, n_k, hq, hq // hkv, q_offset, scale, tune_bucket(n_q))
     meta = dict(HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), STRIDE=stride, PER_BLOCK=per)
-    if one_pass:
-        return _antidiagonal_one_pass(q, k, out, kvs, args_tail=(n_q, n_k, hq, hq // hkv, q_offset, scale), meta=meta,
-                                      n_red_q=n_red_q, stride=stride)
     # Both passes only store (no accumulation), so autotuning's repeated launches are harmless.
     for accumulate in (False, True):
         if not autotuning(n_q):
@@ -537,20 +472,20 @@ def antidiagonal_block_scores(
     summed per (query block, key block) and each query block is normalised to sum to 1.
     XAttention uses scale = 1 / (sqrt(D) * stride). Needs block_size % stride == 0 and, on the
     Triton path, a power-of-two block_size // stride.
-    impl: None (Triton on CUDA / under the interpreter, else torch), "torch", "triton" (two passes:
-    log-sum-exp, then probabilities) or "triton-one-pass" (scores computed once; per-row partial
-    sums kept in a scratch buffer; exact on the interpreter, not yet timed on a GPU, hence opt-in).
+    impl: None (Triton on CUDA / under the interpreter, else torch), "torch" or "triton". The Triton
+    path computes the scores twice (log-sum-exp, then probabilities): a one-pass variant that kept
+    per-row partial sums in a scratch buffer ran slower on an H100 at 128k (stride 16: 36.5 vs
+    28.0 ms; stride 8: 80.2 vs 47.4 ms; evals/bench/results/prefill_vs_block_m_h100.json).
     """
     if block_size % stride:
         raise ValueError("block_size must be a multiple of stride")
     per = block_size // stride
-    one_pass = impl == "triton-one-pass"
-    use_triton = (one_pass or _use_triton(q, impl)) and per & (per - 1) == 0 and per <= 64
+    use_triton = _use_triton(q, impl) and per & (per - 1) == 0 and per <= 64
     if not use_triton:
         return antidiagonal_block_scores_torch(q, k, block_size=block_size, stride=stride, scale=scale,
                                                kv_start=kv_start, q_offset=q_offset)
     return _antidiagonal_triton(q, k, block_size=block_size, stride=stride, scale=scale, kv_start=kv_start,
-                                q_offset=q_offset, one_pass=one_pass)
+                                q_offset=q_offset)
 
 
 __all__ = ["last_q_scores", "pooled_block_scores", "antidiagonal_block_scores", "last_q_scores_torch",

@@ -282,9 +282,6 @@ def bench_estimators(n, sdpa_ms):
     for stride in (8, 16):
         est[f"antidiag_bs128_s{stride}_ms"] = cuda_time(
             lambda: antidiagonal_block_scores(q, k, block_size=128, stride=stride, scale=scale / stride))
-        est[f"antidiag_bs128_s{stride}_one_pass_ms"] = cuda_time(
-            lambda: antidiagonal_block_scores(q, k, block_size=128, stride=stride, scale=scale / stride,
-                                              impl="triton-one-pass"))
     return {key: {"ms": t, "pct_of_sdpa": 100 * t / sdpa_ms} for key, t in est.items()}
 
 
