@@ -277,7 +277,8 @@ def sparse_attention(state: LayerState, query, key, value, attention_mask, *, sc
         kv_heads = torch.div(heads, group_size, rounding_mode="floor")
         every_head = heads.numel() == h  # q_heads are ascending, so this is query itself
         q = query if every_head else query[:, heads]
-        k = key[:, kv_heads]  # methods see one key head per query head
+        gqa_keys = every_head and group.method.gqa_keys
+        k = key if gqa_keys else key[:, kv_heads]  # else methods see one key head per query head
         selection = group.method.select(q, k, ctx)
         result = None
         if layout is not None:
@@ -289,6 +290,7 @@ def sparse_attention(state: LayerState, query, key, value, attention_mask, *, sc
             else:
                 def row_mask(start, end, selection=selection):
                     return base_rows(start, end) & selection.rows(q_pos[start:end], k_pos)
+            k = key[:, kv_heads] if gqa_keys else k
             o, _, kept_pairs = chunked_attention(q, k, value[:, kv_heads], row_mask, scale, softcap)
         else:
             o, kept_pairs = result

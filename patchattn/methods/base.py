@@ -88,6 +88,10 @@ class SparseMethod:
 
     name: ClassVar[str]
     Params: ClassVar[Type[Params]] = Params
+    # select() also takes k with fewer heads than q (GQA: query head h reads key head
+    # h // (Hq / Hkv)), so a layer running it on every head need not copy one key head per
+    # query head (1 GB per layer at 128k tokens for Llama-3-8B shapes).
+    gqa_keys: ClassVar[bool] = False
 
     def __init__(self, params: Dict[str, Any]):
         self.params = self.Params(**params)
@@ -105,7 +109,8 @@ class SparseMethod:
             raise PlanError(f"method {cls.name!r}: invalid params: {problems}") from None
 
     def select(self, q: torch.Tensor, k: torch.Tensor, ctx: AttnContext) -> Selection:
-        """q [B,H,M,D] and k [B,H,N,D] for the heads this method runs on."""
+        """q [B,H,M,D] and k [B,H,N,D] for the heads this method runs on ([B,Hkv,N,D] when
+        gqa_keys and the method runs on every head)."""
         raise NotImplementedError
 
     def expected_density(self, n: int) -> float:

@@ -26,6 +26,7 @@ Budget = Union[Annotated[int, Field(ge=0)], BudgetRule]
 
 class VerticalSlash(SparseMethod):
     name = "vertical_slash"
+    gqa_keys = True  # the estimator reads GQA keys directly (kernel) or repeats them itself (torch)
 
     class Params(Params):
         vertical: Budget
@@ -87,6 +88,8 @@ def estimate_vertical_slash(q, k, ctx, last_q: int):
 
         return last_q_scores(q[:, :, start:], k, scale=ctx.scale, q_positions=ctx.q_pos[start:],
                              kv_start=layout.kv_start, softcap=ctx.softcap, impl="triton")
+    if k.shape[1] != q.shape[1]:  # GQA keys (gqa_keys): one key head per query head for the matmul
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     rows_pos = ctx.q_pos[start:]
     scores = softcapped(torch.matmul(q[:, :, start:], k.transpose(-1, -2)).float() * ctx.scale, ctx.softcap)
     keep = ctx.base_rows(start, m)  # [B,1,L,N]
