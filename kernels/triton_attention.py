@@ -68,8 +68,9 @@ def _prune_configs(configs, named_args, **meta):
     return deep or fits or [min(configs, key=smem)]
 
 
-def _autotuned(kernel, configs):
-    return triton.autotune(configs, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune_configs})(kernel)
+def _autotuned(kernel, configs, extra_key=()):
+    return triton.autotune(configs, key=_TUNE_KEY + list(extra_key),
+                           prune_configs_by={"early_config_prune": _prune_configs})(kernel)
 
 
 # ----------------------------------------------------------------------------- shared device code
@@ -250,12 +251,35 @@ _block_sparse_tuned = _autotuned(_block_sparse_fwd, _ATTN_CONFIGS)
 
 
 @triton.jit
+def _slash_tile(q, k_base, v_base, ColMask, DiagMask, row_base, n0, k_hi, d_lo, d_hi, full, offs_n, offs_d, pos,
+                kv_start, n_k, window, sk_n, sv_n, sm_scale, softcap, m_i, l_i, acc, HEAD_DIM: tl.constexpr,
+                BLOCK_D: tl.constexpr, SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """Keys [n0, n0 + BLOCK_N) of one slash segment [d_lo, d_hi] (last key k_hi): fold in exactly
+    the pairs on a kept diagonal whose column is not already counted by the vertical part."""
+    cols = n0 + offs_n
+    live = cols <= k_hi
+    k = _load_rows(k_base, cols, offs_d, sk_n, live, HEAD_DIM, BLOCK_D, True)
+    v = _load_rows(v_base, cols, offs_d, sv_n, live, HEAD_DIM, BLOCK_D, True)
+    s = _scaled_scores(q, k, sm_scale, softcap, SOFTCAP)
+    ok = live[None, :] & _base_valid(pos, cols, kv_start, n_k, window, HAS_WINDOW)
+    dist = pos[:, None] - cols[None, :]
+    if full != 0:  # a band needs no per-pair lookup of the diagonal mask (the common case)
+        on_diag = (dist >= d_lo) & (dist <= d_hi)
+    else:
+        on_diag = tl.load(DiagMask + row_base + dist, mask=ok & (dist < n_k), other=0) != 0
+    in_vertical = tl.load(ColMask + row_base + cols, mask=live, other=1)
+    keep = ok & on_diag & (in_vertical == 0)[None, :]
+    return _online_step(tl.where(keep, s, float("-inf")), v, m_i, l_i, acc)
+
+
+@triton.jit
 def _vertical_slash_fwd(
     Q, K, V, Out, Lse, VIdx, VLo, VHi, SegLo, SegHi, SegCnt, SegFull, ColMask, DiagMask, KvStart,
+    TileSeg, TileN0, TileCnt,
     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
-    n_q, n_k, n_q_blocks, n_heads, group, q_offset, sm_scale, softcap, window, tune_bucket,
+    n_q, n_k, n_q_blocks, n_heads, group, q_offset, sm_scale, softcap, window, n_tile_slots, tune_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, FLAT_SLASH: tl.constexpr,
 ):
     (pid_bh, qb, b, h, offs_m, offs_n, offs_d, pos, kv_start, first_pos, last_pos, q, k_base,
      v_base) = _program_setup(Q, K, V, KvStart, sq_b, sq_h, sq_n, sk_b, sk_h, sv_b, sv_h, n_q, n_heads, group,
@@ -281,40 +305,44 @@ def _vertical_slash_fwd(
         m_i, l_i, acc = _online_step(tl.where(keep, s, float("-inf")), v, m_i, l_i, acc)
 
     # Slash part: each segment of nearby kept diagonals [d_lo, d_hi] covers one contiguous key
-    # range for this query block; walk it in BLOCK_N tiles and keep exactly the pairs on a kept
-    # diagonal whose column is not already counted by the vertical part.
-    k_min = kv_start
-    if HAS_WINDOW:
-        k_min = tl.maximum(k_min, first_pos - window + 1)
-    n_seg = tl.load(SegCnt + qb_slot)
-    for si in range(0, n_seg):
-        d_lo = tl.load(SegLo + row_base + si)
-        d_hi = tl.load(SegHi + row_base + si)
-        full = tl.load(SegFull + row_base + si)  # every diagonal of [d_lo, d_hi] kept: a band
-        k_lo = tl.maximum(first_pos - d_hi, k_min)
-        k_hi = tl.minimum(last_pos - d_lo, n_k - 1)  # inclusive
-        for n0 in range(k_lo, k_hi + 1, BLOCK_N):
-            cols = n0 + offs_n
-            live = cols <= k_hi
-            k = _load_rows(k_base, cols, offs_d, sk_n, live, HEAD_DIM, BLOCK_D, True)
-            v = _load_rows(v_base, cols, offs_d, sv_n, live, HEAD_DIM, BLOCK_D, True)
-            s = _scaled_scores(q, k, sm_scale, softcap, SOFTCAP)
-            ok = live[None, :] & _base_valid(pos, cols, kv_start, n_k, window, HAS_WINDOW)
-            dist = pos[:, None] - cols[None, :]
-            if full != 0:  # a band needs no per-pair lookup of the diagonal mask (the common case)
-                on_diag = (dist >= d_lo) & (dist <= d_hi)
-            else:
-                on_diag = tl.load(DiagMask + row_base + dist, mask=ok & (dist < n_k), other=0) != 0
-            in_vertical = tl.load(ColMask + row_base + cols, mask=live, other=1)
-            keep = ok & on_diag & (in_vertical == 0)[None, :]
-            m_i, l_i, acc = _online_step(tl.where(keep, s, float("-inf")), v, m_i, l_i, acc)
+    # range for this query block, walked in BLOCK_N tiles.
+    if FLAT_SLASH:
+        # One loop over this block's precomputed (segment, first key) tiles of all segments, so
+        # the compiler can prefetch across segment boundaries (segments are often 2-3 tiles).
+        n_t = tl.load(TileCnt + qb_slot)
+        t_base = qb_slot * n_tile_slots
+        for t in range(0, n_t):
+            si = tl.load(TileSeg + t_base + t)
+            n0 = tl.load(TileN0 + t_base + t)
+            d_lo = tl.load(SegLo + row_base + si)
+            d_hi = tl.load(SegHi + row_base + si)
+            full = tl.load(SegFull + row_base + si)
+            k_hi = tl.minimum(last_pos - d_lo, n_k - 1)  # inclusive
+            m_i, l_i, acc = _slash_tile(q, k_base, v_base, ColMask, DiagMask, row_base, n0, k_hi, d_lo, d_hi, full,
+                                        offs_n, offs_d, pos, kv_start, n_k, window, sk_n, sv_n, sm_scale, softcap,
+                                        m_i, l_i, acc, HEAD_DIM, BLOCK_D, SOFTCAP, HAS_WINDOW)
+    else:
+        k_min = kv_start
+        if HAS_WINDOW:
+            k_min = tl.maximum(k_min, first_pos - window + 1)
+        n_seg = tl.load(SegCnt + qb_slot)
+        for si in range(0, n_seg):
+            d_lo = tl.load(SegLo + row_base + si)
+            d_hi = tl.load(SegHi + row_base + si)
+            full = tl.load(SegFull + row_base + si)  # every diagonal of [d_lo, d_hi] kept: a band
+            k_lo = tl.maximum(first_pos - d_hi, k_min)
+            k_hi = tl.minimum(last_pos - d_lo, n_k - 1)  # inclusive
+            for n0 in range(k_lo, k_hi + 1, BLOCK_N):
+                m_i, l_i, acc = _slash_tile(q, k_base, v_base, ColMask, DiagMask, row_base, n0, k_hi, d_lo, d_hi,
+                                            full, offs_n, offs_d, pos, kv_start, n_k, window, sk_n, sv_n, sm_scale,
+                                            softcap, m_i, l_i, acc, HEAD_DIM, BLOCK_D, SOFTCAP, HAS_WINDOW)
 
     _store_rows(Out, Lse, b.to(tl.int64) * so_b + h.to(tl.int64) * so_h, pid_bh.to(tl.int64) * n_q,
                 offs_m, offs_d, n_q, so_n, acc, m_i, l_i, HEAD_DIM, BLOCK_D)
 
 
-_vertical_slash_tuned = _autotuned(_vertical_slash_fwd, _TILE_N_CONFIGS)  # BLOCK_N tuned too
-_vertical_slash_tuned_n = _autotuned(_vertical_slash_fwd, _ATTN_CONFIGS)  # caller fixed BLOCK_N
+_vertical_slash_tuned = _autotuned(_vertical_slash_fwd, _TILE_N_CONFIGS, ["FLAT_SLASH"])  # BLOCK_N tuned too
+_vertical_slash_tuned_n = _autotuned(_vertical_slash_fwd, _ATTN_CONFIGS, ["FLAT_SLASH"])  # caller fixed BLOCK_N
 
 
 # ----------------------------------------------------------------------------- host helpers
@@ -414,6 +442,12 @@ class VerticalSlashIndex:
     seg_cnt: torch.Tensor  # leading segments that reach this query block's valid keys
     block_m: int
     seg_full: Optional[torch.Tensor] = None  # [B, H, Nk] int32: segment i keeps all its diagonals
+    # Optional flat slash tiles (flat_slash_block_n): per query block, the (segment, first key)
+    # of every BLOCK_N tile of its segments, [B, H, nqb, T] int32, and their count [B, H, nqb].
+    tile_seg: Optional[torch.Tensor] = None
+    tile_n0: Optional[torch.Tensor] = None
+    tile_cnt: Optional[torch.Tensor] = None
+    tile_block_n: Optional[int] = None
 
 
 def _sorted_kept(mask: torch.Tensor, values: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -421,11 +455,12 @@ def _sorted_kept(mask: torch.Tensor, values: Optional[torch.Tensor] = None) -> t
     in ascending order, then _INDEX_PAD; int64 [..., L], no host sync. A cumsum + scatter
     compaction: linear, where a sort of [B, H, N] cost ~0.6 ms per call at 128k x 32 heads."""
     n = mask.shape[-1]
-    slot = torch.where(mask, mask.cumsum(-1) - 1, n)  # dropped entries all land in a spare slot n
-    if values is None:
-        values = torch.arange(n, device=mask.device).expand(mask.shape)
-    out = torch.full((*mask.shape[:-1], n + 1), _INDEX_PAD, dtype=torch.long, device=mask.device)
-    return out.scatter_(-1, slot, values.long())[..., :n]
+    j = torch.arange(n, device=mask.device)
+    kept_upto = mask.cumsum(-1)
+    # A stable partition: kept entries in order, then the dropped ones (written as padding).
+    slot = torch.where(mask, kept_upto - 1, kept_upto[..., -1:] + j - kept_upto)
+    values = j.expand(mask.shape) if values is None else values.long()
+    return torch.empty_like(slot).scatter_(-1, slot, torch.where(mask, values, _INDEX_PAD))
 
 
 def _block_positions(n_q: int, q_offset: int, block_m: int, device):
@@ -434,11 +469,39 @@ def _block_positions(n_q: int, q_offset: int, block_m: int, device):
     return first + q_offset, last + q_offset
 
 
+def _flat_slash_tiles(seg_lo, seg_hi, seg_cnt, first_pos, last_pos, k_min, n_k: int, block_n: int):
+    """Per query block, the BLOCK_N tiles the kernel's segment loop would walk, flattened into one
+    list: (segment index, first key) [B, H, nqb, T] int32 and the count [B, H, nqb] int32. One host
+    sync (the longest list sets T)."""
+    n_seg = int(seg_cnt.max()) if seg_cnt.numel() else 0
+    b, h, nqb = seg_cnt.shape
+    if n_seg == 0:
+        empty = torch.zeros(b, h, nqb, 1, dtype=torch.int32, device=seg_cnt.device)
+        return empty, empty.clone(), torch.zeros_like(seg_cnt, dtype=torch.int32)
+    lo = seg_lo[..., None, :n_seg].long()  # [B, H, 1, S]
+    hi = seg_hi[..., None, :n_seg].long()
+    k_lo = torch.maximum(first_pos[:, None] - hi, k_min[..., None])  # [B, H, nqb, S]
+    k_hi = torch.minimum(last_pos[:, None] - lo, torch.tensor(n_k - 1, device=lo.device))
+    used = torch.arange(n_seg, device=lo.device) < seg_cnt[..., None]
+    n_tiles = torch.where(used & (k_hi >= k_lo), (k_hi - k_lo + block_n) // block_n, 0)
+    ends = n_tiles.cumsum(-1)
+    count = ends[..., -1]
+    slots = max(1, int(count.max()))
+    t = torch.arange(slots, device=lo.device).expand(b, h, nqb, slots).contiguous()
+    seg = torch.searchsorted(ends, t, right=True).clamp(max=n_seg - 1)  # first segment ending past t
+    n0 = k_lo.gather(-1, seg) + (t - (ends - n_tiles).gather(-1, seg)) * block_n
+    return seg.to(torch.int32), n0.to(torch.int32), count.to(torch.int32)
+
+
 def vertical_slash_index(
     column_mask: torch.Tensor, diagonal_mask: torch.Tensor, *, n_q: int, q_offset: int = 0,
     kv_start: Optional[torch.Tensor] = None, sliding_window: Optional[int] = None, block_m: int = 64,
+    flat_slash_block_n: Optional[int] = None,
 ) -> VerticalSlashIndex:
-    """Convert bool column/diagonal masks [B, H, Nk] to the kernel's index form, on their device."""
+    """Convert bool column/diagonal masks [B, H, Nk] to the kernel's index form, on their device.
+
+    flat_slash_block_n: also list every slash tile per query block (the kernel then walks them in
+    one loop with that key tile width instead of a loop per segment)."""
     bsz, h, n_k = column_mask.shape
     dev = column_mask.device
     kvs = kv_start_tensor(kv_start, bsz, dev).long()[:, None, None]  # [B,1,1]
@@ -477,8 +540,13 @@ def vertical_slash_index(
     seg_full = (seg_lo < _INDEX_PAD) & (run == hi_c - lo_c + 1)
 
     i32 = lambda t: t.to(torch.int32).contiguous()  # noqa: E731
-    return VerticalSlashIndex(i32(v_idx), i32(v_lo), i32(v_hi), i32(seg_lo), i32(seg_hi), i32(seg_cnt), block_m,
-                              i32(seg_full))
+    index = VerticalSlashIndex(i32(v_idx), i32(v_lo), i32(v_hi), i32(seg_lo), i32(seg_hi), i32(seg_cnt), block_m,
+                               i32(seg_full))
+    if flat_slash_block_n:
+        index.tile_seg, index.tile_n0, index.tile_cnt = _flat_slash_tiles(
+            seg_lo, seg_hi, seg_cnt, first_pos, last_pos, k_min.expand(bsz, h, -1), n_k, flat_slash_block_n)
+        index.tile_block_n = flat_slash_block_n
+    return index
 
 
 def vertical_slash_pair_counts(
@@ -576,15 +644,23 @@ def vertical_slash_attention(
     seg_full = index.seg_full if index.seg_full is not None else torch.zeros_like(index.seg_lo)
     col_u8 = column_mask.contiguous().view(torch.uint8)
     diag_u8 = diagonal_mask.contiguous().view(torch.uint8)
+    flat = index.tile_cnt is not None
+    if flat:  # the tiles were cut at the index's key tile width
+        if block_n not in (None, index.tile_block_n):
+            raise ValueError(f"block_n={block_n} but the index's slash tiles are {index.tile_block_n} keys wide")
+        block_n = index.tile_block_n
+        tiles = (index.tile_seg, index.tile_n0, index.tile_cnt)
+    else:
+        tiles = (index.seg_cnt,) * 3  # unused
     fixed_n = dict(BLOCK_N=block_n) if block_n else {}
     _launch(
         _vertical_slash_tuned_n if block_n else _vertical_slash_tuned, _vertical_slash_fwd, (bsz * hq, n_qb),
         q, k, v, out, lse, index.v_idx, index.v_lo, index.v_hi, index.seg_lo, index.seg_hi, index.seg_cnt,
-        seg_full, col_u8, diag_u8, kvs,
+        seg_full, col_u8, diag_u8, kvs, *tiles,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
         n_q, n_k, n_qb, hq, hq // hkv, q_offset, scale, float(softcap or 0.0), int(sliding_window or 0),
-        tune_bucket(n_q), untuned=dict(BLOCK_N=block_n or 64), **fixed_n,
-        **_common_meta(d, block_m, softcap, sliding_window),
+        index.tile_seg.shape[-1] if flat else 0, tune_bucket(n_q), untuned=dict(BLOCK_N=block_n or 64), **fixed_n,
+        FLAT_SLASH=flat, **_common_meta(d, block_m, softcap, sliding_window),
     )
     return out, lse
 

@@ -69,6 +69,10 @@ def kernels_enabled(device: torch.device) -> bool:
 # Query rows per program of the vertical_slash kernel. Taller tiles share each gathered column
 # tile and each slash band between more rows, but compute more pairs off a band's diagonals.
 VS_BLOCK_M = int(os.environ.get("PATCHATTN_VS_BLOCK_M", 64))
+# PATCHATTN_VS_FLAT_SLASH=1: walk each query block's slash tiles in one loop over a precomputed
+# tile list (the compiler can prefetch across segments) instead of a loop per segment. Off until
+# timed on a GPU (evals/bench/prefill.py rows *_flat).
+VS_FLAT_SLASH = os.environ.get("PATCHATTN_VS_FLAT_SLASH", "0") == "1"
 
 KERNEL_BREAK_EVEN = {
     "streaming": 32768,
@@ -286,7 +290,7 @@ def run_group(selection: Selection, query, key, value, heads: torch.Tensor, layo
             return None
         index = ta.vertical_slash_index(cols, diags, n_q=layout.n_q, q_offset=layout.q_offset,
                                         kv_start=layout.kv_start, sliding_window=layout.sliding_window,
-                                        block_m=VS_BLOCK_M)
+                                        block_m=VS_BLOCK_M, flat_slash_block_n=64 if VS_FLAT_SLASH else None)
         o, _ = ta.vertical_slash_attention(q, k, v, cols, diags, index=index, out=out, block_m=VS_BLOCK_M, **opts)
         kernel_calls["vertical_slash"] += 1
         kept = ta.vertical_slash_pair_counts(cols, diags, n_q=layout.n_q, q_offset=layout.q_offset,

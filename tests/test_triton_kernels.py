@@ -116,7 +116,7 @@ def check_block_sparse(bsz, hq, hkv, n_q, n_k, d, bm, bn, q_offset, kv_start, wi
 
 
 def check_vertical_slash(bsz, hq, hkv, n_q, n_k, d, bm, bn, q_offset, kv_start, window, softcap, dtype,
-                         p_col=0.08, p_diag=0.08, device="cpu", diag_group=1):
+                         p_col=0.08, p_diag=0.08, device="cpu", diag_group=1, flat=False):
     from patchattn.kernels.triton_attention import (
         vertical_slash_attention, vertical_slash_index, vertical_slash_pair_counts)
 
@@ -126,16 +126,21 @@ def check_vertical_slash(bsz, hq, hkv, n_q, n_k, d, bm, bn, q_offset, kv_start, 
     base = base_keep(bsz, n_q, n_k, q_offset, kvs, window, device)
     keep = base & tokens
     opts = dict(q_offset=q_offset, kv_start=kvs.to(device), sliding_window=window)
-    index = vertical_slash_index(col, diag, n_q=n_q, block_m=bm, **opts)
+    index = vertical_slash_index(col, diag, n_q=n_q, block_m=bm, flat_slash_block_n=bn if flat else None, **opts)
     out = torch.full_like(q, float("nan"))
     o, lse = vertical_slash_attention(q, k, v, col, diag, scale=d ** -0.5, softcap=softcap, index=index, block_m=bm,
                                       block_n=bn, out=out, **opts)
+    extra = {}
+    if flat:  # the flat tile list walks the per-segment loop's tiles in the same order
+        nested, _ = vertical_slash_attention(q, k, v, col, diag, scale=d ** -0.5, softcap=softcap, block_m=bm,
+                                             block_n=bn, **opts)
+        extra["flat_equals_nested"] = rel_err(o, nested)
     ref, ref_lse = dense_oracle(q, k, v, keep, d ** -0.5, softcap, torch.float64 if device == "cpu" else torch.float32)
     counts = vertical_slash_pair_counts(col, diag, n_q=n_q, index=index, block_n=bn or 64, **opts)
     return dict(out=rel_err(o, ref), lse=_lse_err(lse, ref_lse), nan=bool(o.isnan().any()),
                 kept_ok=torch.equal(counts["kept"].cpu(), keep.sum((-1, -2)).cpu()),
                 base_ok=torch.equal(counts["base"].cpu(), base.sum((-1, -2)).expand(bsz, hq).cpu()),
-                computed_ge_kept=bool((counts["computed"] >= counts["kept"]).all()))
+                computed_ge_kept=bool((counts["computed"] >= counts["kept"]).all()), **extra)
 
 
 def _brute_last_q(q, k, scale, pos, kvs, softcap):
@@ -342,6 +347,17 @@ CPU_CASES = {
     "vs_grouped_diagonals": (check_vertical_slash, dict(bsz=2, hq=2, hkv=1, n_q=200, n_k=200, d=32, bm=16, bn=16,
                                                         q_offset=0, kv_start=[0, 21], window=None, softcap=None,
                                                         dtype=F32, p_col=0.03, p_diag=0.1, diag_group=8)),
+    "vs_flat_gqa_pad": (check_vertical_slash, dict(bsz=2, hq=4, hkv=1, n_q=150, n_k=150, d=32, bm=32, bn=32,
+                                                   q_offset=0, kv_start=[0, 37], window=None, softcap=None,
+                                                   dtype=F32, flat=True)),
+    "vs_flat_offset_window_cap": (check_vertical_slash, dict(bsz=1, hq=2, hkv=2, n_q=70, n_k=150, d=16, bm=16,
+                                                             bn=32, q_offset=80, kv_start=[5], window=50,
+                                                             softcap=20.0, dtype=F16, p_col=0.2, p_diag=0.3,
+                                                             flat=True)),
+    "vs_flat_grouped_diagonals": (check_vertical_slash, dict(bsz=2, hq=2, hkv=1, n_q=200, n_k=200, d=32, bm=16,
+                                                             bn=16, q_offset=0, kv_start=[0, 21], window=None,
+                                                             softcap=None, dtype=F32, p_col=0.03, p_diag=0.1,
+                                                             diag_group=8, flat=True)),
     "lastq_gqa_pad": (check_last_q, dict(bsz=2, hq=4, hkv=2, n_last=20, n_k=150, d=32, kv_start=[0, 140],
                                          softcap=None, dtype=F32)),
     "lastq_cap_f16": (check_last_q, dict(bsz=1, hq=2, hkv=1, n_last=16, n_k=100, d=16, kv_start=[3], softcap=10.0,
@@ -386,6 +402,7 @@ def _assert_result(name, res):
         assert not res["nan"] and res["out"] <= tol and res["lse"] <= 1e-3, res
         if check is check_vertical_slash:
             assert res["kept_ok"] and res["base_ok"] and res["computed_ge_kept"], res
+            assert res.get("flat_equals_nested", 0.0) == 0.0, res  # same tiles, same order: bit-equal
     elif check is check_pooled:
         assert res["err"] <= 1e-5, res
     else:
@@ -463,7 +480,7 @@ def test_block_sparse_gpu(one_config, d, variant):
     assert not res["nan"] and res["same"] and res["out"] <= 1e-2 and res["lse"] <= 2e-2, res
 
 
-@pytest.mark.parametrize("variant", ["plain", "pad_cap_d64", "offset_window_d256", "tall_m128"])
+@pytest.mark.parametrize("variant", ["plain", "pad_cap_d64", "offset_window_d256", "tall_m128", "flat_slash"])
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_vertical_slash_gpu(one_config, variant):
@@ -476,9 +493,12 @@ def test_vertical_slash_gpu(one_config, variant):
         kw.update(d=256, n_q=700, n_k=2000, q_offset=1300, window=512, p_diag=0.05)
     elif variant == "tall_m128":  # PATCHATTN_VS_BLOCK_M=128
         kw.update(bm=128, diag_group=64, p_diag=0.05)
+    elif variant == "flat_slash":  # PATCHATTN_VS_FLAT_SLASH=1
+        kw.update(diag_group=64, p_diag=0.05, kv_start=[0, 77], flat=True)
     res = check_vertical_slash(**kw)
     assert not res["nan"] and res["out"] <= 1e-2 and res["lse"] <= 2e-2, res
     assert res["kept_ok"] and res["base_ok"] and res["computed_ge_kept"], res
+    assert res.get("flat_equals_nested", 0.0) <= 1e-6, res
 
 
 @pytest.mark.gpu

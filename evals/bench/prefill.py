@@ -139,7 +139,7 @@ def flex_block_mask(index, count, n, block=BLOCK):
                                     BLOCK_SIZE=(block, block), mask_mod=lambda b, h, qi, ki: qi >= ki)
 
 
-def vertical_slash_pipeline(q, k, v, n_vertical, n_slash, last_q=64, slash_group=1, block_m=64):
+def vertical_slash_pipeline(q, k, v, n_vertical, n_slash, last_q=64, slash_group=1, block_m=64, flat=False):
     from patchattn.methods.vertical_slash import top_group_mask, top_mask
 
     n = q.shape[2]
@@ -149,7 +149,7 @@ def vertical_slash_pipeline(q, k, v, n_vertical, n_slash, last_q=64, slash_group
     cols[..., :4] = True  # attention sink
     diags = top_group_mask(slash, n_slash, slash_group)
     diags[..., :64] = True  # local window
-    index = ta.vertical_slash_index(cols, diags, n_q=n, block_m=block_m)
+    index = ta.vertical_slash_index(cols, diags, n_q=n, block_m=block_m, flat_slash_block_n=64 if flat else None)
     out, _ = ta.vertical_slash_attention(q, k, v, cols, diags, scale=scale, index=index, block_m=block_m)
     return out, (cols, diags, index)
 
@@ -238,32 +238,35 @@ def time_flex(flex, q, k, v, index, count, n, scale, block=BLOCK):
 
 
 # Vertical-slash pipeline rows per length: key -> (input locality, slash_group, table label).
-VS_VARIANTS = {  # name: (locality, slash_group, kernel block_m, label)
-    "vertical_slash": (1.5, 1, 64, ""),
-    "vertical_slash_weak_locality": (0.6, 1, 64, " (weak locality)"),
-    "vertical_slash_g64": (1.5, 64, 64, " slash_group 64"),
-    "vertical_slash_g64_weak_locality": (0.6, 64, 64, " slash_group 64 (weak locality)"),
-    "vertical_slash_g64_m128": (1.5, 64, 128, " slash_group 64, block_m 128"),
-    "vertical_slash_g64_weak_locality_m128": (0.6, 64, 128, " slash_group 64 (weak locality), block_m 128"),
+VS_VARIANTS = {  # name: (locality, slash_group, kernel block_m, flat slash tiles, label)
+    "vertical_slash": (1.5, 1, 64, False, ""),
+    "vertical_slash_weak_locality": (0.6, 1, 64, False, " (weak locality)"),
+    "vertical_slash_g64": (1.5, 64, 64, False, " slash_group 64"),
+    "vertical_slash_g64_weak_locality": (0.6, 64, 64, False, " slash_group 64 (weak locality)"),
+    "vertical_slash_g64_m128": (1.5, 64, 128, False, " slash_group 64, block_m 128"),
+    "vertical_slash_g64_weak_locality_m128": (0.6, 64, 128, False, " slash_group 64 (weak locality), block_m 128"),
+    "vertical_slash_g64_flat": (1.5, 64, 64, True, " slash_group 64, flat slash tiles"),
+    "vertical_slash_g64_weak_locality_flat": (0.6, 64, 64, True, " slash_group 64 (weak locality), flat slash tiles"),
 }
 
 
-def bench_vertical_slash(n, sdpa_ms, locality=1.5, slash_group=1, block_m=64):
+def bench_vertical_slash(n, sdpa_ms, locality=1.5, slash_group=1, block_m=64, flat=False):
     """Vertical-slash end to end on structured inputs (estimate + top-k + index + kernel)."""
     q, k, v = structured_inputs(n, locality=locality)
     scale = D ** -0.5
     n_vertical, n_slash = max(64, int(0.01 * n)), max(64, int(0.03 * n))
     run = lambda: vertical_slash_pipeline(q, k, v, n_vertical, n_slash, slash_group=slash_group,  # noqa: E731
-                                          block_m=block_m)
+                                          block_m=block_m, flat=flat)
     _, (cols, diags, index) = run()  # also warms up
-    vs = {"n_vertical": n_vertical, "n_slash": n_slash, "slash_group": slash_group, "block_m": block_m}
+    vs = {"n_vertical": n_vertical, "n_slash": n_slash, "slash_group": slash_group, "block_m": block_m, "flat": flat}
     vs["end_to_end_ms"] = cuda_time(run)
-    vs["index_ms"] = cuda_time(lambda: ta.vertical_slash_index(cols, diags, n_q=n, block_m=block_m))
+    vs["index_ms"] = cuda_time(lambda: ta.vertical_slash_index(cols, diags, n_q=n, block_m=block_m,
+                                                               flat_slash_block_n=index.tile_block_n))
     vs["kernel_ms"] = cuda_time(lambda: ta.vertical_slash_attention(q, k, v, cols, diags, scale=scale, index=index,
                                                                     block_m=block_m))
-    best = getattr(ta._vertical_slash_tuned, "best_config", None)
+    best = getattr(ta._vertical_slash_tuned_n if flat else ta._vertical_slash_tuned, "best_config", None)
     vs["config"] = str(best)
-    tile_n = best.kwargs.get("BLOCK_N", 64) if best is not None else 64
+    tile_n = index.tile_block_n or (best.kwargs.get("BLOCK_N", 64) if best is not None else 64)
     counts = ta.vertical_slash_pair_counts(cols, diags, n_q=n, index=index, block_n=tile_n)
     causal = causal_pairs(n)
     vs["density_kept"] = int(counts["kept"].sum()) / causal
@@ -431,8 +434,9 @@ def bench_length(n, densities, args, notes):
     res = bench_dense_and_block_sparse(n, densities, args, notes)
     torch.cuda.empty_cache()
     for key in args.vs_variants:
-        locality, slash_group, block_m, _ = VS_VARIANTS[key]
-        res[key] = bench_vertical_slash(n, res["sdpa_ms"], locality=locality, slash_group=slash_group, block_m=block_m)
+        locality, slash_group, block_m, flat, _ = VS_VARIANTS[key]
+        res[key] = bench_vertical_slash(n, res["sdpa_ms"], locality=locality, slash_group=slash_group, block_m=block_m,
+                                        flat=flat)
         torch.cuda.empty_cache()
     res["estimators"] = bench_estimators(n, res["sdpa_ms"])
     torch.cuda.empty_cache()
@@ -461,7 +465,7 @@ def print_tables(report):
     print("\n| N | VS kept / computed density | end-to-end ms | index ms | kernel ms | e2e / SDPA |")
     print("|---|---|---|---|---|---|")
     for r in results:
-        for key, (_, _, _, label) in [(k, v) for k, v in VS_VARIANTS.items() if k in r]:
+        for key, (*_, label) in [(k, v) for k, v in VS_VARIANTS.items() if k in r]:
             vs = r[key]
             print(f"| {r['n']}{label} | {vs['density_kept']:.3f} / "
                   f"{vs['density_computed']:.3f} | {vs['end_to_end_ms']:.2f} | {vs['index_ms']:.2f} | "
@@ -531,6 +535,7 @@ def main(argv=None):
               "cuda": torch.version.cuda, "shape": {"B": 1, "Hq": HQ, "Hkv": HKV, "D": D, "dtype": "bfloat16"},
               "methods_params": {m: METHODS[m] for m in args.methods},
               "vs_block_m": backends.VS_BLOCK_M,  # the method path's vertical_slash kernel rows per program
+              "vs_flat_slash": backends.VS_FLAT_SLASH,
               "timing": "median of CUDA-event timings after warm-up", "notes": [], "results": []}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
