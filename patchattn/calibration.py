@@ -230,6 +230,25 @@ def allocate_budget(loss: torch.Tensor, cost: torch.Tensor, allowed: torch.Tenso
     return choice
 
 
+def retrieval_options(recall_min: torch.Tensor, allowed: torch.Tensor, specs: List[dict], rule) -> torch.Tensor:
+    """[M, O] options a retrieval head may take: those keeping rule.min_recall (worst over lengths).
+
+    With rule.query_aware only vertical_slash options count, and when none keeps min_recall the
+    one with the best recall is taken. Why: the question at a prompt's end attends to what it
+    retrieves; columns chosen by the last queries keep exactly that, while dense attention in a
+    retrieval head also spreads its mass over the whole haystack (on SmolLM2-135M the dense
+    model fails passkey at needle depths >= 0.5 where query-aware plans succeed). Heads with no
+    allowed vertical_slash option (sliding-window layers) keep their allowed options."""
+    keeps = recall_min >= rule.min_recall
+    if not rule.query_aware:
+        return keeps
+    query_aware = torch.tensor([s["method"] == "vertical_slash" for s in specs]) & allowed
+    best = torch.where(query_aware, recall_min, torch.full_like(recall_min, -1.0))
+    best = query_aware & (best >= best.max(1, keepdim=True).values)
+    options = torch.where((keeps & query_aware).any(1, keepdim=True), keeps & query_aware, best)
+    return torch.where(query_aware.any(1, keepdim=True), options, keeps)
+
+
 def choose_target_recall(recall_min: torch.Tensor, cost: torch.Tensor, loss: torch.Tensor, target: float,
                          specs: List[dict], heads: int) -> torch.Tensor:
     """Cheapest option per head whose recall reaches `target` (recall_min: worst over lengths)."""
@@ -413,7 +432,7 @@ def calibrate(model, tokenizer, prompts: PromptSource = None, recipe: Union[str,
         if retrieval is not None:
             protected = retrieval.flatten() >= rcp.retrieval.threshold
             retrieval_heads = protected.nonzero().flatten().tolist()
-            allowed[protected] &= recall_min[protected] >= rcp.retrieval.min_recall
+            allowed &= ~protected[:, None] | retrieval_options(recall_min, allowed, specs, rcp.retrieval)
         choice = allocate_budget(loss, cost, allowed, rcp.target_density)
     elif rcp.kind == "target_recall":
         choice = choose_target_recall(torch.where(allowed, recall_min, torch.zeros_like(recall_min)), cost, loss,

@@ -129,6 +129,9 @@ class Retrieval(_Strict):
     length: int = Field(default=2048, ge=128)
     threshold: float = Field(default=0.1, ge=0, le=1, description="retrieval score that makes a head a retrieval head")
     min_recall: float = Field(default=0.98, ge=0, le=1, description="budget recipes: retrieval heads must keep this recall")
+    query_aware: bool = Field(default=False, description=(
+        "budget recipes: retrieval heads take a vertical_slash option (key columns chosen by the prompt's last "
+        "queries), never dense or static patterns; the best-recall one when none keeps min_recall"))
 
 
 class Recipe(_Strict):

@@ -7,7 +7,7 @@ import torch
 
 from conftest import STORIES, needs
 from patchattn import calibrate, patch_model, reset_stats, stats, unpatch_model
-from patchattn.calibration import allocate_budget, calibrate_main
+from patchattn.calibration import allocate_budget, calibrate_main, retrieval_options
 from patchattn.methods import get_method
 from patchattn.methods.base import AllPairs
 from patchattn.plan import Plan
@@ -141,6 +141,24 @@ def test_allocate_budget_respects_target_and_is_optimal_on_small_case():
 
 # ----------------------------------------------------------------------------- end to end
 @needs(STORIES)
+def test_retrieval_options_query_aware():
+    from patchattn.recipes import Retrieval
+
+    specs = [{"method": "dense"}, {"method": "streaming"}, {"method": "vertical_slash"}, {"method": "vertical_slash"}]
+    recall = torch.tensor([[1.0, 0.99, 0.95, 0.985],   # a vertical_slash option keeps 0.98
+                           [1.0, 0.99, 0.90, 0.95],    # none does: the best vertical_slash one
+                           [1.0, 0.99, 0.97, 0.97]])   # tie: both
+    allowed = torch.ones(3, 4, dtype=torch.bool)
+    plain = retrieval_options(recall, allowed, specs, Retrieval(min_recall=0.98))
+    assert plain.tolist() == [[True, True, False, True], [True, True, False, False], [True, True, False, False]]
+    aware = retrieval_options(recall, allowed, specs, Retrieval(min_recall=0.98, query_aware=True))
+    assert aware.tolist() == [[False, False, False, True], [False, False, False, True], [False, False, True, True]]
+    # a head whose layer allows no vertical_slash option (sliding window: dense only) keeps its options
+    only_dense = torch.tensor([[True, False, False, False]] * 3)
+    kept = retrieval_options(recall, only_dense, specs, Retrieval(min_recall=0.98, query_aware=True))
+    assert kept.tolist() == plain.tolist()
+
+
 def test_calibrate_deterministic_and_provenance(stories, tmp_path):
     model, tok = stories
     a = tiny_calibrate(model, tok)
