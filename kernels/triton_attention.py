@@ -469,6 +469,19 @@ def _block_positions(n_q: int, q_offset: int, block_m: int, device):
     return first + q_offset, last + q_offset
 
 
+def _segment_tiles(seg_lo, seg_hi, seg_cnt, first_pos, last_pos, k_min, n_k: int, block_n: int):
+    """The bounds of _vertical_slash_fwd's per-segment slash loop: for each query block and each
+    of the S segments given (seg_lo / seg_hi [B, H, S], seg_cnt [B, H, nqb], k_min [B, H, nqb]),
+    the first key visited and the number of BLOCK_N tiles walked (0 for unused segments), both
+    [B, H, nqb, S] int64."""
+    lo = seg_lo[..., None, :].long()  # [B, H, 1, S]
+    hi = seg_hi[..., None, :].long()
+    k_lo = torch.maximum(first_pos[:, None] - hi, k_min[..., None])  # [B, H, nqb, S]
+    k_hi = torch.minimum(last_pos[:, None] - lo, torch.tensor(n_k - 1, device=lo.device))
+    used = torch.arange(lo.shape[-1], device=lo.device) < seg_cnt[..., None]
+    return k_lo, torch.where(used & (k_hi >= k_lo), (k_hi - k_lo + block_n) // block_n, 0)
+
+
 def _flat_slash_tiles(seg_lo, seg_hi, seg_cnt, first_pos, last_pos, k_min, n_k: int, block_n: int):
     """Per query block, the BLOCK_N tiles the kernel's segment loop would walk, flattened into one
     list: (segment index, first key) [B, H, nqb, T] int32 and the count [B, H, nqb] int32. One host
@@ -478,16 +491,12 @@ def _flat_slash_tiles(seg_lo, seg_hi, seg_cnt, first_pos, last_pos, k_min, n_k: 
     if n_seg == 0:
         empty = torch.zeros(b, h, nqb, 1, dtype=torch.int32, device=seg_cnt.device)
         return empty, empty.clone(), torch.zeros_like(seg_cnt, dtype=torch.int32)
-    lo = seg_lo[..., None, :n_seg].long()  # [B, H, 1, S]
-    hi = seg_hi[..., None, :n_seg].long()
-    k_lo = torch.maximum(first_pos[:, None] - hi, k_min[..., None])  # [B, H, nqb, S]
-    k_hi = torch.minimum(last_pos[:, None] - lo, torch.tensor(n_k - 1, device=lo.device))
-    used = torch.arange(n_seg, device=lo.device) < seg_cnt[..., None]
-    n_tiles = torch.where(used & (k_hi >= k_lo), (k_hi - k_lo + block_n) // block_n, 0)
+    k_lo, n_tiles = _segment_tiles(seg_lo[..., :n_seg], seg_hi[..., :n_seg], seg_cnt, first_pos, last_pos, k_min,
+                                   n_k, block_n)
     ends = n_tiles.cumsum(-1)
     count = ends[..., -1]
     slots = max(1, int(count.max()))
-    t = torch.arange(slots, device=lo.device).expand(b, h, nqb, slots).contiguous()
+    t = torch.arange(slots, device=k_lo.device).expand(b, h, nqb, slots).contiguous()
     seg = torch.searchsorted(ends, t, right=True).clamp(max=n_seg - 1)  # first segment ending past t
     n0 = k_lo.gather(-1, seg) + (t - (ends - n_tiles).gather(-1, seg)) * block_n
     return seg.to(torch.int32), n0.to(torch.int32), count.to(torch.int32)
@@ -600,13 +609,10 @@ def _computed_pairs(index: VerticalSlashIndex, n_q, n_k, q_offset, kvs, sliding_
     slash = torch.zeros_like(vertical)
     n_seg = int(index.seg_cnt.max()) if index.seg_cnt.numel() else 0
     for hh in range(index.v_lo.shape[1]):
-        lo_d = index.seg_lo[:, hh, :n_seg].long()[:, None, :]  # [B,1,S]
-        hi_d = index.seg_hi[:, hh, :n_seg].long()[:, None, :]
-        k_lo = torch.maximum(first_pos[None, :, None] - hi_d, k_min[:, :, None])
-        k_hi = torch.minimum(last_pos[None, :, None] - lo_d, torch.tensor(n_k - 1, device=k_lo.device))
-        tiles = ((k_hi - k_lo + block_n) // block_n).clamp_min(0)
-        used = torch.arange(n_seg, device=k_lo.device)[None, None] < index.seg_cnt[:, hh, :, None]
-        slash[:, hh] = (tiles * used * rows[..., None]).sum((-1, -2)) * block_n
+        one = slice(hh, hh + 1)
+        _, tiles = _segment_tiles(index.seg_lo[:, one, :n_seg], index.seg_hi[:, one, :n_seg], index.seg_cnt[:, one],
+                                  first_pos, last_pos, k_min[:, None], n_k, block_n)  # [B, 1, nqb, S]
+        slash[:, hh] = (tiles[:, 0] * rows[..., None]).sum((-1, -2)) * block_n
     return vertical + slash
 
 
