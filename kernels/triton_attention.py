@@ -15,6 +15,7 @@ number, so tiles whose scores are all masked (-inf) never produce inf - inf = Na
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -30,9 +31,12 @@ _INDEX_PAD = 1 << 30  # sorts after every real key index / diagonal
 
 # Retune per head_dim / block shape / softcap and per power-of-two query length (tune_bucket),
 # not for every prompt length.
-_TUNE_KEY = ["HEAD_DIM", "BLOCK_M", "BLOCK_N", "SOFTCAP", "tune_bucket"]
+_TUNE_KEY = ["HEAD_DIM", "BLOCK_M", "BLOCK_N", "SOFTCAP", "KV_MAJOR", "tune_bucket"]
 # Diagnostic switch for benchmarks: apply the element mask on every tile, not only edge tiles.
 _MASK_EVERY_TILE = False
+# Program order (see _program_setup): kv-head-major unless PATCHATTN_KV_MAJOR=0 (benchmarks flip
+# this module flag to time both orders).
+KV_MAJOR = os.environ.get("PATCHATTN_KV_MAJOR", "1") != "0"
 
 # Hopper-oriented search space; BLOCK_M / BLOCK_N are fixed by the caller's block layout.
 _ATTN_CONFIGS = [
@@ -78,15 +82,16 @@ def _autotuned(kernel, configs, extra_key=()):
 
 @triton.jit
 def _scaled_scores(q, k, sm_scale, softcap, SOFTCAP: tl.constexpr):
-    """q [BM, BD] x k [BN, BD] -> scaled (optionally softcapped) scores in log2 units."""
+    """q [BM, BD] x k [BN, BD] -> (scores, multiplier): scores * multiplier are the scaled
+    (optionally softcapped) scores in log2 units. Without softcap the scale stays a multiplier
+    that `_online_step` folds into the exponent's FMA (one op per score less)."""
     s = tl.dot(q, tl.trans(k))
     if SOFTCAP:
         x = s * (sm_scale / softcap)
         # tanh(x) = 1 - 2 / (exp(2x) + 1): saturates cleanly to +-1 when exp over/underflows.
         s = (softcap * LOG2E) * (1.0 - 2.0 / (tl.exp2(x * (2.0 * LOG2E)) + 1.0))
-    else:
-        s = s * (sm_scale * LOG2E)
-    return s
+        return s, 1.0
+    return s, sm_scale * LOG2E
 
 
 @triton.jit
@@ -99,11 +104,12 @@ def _base_valid(pos, cols, kv_start, n_keys, window, HAS_WINDOW: tl.constexpr):
 
 
 @triton.jit
-def _online_step(s, v, m_i, l_i, acc):
-    """Fold one score tile (log2 units, masked entries -inf) into the running softmax state."""
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+def _online_step(s, c, v, m_i, l_i, acc):
+    """Fold one score tile into the running softmax state: s * c (c > 0) are the scores in log2
+    units, masked entries -inf."""
+    m_new = tl.maximum(m_i, tl.max(s, 1) * c)
     alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
+    p = tl.exp2(s * c - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return m_new, l_i, acc
@@ -145,17 +151,34 @@ def _load_rows(ptr, rows, offs_d, stride_row, row_mask, HEAD_DIM: tl.constexpr, 
 
 @triton.jit
 def _program_setup(Q, K, V, KvStart, sq_b, sq_h, sq_n, sk_b, sk_h, sv_b, sv_h, n_q, n_heads, group, q_offset,
-                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   KV_MAJOR: tl.constexpr):
     """Which (batch, query head, query block) this program owns, its q tile and its K/V bases.
 
-    Axis 0 walks heads fastest, so the G query heads of one kv head run side by side and share
-    K/V tiles through L2; axis 1 starts with the last (longest) query blocks to shorten the tail.
+    Programs start in launch order (axis 0 fastest). KV_MAJOR: all query blocks of one (batch,
+    kv head), longest first, with the G query heads of each block side by side, before the next
+    kv head: the ~one wave of resident programs then reads a single kv head's K/V, so a tile that
+    several of them select is served from L2 instead of HBM (random sparse lists are otherwise
+    HBM-bound). Otherwise: heads fastest, then query blocks from the last (longest).
     """
-    pid_bh = tl.program_id(0)
-    qb = tl.num_programs(1) - 1 - tl.program_id(1)
-    b = pid_bh // n_heads
-    h = pid_bh % n_heads
-    kvh = h // group
+    if KV_MAJOR:
+        n_qb = tl.num_programs(1)
+        lin = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+        g = lin % group
+        rest = lin // group
+        qb = n_qb - 1 - rest % n_qb
+        bk = rest // n_qb  # b * Hkv + kv head
+        n_kv = n_heads // group
+        b = bk // n_kv
+        kvh = bk % n_kv
+        h = kvh * group + g
+        pid_bh = b * n_heads + h
+    else:
+        pid_bh = tl.program_id(0)
+        qb = tl.num_programs(1) - 1 - tl.program_id(1)
+        b = pid_bh // n_heads
+        h = pid_bh % n_heads
+        kvh = h // group
 
     offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -182,10 +205,10 @@ def _block_tile(q, k_base, v_base, idx_base, t, offs_n, offs_d, pos, kv_start, n
     live = cols < n_k
     k = _load_rows(k_base, cols, offs_d, sk_n, live, HEAD_DIM, BLOCK_D, MASKED and not EVEN_N)
     v = _load_rows(v_base, cols, offs_d, sv_n, live, HEAD_DIM, BLOCK_D, MASKED and not EVEN_N)
-    s = _scaled_scores(q, k, sm_scale, softcap, SOFTCAP)
+    s, c = _scaled_scores(q, k, sm_scale, softcap, SOFTCAP)
     if MASKED:
         s = tl.where(live[None, :] & _base_valid(pos, cols, kv_start, n_k, window, HAS_WINDOW), s, float("-inf"))
-    return _online_step(s, v, m_i, l_i, acc)
+    return _online_step(s, c, v, m_i, l_i, acc)
 
 
 @triton.jit
@@ -196,10 +219,11 @@ def _block_sparse_fwd(
     n_q, n_k, n_heads, group, idx_group, q_offset, sm_scale, softcap, window, tune_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, EVEN_N: tl.constexpr, MASK_ALL: tl.constexpr,
+    KV_MAJOR: tl.constexpr,
 ):
     (pid_bh, qb, b, h, offs_m, offs_n, offs_d, pos, kv_start, first_pos, last_pos, q, k_base,
      v_base) = _program_setup(Q, K, V, KvStart, sq_b, sq_h, sq_n, sk_b, sk_h, sv_b, sv_h, n_q, n_heads, group,
-                              q_offset, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N)
+                              q_offset, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, KV_MAJOR)
     idx_h = h // idx_group  # block lists may be given per kv head (shared by the group)
     idx_base = BlockIdx + b.to(tl.int64) * si_b + idx_h.to(tl.int64) * si_h + qb.to(tl.int64) * si_q
     count = tl.load(BlockCnt + b * sc_b + idx_h * sc_h + qb)
@@ -260,7 +284,7 @@ def _slash_tile(q, k_base, v_base, ColMask, DiagMask, row_base, n0, k_hi, d_lo, 
     live = cols <= k_hi
     k = _load_rows(k_base, cols, offs_d, sk_n, live, HEAD_DIM, BLOCK_D, True)
     v = _load_rows(v_base, cols, offs_d, sv_n, live, HEAD_DIM, BLOCK_D, True)
-    s = _scaled_scores(q, k, sm_scale, softcap, SOFTCAP)
+    s, c = _scaled_scores(q, k, sm_scale, softcap, SOFTCAP)
     ok = live[None, :] & _base_valid(pos, cols, kv_start, n_k, window, HAS_WINDOW)
     dist = pos[:, None] - cols[None, :]
     if full != 0:  # a band needs no per-pair lookup of the diagonal mask (the common case)
@@ -269,7 +293,7 @@ def _slash_tile(q, k_base, v_base, ColMask, DiagMask, row_base, n0, k_hi, d_lo, 
         on_diag = tl.load(DiagMask + row_base + dist, mask=ok & (dist < n_k), other=0) != 0
     in_vertical = tl.load(ColMask + row_base + cols, mask=live, other=1)
     keep = ok & on_diag & (in_vertical == 0)[None, :]
-    return _online_step(tl.where(keep, s, float("-inf")), v, m_i, l_i, acc)
+    return _online_step(tl.where(keep, s, float("-inf")), c, v, m_i, l_i, acc)
 
 
 @triton.jit
@@ -279,11 +303,11 @@ def _vertical_slash_fwd(
     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
     n_q, n_k, n_q_blocks, n_heads, group, q_offset, sm_scale, softcap, window, n_tile_slots, tune_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, FLAT_SLASH: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, FLAT_SLASH: tl.constexpr, KV_MAJOR: tl.constexpr,
 ):
     (pid_bh, qb, b, h, offs_m, offs_n, offs_d, pos, kv_start, first_pos, last_pos, q, k_base,
      v_base) = _program_setup(Q, K, V, KvStart, sq_b, sq_h, sq_n, sk_b, sk_h, sv_b, sv_h, n_q, n_heads, group,
-                              q_offset, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N)
+                              q_offset, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, KV_MAJOR)
     row_base = pid_bh.to(tl.int64) * n_k  # [B, Hq, Nk] index / mask tensors (contiguous)
     qb_slot = pid_bh.to(tl.int64) * n_q_blocks + qb  # [B, Hq, nqb] per-block ranges
 
@@ -300,9 +324,9 @@ def _vertical_slash_fwd(
         cols = tl.load(VIdx + row_base + slot, mask=live, other=0)
         k = _load_rows(k_base, cols, offs_d, sk_n, live, HEAD_DIM, BLOCK_D, True)
         v = _load_rows(v_base, cols, offs_d, sv_n, live, HEAD_DIM, BLOCK_D, True)
-        s = _scaled_scores(q, k, sm_scale, softcap, SOFTCAP)
+        s, c = _scaled_scores(q, k, sm_scale, softcap, SOFTCAP)
         keep = live[None, :] & _base_valid(pos, cols, kv_start, n_k, window, HAS_WINDOW)
-        m_i, l_i, acc = _online_step(tl.where(keep, s, float("-inf")), v, m_i, l_i, acc)
+        m_i, l_i, acc = _online_step(tl.where(keep, s, float("-inf")), c, v, m_i, l_i, acc)
 
     # Slash part: each segment of nearby kept diagonals [d_lo, d_hi] covers one contiguous key
     # range for this query block, walked in BLOCK_N tiles.
@@ -380,7 +404,7 @@ def _launch(kernel_tuned, kernel_raw, grid, q, *args, untuned: dict, **meta):
 
 def _common_meta(d: int, block_m: int, softcap, sliding_window):
     return dict(HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=block_m, SOFTCAP=bool(softcap),
-                HAS_WINDOW=sliding_window is not None)
+                HAS_WINDOW=sliding_window is not None, KV_MAJOR=KV_MAJOR)
 
 
 # ----------------------------------------------------------------------------- public API

@@ -363,16 +363,17 @@ if triton is not None:
         return tl.where(ok, s * (sm_scale * LOG2E), float("-inf"))
 
     @triton.jit
-    def _antidiag_setup(KvStart, sq_b, sq_h, sk_b, sk_h, n_q, n_k, n_heads, group, q_offset,
+    def _antidiag_setup(KvStart, sq_b, sq_h, sk_b, sk_h, n_q, n_k, h0, n_chunk, group, q_offset,
                         STRIDE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """Program prologue of the antidiagonal kernels: which (batch, head, reduced-row tile) this
-        is, its base offsets, and the reduced-key range [lo, hi) it may see: from the group
-        holding kv_start (aligned down to the tile width, which keeps key-block cells inside one
-        tile) to the causal limit of its last row. Tiles run last-first (the longest rows first)."""
-        pid_bh = tl.program_id(0)
+        """Program prologue of the antidiagonal kernels: which (batch, head h0 + i of this launch's
+        n_chunk heads, reduced-row tile) this is, its base offsets, and the reduced-key range
+        [lo, hi) it may see: from the group holding kv_start (aligned down to the tile width, which
+        keeps key-block cells inside one tile) to the causal limit of its last row. Tiles run
+        last-first (the longest rows first)."""
+        pid_local = tl.program_id(0)  # b * n_chunk + i
         tile = tl.num_programs(1) - 1 - tl.program_id(1)
-        b = pid_bh // n_heads
-        h = pid_bh % n_heads
+        b = pid_local // n_chunk
+        h = h0 + pid_local % n_chunk
         red_rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         kv_start = tl.load(KvStart + b)
@@ -383,29 +384,39 @@ if triton is not None:
         hi = (tl.minimum(last_row * STRIDE + STRIDE, n_q) - 1 + q_offset) // STRIDE + 1
         hi = tl.minimum(hi, (n_k + STRIDE - 1) // STRIDE)
         lo = (kv_start // STRIDE) // BLOCK_N * BLOCK_N
-        return pid_bh, tile, b, h, red_rows, offs_d, kv_start, q_base, k_base, n_red_q, lo, hi
+        return pid_local, tile, b, h, red_rows, offs_d, kv_start, q_base, k_base, n_red_q, lo, hi
 
     @triton.jit
     def _antidiag_kernel(
-        Q, K, Lse2, Out, KvStart,
-        sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, so_b, so_h, so_q,
-        n_q, n_k, n_heads, group, q_offset, sm_scale, tune_bucket,
+        Q, K, Lse2, Out, KvStart, Scratch,
+        sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, so_b, so_h, so_q, ss_h, ss_q,
+        n_q, n_k, n_heads, h0, n_chunk, group, q_offset, sm_scale, tune_bucket,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, STRIDE: tl.constexpr, PER_BLOCK: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACCUMULATE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACCUMULATE: tl.constexpr, MATERIALIZE: tl.constexpr,
     ):
-        """ACCUMULATE=False: per reduced row, log2-sum-exp over its allowed reduced keys -> Lse2.
-        ACCUMULATE=True: probabilities summed into [query block, key block] cells -> Out."""
-        pid_bh, tile, b, h, red_rows, offs_d, kv_start, q_base, k_base, n_red_q, lo, hi = _antidiag_setup(
-            KvStart, sq_b, sq_h, sk_b, sk_h, n_q, n_k, n_heads, group, q_offset, STRIDE, BLOCK_D, BLOCK_M, BLOCK_N)
-        lse_off = pid_bh.to(tl.int64) * n_red_q + red_rows
+        """ACCUMULATE=False: per reduced row, log2-sum-exp over its allowed reduced keys -> Lse2
+        (MATERIALIZE: the scores also go to Scratch [B * n_chunk, NRq, NRk]).
+        ACCUMULATE=True: probabilities summed into [query block, key block] cells -> Out, from the
+        scores in Scratch (MATERIALIZE) or recomputed."""
+        pid_local, tile, b, h, red_rows, offs_d, kv_start, q_base, k_base, n_red_q, lo, hi = _antidiag_setup(
+            KvStart, sq_b, sq_h, sk_b, sk_h, n_q, n_k, h0, n_chunk, group, q_offset, STRIDE, BLOCK_D, BLOCK_M,
+            BLOCK_N)
+        lse_off = (b * n_heads + h).to(tl.int64) * n_red_q + red_rows
+        n_red_k = (n_k + STRIDE - 1) // STRIDE
+        scratch_rows = Scratch + pid_local.to(tl.int64) * ss_h + red_rows.to(tl.int64)[:, None] * ss_q
         if ACCUMULATE:
             lse2 = tl.load(Lse2 + lse_off, mask=red_rows < n_red_q, other=float("inf"))
         else:
             m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
             l_i = tl.zeros([BLOCK_M], tl.float32)
         for c0 in range(lo, hi, BLOCK_N):
-            s = _antidiag_tile(Q, K, q_base, k_base, sq_n, sk_n, red_rows, c0, offs_d, n_q, n_k, q_offset,
-                               kv_start, sm_scale, HEAD_DIM, STRIDE, BLOCK_M, BLOCK_N)
+            red_cols = c0 + tl.arange(0, BLOCK_N)
+            in_scratch = (red_rows < n_red_q)[:, None] & (red_cols < n_red_k)[None, :]
+            if MATERIALIZE and ACCUMULATE:
+                s = tl.load(scratch_rows + red_cols[None, :], mask=in_scratch, other=float("-inf"))
+            else:
+                s = _antidiag_tile(Q, K, q_base, k_base, sq_n, sk_n, red_rows, c0, offs_d, n_q, n_k, q_offset,
+                                   kv_start, sm_scale, HEAD_DIM, STRIDE, BLOCK_M, BLOCK_N)
             if ACCUMULATE:
                 p = tl.exp2(s - lse2[:, None])
                 cell = tl.sum(tl.sum(tl.reshape(p, [BLOCK_M // PER_BLOCK, PER_BLOCK, BLOCK_N // PER_BLOCK,
@@ -417,6 +428,8 @@ if triton is not None:
                 n_kb = (n_k + PER_BLOCK * STRIDE - 1) // (PER_BLOCK * STRIDE)
                 tl.store(ptrs, cell, mask=(qb < n_qb)[:, None] & (kb < n_kb)[None, :])
             else:
+                if MATERIALIZE:
+                    tl.store(scratch_rows + red_cols[None, :], s, mask=in_scratch)
                 m_new = tl.maximum(m_i, tl.max(s, 1))
                 l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
                 m_i = m_new
@@ -430,7 +443,20 @@ if triton is not None:
                          for m, n, w, st in ((64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 2),
                                              (128, 128, 8, 3))]
     _antidiag_tuned = triton.autotune(_ANTIDIAG_CONFIGS, key=["HEAD_DIM", "STRIDE", "PER_BLOCK", "ACCUMULATE",
-                                                              "tune_bucket"])(_antidiag_kernel)
+                                                              "MATERIALIZE", "tune_bucket"])(_antidiag_kernel)
+
+# The Triton path keeps the reduced scores of pass 1 in an fp32 scratch buffer, which pass 2 reads
+# back instead of recomputing them (a memory pass instead of a second GEMM of N^2 D / stride
+# FLOPs): heads run in chunks whose scratch fits this many bytes (PATCHATTN_ANTIDIAG_SCRATCH_MB,
+# default 2 GiB: 8 heads at 128k, stride 16); when one head does not fit, pass 2 recomputes the
+# scores. 0 always recomputes.
+ANTIDIAG_SCRATCH_BYTES = int(os.environ.get("PATCHATTN_ANTIDIAG_SCRATCH_MB", 2048)) << 20
+
+
+def _antidiag_head_chunk(batch: int, heads: int, n_red_q: int, n_red_k: int) -> int:
+    """Heads per launch whose scratch fits ANTIDIAG_SCRATCH_BYTES (0: do not materialise)."""
+    per_head = batch * n_red_q * n_red_k * 4
+    return min(heads, ANTIDIAG_SCRATCH_BYTES // max(per_head, 1))
 
 
 def _antidiagonal_triton(q, k, *, block_size, stride, scale, kv_start=None, q_offset=None):
@@ -441,21 +467,31 @@ def _antidiagonal_triton(q, k, *, block_size, stride, scale, kv_start=None, q_of
     k = k if k.stride(-1) == 1 else k.contiguous()
     kvs = kv_start_tensor(kv_start, b, q.device)
     per = block_size // stride
-    n_red_q = triton.cdiv(n_q, stride)
+    n_red_q, n_red_k = triton.cdiv(n_q, stride), triton.cdiv(n_k, stride)
     nqb, nkb = triton.cdiv(n_q, block_size), triton.cdiv(n_k, block_size)
     lse2 = torch.empty(b * hq, n_red_q, dtype=torch.float32, device=q.device)
     out = torch.zeros(b, hq, nqb, nkb, dtype=torch.float32, device=q.device)
-    grid = lambda meta: (b * hq, triton.cdiv(n_red_q, meta["BLOCK_M"]))  # noqa: E731
-    args = (q, k, lse2, out, kvs, *q.stride()[:3], *k.stride()[:3], *out.stride()[:3],
-            n_q, n_k, hq, hq // hkv, q_offset, scale, tune_bucket(n_q))
-    meta = dict(HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), STRIDE=stride, PER_BLOCK=per)
-    # Both passes only store (no accumulation), so autotuning's repeated launches are harmless.
-    for accumulate in (False, True):
-        if not autotuning(n_q):
-            _antidiag_kernel[grid](*args, ACCUMULATE=accumulate, BLOCK_M=64, BLOCK_N=64, **meta, num_warps=4,
-                                   num_stages=3)
-        else:
-            _antidiag_tuned[grid](*args, ACCUMULATE=accumulate, **meta)
+    chunk = _antidiag_head_chunk(b, hq, n_red_q, n_red_k)
+    materialize = chunk > 0
+    chunk = chunk or hq
+    scratch = (torch.empty(b * chunk, n_red_q, n_red_k, dtype=torch.float32, device=q.device) if materialize
+               else lse2)  # unused pointer when recomputing
+    ss = scratch.stride()[:2] if materialize else (0, 0)
+    meta = dict(HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), STRIDE=stride, PER_BLOCK=per,
+                MATERIALIZE=materialize)
+    for h0 in range(0, hq, chunk):
+        n_chunk = min(chunk, hq - h0)
+        grid = lambda meta: (b * n_chunk, triton.cdiv(n_red_q, meta["BLOCK_M"]))  # noqa: E731
+        args = (q, k, lse2, out, kvs, scratch, *q.stride()[:3], *k.stride()[:3], *out.stride()[:3], *ss,
+                n_q, n_k, hq, h0, n_chunk, hq // hkv, q_offset, scale, tune_bucket(n_q))
+        # Pass 1 only stores, pass 2 only reads the scratch and stores: autotuning's repeated
+        # launches are harmless.
+        for accumulate in (False, True):
+            if not autotuning(n_q):
+                _antidiag_kernel[grid](*args, ACCUMULATE=accumulate, BLOCK_M=64, BLOCK_N=64, **meta, num_warps=4,
+                                       num_stages=3)
+            else:
+                _antidiag_tuned[grid](*args, ACCUMULATE=accumulate, **meta)
     return out / out.sum(-1, keepdim=True).clamp_min(1e-30)
 
 
@@ -473,9 +509,9 @@ def antidiagonal_block_scores(
     XAttention uses scale = 1 / (sqrt(D) * stride). Needs block_size % stride == 0 and, on the
     Triton path, a power-of-two block_size // stride.
     impl: None (Triton on CUDA / under the interpreter, else torch), "torch" or "triton". The Triton
-    path computes the scores twice (log-sum-exp, then probabilities): a one-pass variant that kept
-    per-row partial sums in a scratch buffer ran slower on an H100 at 128k (stride 16: 36.5 vs
-    28.0 ms; stride 8: 80.2 vs 47.4 ms; evals/bench/results/prefill_vs_block_m_h100.json).
+    path runs two passes (log-sum-exp, then probabilities); pass 2 reads pass 1's scores back from
+    a scratch buffer (ANTIDIAG_SCRATCH_BYTES) instead of recomputing them. (A one-pass variant that
+    kept per-row partial sums ran slower on an H100 at 128k: stride 16: 36.5 vs 28.0 ms.)
     """
     if block_size % stride:
         raise ValueError("block_size must be a multiple of stride")

@@ -96,8 +96,36 @@ def _qkv(bsz, hq, hkv, n_q, n_k, d, dtype, device="cpu"):
 # ----------------------------------------------------------------------------- checks (shared by CPU and GPU)
 
 
+class _module_flag:
+    """Set a module attribute for the duration of a check (kernel variants chosen by a flag)."""
+
+    def __init__(self, module, name, value):
+        self.module, self.name, self.value = module, name, value
+
+    def __enter__(self):
+        self.saved = getattr(self.module, self.name)
+        if self.value is not None:
+            setattr(self.module, self.name, self.value)
+
+    def __exit__(self, *exc):
+        setattr(self.module, self.name, self.saved)
+
+
+def _program_order(kv_major):
+    from patchattn.kernels import triton_attention
+
+    return _module_flag(triton_attention, "KV_MAJOR", kv_major)
+
+
 def check_block_sparse(bsz, hq, hkv, n_q, n_k, d, bm, bn, q_offset, kv_start, window, softcap, dtype,
-                       density=0.4, device="cpu", shared_lists=False):
+                       density=0.4, device="cpu", shared_lists=False, kv_major=None):
+    with _program_order(kv_major):
+        return _check_block_sparse(bsz, hq, hkv, n_q, n_k, d, bm, bn, q_offset, kv_start, window, softcap, dtype,
+                                   density, device, shared_lists)
+
+
+def _check_block_sparse(bsz, hq, hkv, n_q, n_k, d, bm, bn, q_offset, kv_start, window, softcap, dtype,
+                        density, device, shared_lists):
     from patchattn.kernels.triton_attention import block_sparse_attention
 
     q, k, v = _qkv(bsz, hq, hkv, n_q, n_k, d, dtype, device)
@@ -116,7 +144,14 @@ def check_block_sparse(bsz, hq, hkv, n_q, n_k, d, bm, bn, q_offset, kv_start, wi
 
 
 def check_vertical_slash(bsz, hq, hkv, n_q, n_k, d, bm, bn, q_offset, kv_start, window, softcap, dtype,
-                         p_col=0.08, p_diag=0.08, device="cpu", diag_group=1, flat=False):
+                         p_col=0.08, p_diag=0.08, device="cpu", diag_group=1, flat=False, kv_major=None):
+    with _program_order(kv_major):
+        return _check_vertical_slash(bsz, hq, hkv, n_q, n_k, d, bm, bn, q_offset, kv_start, window, softcap, dtype,
+                                     p_col, p_diag, device, diag_group, flat)
+
+
+def _check_vertical_slash(bsz, hq, hkv, n_q, n_k, d, bm, bn, q_offset, kv_start, window, softcap, dtype,
+                          p_col, p_diag, device, diag_group, flat):
     from patchattn.kernels.triton_attention import (
         vertical_slash_attention, vertical_slash_index, vertical_slash_pair_counts)
 
@@ -206,7 +241,18 @@ def _brute_antidiagonal(q, k, bs, stride, scale, kvs, q_offset):
     return out / out.sum(-1, keepdim=True).clamp_min(1e-30)
 
 
-def check_antidiagonal(bsz, hq, hkv, n_q, n_k, d, bs, stride, kv_start, dtype, device="cpu"):
+def check_antidiagonal(bsz, hq, hkv, n_q, n_k, d, bs, stride, kv_start, dtype, device="cpu", scratch_heads=None):
+    """scratch_heads: the Triton path's scratch budget in heads' worth of scores (0: pass 2
+    recomputes them; 1.5: one head per launch)."""
+    from patchattn.kernels import triton_estimators
+
+    per_head = bsz * -(-n_q // stride) * -(-n_k // stride) * 4
+    budget = None if scratch_heads is None else int(scratch_heads * per_head)
+    with _module_flag(triton_estimators, "ANTIDIAG_SCRATCH_BYTES", budget):
+        return _check_antidiagonal(bsz, hq, hkv, n_q, n_k, d, bs, stride, kv_start, dtype, device)
+
+
+def _check_antidiagonal(bsz, hq, hkv, n_q, n_k, d, bs, stride, kv_start, dtype, device):
     from patchattn.kernels.triton_estimators import antidiagonal_block_scores
 
     q, k, _ = _qkv(bsz, hq, hkv, n_q, n_k, d, dtype, device)
@@ -330,6 +376,9 @@ CPU_CASES = {
     "bs_unequal_blocks_d64": (check_block_sparse, dict(bsz=2, hq=2, hkv=2, n_q=100, n_k=100, d=64, bm=32, bn=16,
                                                        q_offset=0, kv_start=[0, 99], window=None, softcap=None,
                                                        dtype=F32)),
+    "bs_gqa_pad_heads_fastest": (check_block_sparse, dict(bsz=2, hq=4, hkv=2, n_q=100, n_k=100, d=32, bm=32,
+                                                          bn=32, q_offset=0, kv_start=[0, 37], window=None,
+                                                          softcap=None, dtype=F32, kv_major=False)),
     "bs_shared_group_lists_d48": (check_block_sparse, dict(bsz=1, hq=4, hkv=2, n_q=96, n_k=96, d=48, bm=16, bn=16,
                                                            q_offset=0, kv_start=[0], window=None, softcap=None,
                                                            dtype=F32, shared_lists=True)),
@@ -338,6 +387,9 @@ CPU_CASES = {
     "vs_offset_window_cap": (check_vertical_slash, dict(bsz=1, hq=2, hkv=2, n_q=70, n_k=150, d=16, bm=16, bn=32,
                                                         q_offset=80, kv_start=[5], window=50, softcap=20.0, dtype=F16,
                                                         p_col=0.2, p_diag=0.3)),
+    "vs_gqa_pad_heads_fastest": (check_vertical_slash, dict(bsz=2, hq=4, hkv=2, n_q=150, n_k=150, d=32, bm=32, bn=32,
+                                                            q_offset=0, kv_start=[0, 37], window=None, softcap=None,
+                                                            dtype=F32, kv_major=False)),
     "vs_band_only": (check_vertical_slash, dict(bsz=2, hq=2, hkv=1, n_q=120, n_k=120, d=16, bm=16, bn=16, q_offset=0,
                                                 kv_start=[0, 9], window=None, softcap=None, dtype=F32, p_col=0.05,
                                                 p_diag=0.0)),
@@ -364,6 +416,10 @@ CPU_CASES = {
                                          dtype=F16)),
     "antidiag_pad": (check_antidiagonal, dict(bsz=2, hq=4, hkv=2, n_q=200, n_k=200, d=16, bs=32, stride=4,
                                               kv_start=[0, 45], dtype=F32)),
+    "antidiag_recompute": (check_antidiagonal, dict(bsz=2, hq=4, hkv=2, n_q=200, n_k=200, d=16, bs=32, stride=4,
+                                                    kv_start=[0, 45], dtype=F32, scratch_heads=0)),
+    "antidiag_head_chunks": (check_antidiagonal, dict(bsz=2, hq=4, hkv=2, n_q=200, n_k=200, d=16, bs=32, stride=4,
+                                                      kv_start=[0, 45], dtype=F32, scratch_heads=2.5)),
     "antidiag_offset_f16": (check_antidiagonal, dict(bsz=1, hq=2, hkv=1, n_q=90, n_k=130, d=32, bs=64, stride=8,
                                                      kv_start=[7], dtype=F16)),
     "pooled": (check_pooled, dict(bsz=2, hq=4, hkv=2, n_q=200, n_k=200, d=16, bs=32, kv_start=[0, 45])),
@@ -461,7 +517,8 @@ BF16 = torch.bfloat16
 
 
 @pytest.mark.parametrize("d", [64, 128, 256])
-@pytest.mark.parametrize("variant", ["plain", "pad_cap", "offset_window", "blocks128", "shared_lists"])
+@pytest.mark.parametrize("variant", ["plain", "pad_cap", "offset_window", "blocks128", "shared_lists",
+                                     "heads_fastest"])
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_block_sparse_gpu(one_config, d, variant):
@@ -476,6 +533,8 @@ def test_block_sparse_gpu(one_config, d, variant):
         kw.update(bm=128, bn=128)
     elif variant == "shared_lists":
         kw.update(shared_lists=True)
+    elif variant == "heads_fastest":  # PATCHATTN_KV_MAJOR=0
+        kw.update(kv_major=False, kv_start=[0, 77])
     res = check_block_sparse(**kw)
     assert not res["nan"] and res["same"] and res["out"] <= 1e-2 and res["lse"] <= 2e-2, res
 
@@ -523,9 +582,10 @@ def test_estimators_gpu(one_config):
     assert r["triton"] <= 1e-3, r
     r = check_last_q(1, 4, 1, 64, 3000, 64, [0], 30.0, BF16, device="cuda")
     assert r["triton"] <= 1e-3, r
-    for bs, stride in ((128, 8), (128, 16), (64, 8)):
-        r = check_antidiagonal(2, 8, 2, 2000, 2000, 128, bs, stride, [0, 111], BF16, device="cuda")
-        assert r["triton"] <= 1e-3, r
+    for bs, stride, heads in ((128, 8, None), (128, 16, None), (64, 8, None), (128, 16, 0), (128, 8, 3)):
+        r = check_antidiagonal(2, 8, 2, 2000, 2000, 128, bs, stride, [0, 111], BF16, device="cuda",
+                               scratch_heads=heads)
+        assert r["triton"] <= 1e-3, (bs, stride, heads, r)
 
 
 if __name__ == "__main__":

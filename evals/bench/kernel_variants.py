@@ -1,0 +1,170 @@
+"""A/B timings of kernel implementation switches on CUDA, same inputs, one table.
+
+    python -m patchattn.evals.bench.kernel_variants --seqlens 32k,128k --out results/kernel_variants.json
+
+Rows (Llama-3-8B attention shapes, bf16, as in prefill.py):
+* block-sparse (random per-head lists, tile 128) at each density, and with every causal block,
+  under each program order (`triton_attention.KV_MAJOR`: kv-head-major vs heads-fastest);
+* the vertical-slash kernel (slash_group 64, structured and weak-locality inputs) under each order;
+* the antidiagonal estimator with pass 2 reading pass 1's scores from scratch vs recomputing them
+  (`triton_estimators.ANTIDIAG_SCRATCH_BYTES`).
+Each row also records the max |difference| between the variants' outputs (same math, other
+order of work: expected at rounding level).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from patchattn.evals.bench.prefill import (
+    D, causal_pairs, cuda_time, parse_lengths, random_block_lists, random_inputs, sdpa, structured_inputs,
+    vertical_slash_pipeline,
+)
+from patchattn.kernels import triton_attention as ta
+from patchattn.kernels import triton_estimators as te
+
+ORDERS = {"kv_major": True, "heads_fastest": False}
+
+
+def _max_diff(a, b):
+    return float((a.float() - b.float()).abs().max())
+
+
+def _per_order(fn):
+    """{order: (ms, output)} with ta.KV_MAJOR set per order."""
+    saved = ta.KV_MAJOR
+    out = {}
+    try:
+        for name, flag in ORDERS.items():
+            ta.KV_MAJOR = flag
+            result = fn()  # compile / autotune this variant
+            out[name] = (cuda_time(fn), result)
+    finally:
+        ta.KV_MAJOR = saved
+    return out
+
+
+def _order_row(label, timed, reference_ms):
+    (a, out_a), (b, out_b) = timed["kv_major"], timed["heads_fastest"]
+    return {"row": label, "kv_major_ms": a, "heads_fastest_ms": b, "speedup": b / a,
+            "max_abs_diff": _max_diff(out_a, out_b), "reference_ms": reference_ms}
+
+
+def bench_orders(n, densities, block):
+    q, k, v = random_inputs(n)
+    scale = D ** -0.5
+    sdpa_ms = cuda_time(lambda: sdpa(q, k, v))
+    rows = []
+    causal = causal_pairs(n)
+    for density in densities:
+        index, count, pairs = random_block_lists(n, density, seed=int(density * 1000), block=block)
+        timed = _per_order(lambda: ta.block_sparse_attention(q, k, v, index, count, scale=scale, block_m=block,
+                                                             block_n=block)[0])
+        row = _order_row(f"block_sparse density {pairs / causal:.3f}", timed, pairs / causal * sdpa_ms)
+        row["density"] = pairs / causal
+        rows.append(row)
+        del index, count
+    nb = n // block
+    full_index = torch.arange(nb, device="cuda", dtype=torch.int32).expand(1, q.shape[1], nb, nb).contiguous()
+    full_count = torch.arange(1, nb + 1, device="cuda", dtype=torch.int32).expand(1, q.shape[1], nb).contiguous()
+    timed = _per_order(lambda: ta.block_sparse_attention(q, k, v, full_index, full_count, scale=scale, block_m=block,
+                                                         block_n=block)[0])
+    rows.append({**_order_row("block_sparse all blocks", timed, sdpa_ms), "density": 1.0})
+    del full_index, full_count, q, k, v
+    torch.cuda.empty_cache()
+
+    for locality, label in ((1.5, "structured"), (0.6, "weak locality")):
+        q, k, v = structured_inputs(n, locality=locality)
+        n_vertical, n_slash = max(64, int(0.01 * n)), max(64, int(0.03 * n))
+        _, (cols, diags, index) = vertical_slash_pipeline(q, k, v, n_vertical, n_slash, slash_group=64)
+        timed = _per_order(lambda: ta.vertical_slash_attention(q, k, v, cols, diags, scale=scale, index=index,
+                                                               block_m=64)[0])
+        kept = int(ta.vertical_slash_pair_counts(cols, diags, n_q=n)["kept"].sum()) / causal
+        rows.append({**_order_row(f"vertical_slash g64 kernel ({label})", timed, kept * sdpa_ms), "density": kept})
+        del q, k, v, cols, diags, index
+        torch.cuda.empty_cache()
+    return sdpa_ms, rows
+
+
+def bench_antidiagonal(n, sdpa_ms, strides):
+    q, k, _ = structured_inputs(n)
+    scale = D ** -0.5
+    rows = []
+    saved = te.ANTIDIAG_SCRATCH_BYTES
+    try:
+        for stride in strides:
+            res = {}
+            for name, budget in (("scratch", saved), ("recompute", 0)):
+                te.ANTIDIAG_SCRATCH_BYTES = budget
+                fn = lambda: te.antidiagonal_block_scores(q, k, block_size=128, stride=stride,  # noqa: E731
+                                                          scale=scale / stride)
+                out = fn()
+                torch.cuda.synchronize()
+                peak0 = torch.cuda.max_memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                fn()
+                res[name] = (cuda_time(fn), out, torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated())
+                del peak0
+            rows.append({"row": f"antidiagonal stride {stride}", "scratch_ms": res["scratch"][0],
+                         "recompute_ms": res["recompute"][0], "speedup": res["recompute"][0] / res["scratch"][0],
+                         "scratch_pct_of_sdpa": 100 * res["scratch"][0] / sdpa_ms,
+                         "recompute_pct_of_sdpa": 100 * res["recompute"][0] / sdpa_ms,
+                         "scratch_peak_extra_mb": res["scratch"][2] / 2 ** 20,
+                         "max_abs_diff": _max_diff(res["scratch"][1], res["recompute"][1])})
+    finally:
+        te.ANTIDIAG_SCRATCH_BYTES = saved
+    return rows
+
+
+def print_table(report):
+    print("\n| N | row | kv-major ms | heads-fastest ms | speedup | ratio vs density x SDPA (kv-major) | max diff |")
+    print("|---|---|---|---|---|---|---|")
+    for r in report["results"]:
+        for row in r["orders"]:
+            print(f"| {r['n']} | {row['row']} | {row['kv_major_ms']:.2f} | {row['heads_fastest_ms']:.2f} | "
+                  f"{row['speedup']:.2f} | {row['kv_major_ms'] / row['reference_ms']:.2f} | {row['max_abs_diff']:.1e} |")
+    print("\n| N | estimator | scratch ms (% SDPA) | recompute ms (% SDPA) | scratch peak MiB | max diff |")
+    print("|---|---|---|---|---|---|")
+    for r in report["results"]:
+        for row in r["antidiagonal"]:
+            print(f"| {r['n']} | {row['row']} | {row['scratch_ms']:.2f} ({row['scratch_pct_of_sdpa']:.1f} %) | "
+                  f"{row['recompute_ms']:.2f} ({row['recompute_pct_of_sdpa']:.1f} %) | "
+                  f"{row['scratch_peak_extra_mb']:.0f} | {row['max_abs_diff']:.1e} |")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seqlens", default="32k,128k")
+    parser.add_argument("--densities", default="0.1")
+    parser.add_argument("--block", type=int, default=128)
+    parser.add_argument("--strides", default="16,8")
+    parser.add_argument("--out", default="evals/bench/results/kernel_variants.json")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("needs a CUDA device")
+    import triton
+
+    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+              "timing": "median of CUDA-event timings after warm-up", "results": []}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for n in parse_lengths(args.seqlens):
+        t0 = time.time()
+        sdpa_ms, orders = bench_orders(n, [float(x) for x in args.densities.split(",")], args.block)
+        report["results"].append({"n": n, "sdpa_ms": sdpa_ms, "orders": orders})
+        out.write_text(json.dumps(report, indent=1))
+        report["results"][-1]["antidiagonal"] = bench_antidiagonal(n, sdpa_ms, [int(s) for s in args.strides.split(",")])
+        report["results"][-1]["wall_s"] = time.time() - t0
+        out.write_text(json.dumps(report, indent=1))
+        print(f"N={n} done in {time.time() - t0:.0f}s", flush=True)
+    print_table(report)
+    return report
+
+
+if __name__ == "__main__":
+    main()
