@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_estimators import autotuning, kv_start_tensor, tune_bucket
+from .triton_estimators import _interpreting, autotuning, kv_start_tensor, tune_bucket
 
 LOG2E = tl.constexpr(1.4426950408889634)
 _INDEX_PAD = 1 << 30  # sorts after every real key index / diagonal
@@ -44,6 +44,14 @@ _ATTN_CONFIGS = [
 ]
 _TILE_N_CONFIGS = [triton.Config({"BLOCK_N": n}, num_warps=c.num_warps, num_stages=c.num_stages)
                    for n in (64, 128) for c in _ATTN_CONFIGS]
+# Block-sparse: the kernel's tile (BLOCK_M rows x BLOCK_N keys) may be a fraction of the lists'
+# blocks (LIST_M x LIST_N): smaller tiles leave room for two programs per SM, whose prologues,
+# epilogues and softmax then overlap the other's matrix work.
+_BLOCK_TILE_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
+                       for m, n, w, st in ((128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 2), (128, 64, 8, 3),
+                                           (128, 64, 4, 3), (64, 128, 4, 2), (64, 128, 4, 3), (64, 64, 4, 2),
+                                           (64, 64, 4, 3), (64, 64, 4, 4))]
+_BLOCK_TUNE_KEY = ["HEAD_DIM", "LIST_M", "LIST_N", "SOFTCAP", "KV_MAJOR", "tune_bucket"]
 _SMEM_BUDGET = 200 * 1024  # untuned launches: H100 allows 227 KB per block; leave room for scratch
 # Autotuning may try configs up to the hardware limit (a config that does not fit is skipped by
 # the autotuner): 128 x 128 tiles with 3 stages need ~224 KB at head_dim 128.
@@ -65,15 +73,19 @@ def _prune_configs(configs, named_args, **meta):
     elem = named_args["Q"].element_size()
 
     def smem(c):
-        return _smem_bytes(c.num_stages, meta["BLOCK_M"], _tile_n({**meta, **c.kwargs}), meta["BLOCK_D"], elem)
+        m = {**meta, **c.kwargs}
+        return _smem_bytes(c.num_stages, m["BLOCK_M"], _tile_n(m), m["BLOCK_D"], elem)
 
+    if "LIST_M" in meta:  # block-sparse: kernel tiles must divide the list's blocks
+        configs = [c for c in configs if meta["LIST_M"] % c.kwargs["BLOCK_M"] == 0
+                   and meta["LIST_N"] % c.kwargs["BLOCK_N"] == 0] or configs[:1]
     fits = [c for c in configs if smem(c) <= _SMEM_BUDGET_TUNED]
     deep = [c for c in fits if c.num_stages > 1]  # single-stage only when nothing deeper fits
     return deep or fits or [min(configs, key=smem)]
 
 
-def _autotuned(kernel, configs, extra_key=()):
-    return triton.autotune(configs, key=_TUNE_KEY + list(extra_key),
+def _autotuned(kernel, configs, extra_key=(), key=_TUNE_KEY):
+    return triton.autotune(configs, key=key + list(extra_key),
                            prune_configs_by={"early_config_prune": _prune_configs})(kernel)
 
 
@@ -198,9 +210,11 @@ def _program_setup(Q, K, V, KvStart, sq_b, sq_h, sq_n, sk_b, sk_h, sv_b, sv_h, n
 @triton.jit
 def _block_tile(q, k_base, v_base, idx_base, t, offs_n, offs_d, pos, kv_start, n_k, window, sk_n, sv_n, sm_scale,
                 softcap, m_i, l_i, acc, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, EVEN_N: tl.constexpr, MASKED: tl.constexpr):
-    """Fold listed key block number t into the softmax state; MASKED applies the base mask."""
-    kb = tl.load(idx_base + t)
+                SUB_N: tl.constexpr, SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, EVEN_N: tl.constexpr,
+                MASKED: tl.constexpr):
+    """Fold key tile t (tile t % SUB_N of listed block t // SUB_N) into the softmax state; MASKED
+    applies the base mask."""
+    kb = tl.load(idx_base + t // SUB_N) * SUB_N + t % SUB_N
     cols = kb * BLOCK_N + offs_n
     live = cols < n_k
     k = _load_rows(k_base, cols, offs_d, sk_n, live, HEAD_DIM, BLOCK_D, MASKED and not EVEN_N)
@@ -218,57 +232,71 @@ def _block_sparse_fwd(
     si_b, si_h, si_q, sc_b, sc_h,
     n_q, n_k, n_heads, group, idx_group, q_offset, sm_scale, softcap, window, tune_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    LIST_M: tl.constexpr, LIST_N: tl.constexpr,
     SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, EVEN_N: tl.constexpr, MASK_ALL: tl.constexpr,
     KV_MAJOR: tl.constexpr,
 ):
+    """One program: BLOCK_M query rows (a 1 / (LIST_M // BLOCK_M) slice of one listed query
+    block) against its list's key blocks, walked BLOCK_N keys at a time."""
+    SUB_N: tl.constexpr = LIST_N // BLOCK_N
     (pid_bh, qb, b, h, offs_m, offs_n, offs_d, pos, kv_start, first_pos, last_pos, q, k_base,
      v_base) = _program_setup(Q, K, V, KvStart, sq_b, sq_h, sq_n, sk_b, sk_h, sv_b, sv_h, n_q, n_heads, group,
                               q_offset, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, KV_MAJOR)
+    list_qb = qb // (LIST_M // BLOCK_M)
     idx_h = h // idx_group  # block lists may be given per kv head (shared by the group)
-    idx_base = BlockIdx + b.to(tl.int64) * si_b + idx_h.to(tl.int64) * si_h + qb.to(tl.int64) * si_q
-    count = tl.load(BlockCnt + b * sc_b + idx_h * sc_h + qb)
+    idx_base = BlockIdx + b.to(tl.int64) * si_b + idx_h.to(tl.int64) * si_h + list_qb.to(tl.int64) * si_q
+    count = tl.load(BlockCnt + b * sc_b + idx_h * sc_h + list_qb)
 
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    # Lists are ascending, so tiles that need the element mask (crossing kv_start or the window's
+    # Lists are ascending, so blocks that need the element mask (crossing kv_start or the window's
     # far edge: low block ids; crossing the diagonal or n_k: high ids) sit at the two ends. Find
     # them with short scalar scans and run the interior with a mask-free, branch-free loop that
     # the compiler can software-pipeline.
     t_hi = count
     scanning = t_hi > 0
     while scanning:
-        n_hi = tl.load(idx_base + t_hi - 1) * BLOCK_N + BLOCK_N - 1
+        n_hi = tl.load(idx_base + t_hi - 1) * LIST_N + LIST_N - 1
         scanning = (n_hi > first_pos) | (n_hi >= n_k) | MASK_ALL
         t_hi = tl.where(scanning, t_hi - 1, t_hi)
         scanning = scanning & (t_hi > 0)
     t_lo = 0
     scanning = t_lo < t_hi
     while scanning:
-        n_lo = tl.load(idx_base + t_lo) * BLOCK_N
+        n_lo = tl.load(idx_base + t_lo) * LIST_N
         scanning = n_lo < kv_start
         if HAS_WINDOW:
             scanning = scanning | (last_pos - n_lo >= window)
         t_lo = tl.where(scanning, t_lo + 1, t_lo)
         scanning = scanning & (t_lo < t_hi)
-    for t in range(0, t_lo):
+    # Key tiles of the last listed block that start past this program's last row hold no valid
+    # pair (a slice of rows above the diagonal block): skip them.
+    t_end = count * SUB_N
+    if SUB_N > 1:
+        if count > 0:
+            first_key = tl.load(idx_base + count - 1) * LIST_N
+            live_keys = tl.minimum(tl.maximum(last_pos + 1 - first_key, 0), LIST_N)
+            t_end = t_end - SUB_N + (live_keys + BLOCK_N - 1) // BLOCK_N
+            t_end = tl.maximum(t_end, t_hi * SUB_N)
+    for t in range(0, t_lo * SUB_N):
         m_i, l_i, acc = _block_tile(q, k_base, v_base, idx_base, t, offs_n, offs_d, pos, kv_start, n_k, window,
                                     sk_n, sv_n, sm_scale, softcap, m_i, l_i, acc, HEAD_DIM, BLOCK_D, BLOCK_N,
-                                    SOFTCAP, HAS_WINDOW, EVEN_N, True)
-    for t in range(t_lo, t_hi):
+                                    SUB_N, SOFTCAP, HAS_WINDOW, EVEN_N, True)
+    for t in range(t_lo * SUB_N, t_hi * SUB_N):
         m_i, l_i, acc = _block_tile(q, k_base, v_base, idx_base, t, offs_n, offs_d, pos, kv_start, n_k, window,
                                     sk_n, sv_n, sm_scale, softcap, m_i, l_i, acc, HEAD_DIM, BLOCK_D, BLOCK_N,
-                                    SOFTCAP, HAS_WINDOW, EVEN_N, False)
-    for t in range(t_hi, count):
+                                    SUB_N, SOFTCAP, HAS_WINDOW, EVEN_N, False)
+    for t in range(t_hi * SUB_N, t_end):
         m_i, l_i, acc = _block_tile(q, k_base, v_base, idx_base, t, offs_n, offs_d, pos, kv_start, n_k, window,
                                     sk_n, sv_n, sm_scale, softcap, m_i, l_i, acc, HEAD_DIM, BLOCK_D, BLOCK_N,
-                                    SOFTCAP, HAS_WINDOW, EVEN_N, True)
+                                    SUB_N, SOFTCAP, HAS_WINDOW, EVEN_N, True)
 
     _store_rows(Out, Lse, b.to(tl.int64) * so_b + h.to(tl.int64) * so_h, pid_bh.to(tl.int64) * n_q,
                 offs_m, offs_d, n_q, so_n, acc, m_i, l_i, HEAD_DIM, BLOCK_D)
 
 
-_block_sparse_tuned = _autotuned(_block_sparse_fwd, _ATTN_CONFIGS)
+_block_sparse_tuned = _autotuned(_block_sparse_fwd, _BLOCK_TILE_CONFIGS, key=_BLOCK_TUNE_KEY)
 
 
 # ----------------------------------------------------------------------------- vertical-slash kernel
@@ -391,15 +419,17 @@ def _outputs(q, out):
     return out, torch.empty(b, h, n, dtype=torch.float32, device=q.device)
 
 
-def _launch(kernel_tuned, kernel_raw, grid, q, *args, untuned: dict, **meta):
-    """Run the autotuned kernel, or (interpreter / autotuning off / short prompt) one fitting config."""
-    if autotuning(q.shape[2]):
+def _launch(kernel_tuned, kernel_raw, grid, q, *args, untuned: dict, tuned: bool = True, **meta):
+    """Run the autotuned kernel, or (interpreter / autotuning off / short prompt / tuned=False)
+    one fitting config with the `untuned` meta-parameters. grid: a tuple or a function of meta."""
+    if tuned and autotuning(q.shape[2]):
         kernel_tuned[grid](q, *args, **meta)
         return
     meta = {**meta, **untuned}
     smem = lambda st: _smem_bytes(st, meta["BLOCK_M"], _tile_n(meta), meta["BLOCK_D"], q.element_size())  # noqa: E731
     stages = next((st for st in (3, 2) if smem(st) <= _SMEM_BUDGET), 1)
-    kernel_raw[grid](q, *args, **meta, num_warps=4, num_stages=stages)
+    warps = 8 if meta["BLOCK_M"] * _tile_n(meta) >= 128 * 128 and not _interpreting() else 4
+    kernel_raw[grid if not callable(grid) else grid(meta)](q, *args, **meta, num_warps=warps, num_stages=stages)
 
 
 def _common_meta(d: int, block_m: int, softcap, sliding_window):
@@ -414,12 +444,15 @@ def block_sparse_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_index: torch.Tensor, block_count: torch.Tensor, *,
     scale: float, q_offset: int = 0, kv_start: Optional[torch.Tensor] = None, sliding_window: Optional[int] = None,
     softcap: Optional[float] = None, block_m: int = 64, block_n: int = 64, out: Optional[torch.Tensor] = None,
+    tile: Optional[Tuple[int, int]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Attention over listed key blocks per query block.
 
     block_index int32 [B, Hb, ceil(N/block_m), MAXK] holds ascending key-block ids (keys
     [kb*block_n, (kb+1)*block_n)), the first block_count[b, h, qb] of them valid. Hb is Hq
     (per-head lists) or Hkv (one list shared by each GQA group). Returns (out, lse fp32).
+    tile: the kernel's (rows, keys) per step, dividing (block_m, block_n); autotuned when None on
+    long prompts, else the lists' blocks.
     """
     q, k, v = _check_qkv(q, k, v)
     bsz, hq, n_q, d = q.shape
@@ -437,15 +470,19 @@ def block_sparse_attention(
         block_index = block_index.contiguous()
     block_count = block_count.to(torch.int32).contiguous()
     kvs = kv_start_tensor(kv_start, bsz, q.device)
-    grid = (bsz * hq, n_qb)
+    if tile is not None and (block_m % tile[0] or block_n % tile[1]):
+        raise ValueError(f"tile {tile} must divide the list blocks ({block_m}, {block_n})")
+    fixed = tile or (block_m, block_n)
+    meta = _common_meta(d, block_m, softcap, sliding_window)
+    del meta["BLOCK_M"]  # a tuned (or given) tile; the lists' blocks are LIST_M x LIST_N
     _launch(
-        _block_sparse_tuned, _block_sparse_fwd, grid,
+        _block_sparse_tuned, _block_sparse_fwd, lambda m: (bsz * hq, triton.cdiv(n_q, m["BLOCK_M"])),
         q, k, v, out, lse, block_index, block_count, kvs,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
         *block_index.stride()[:3], *block_count.stride()[:2],
         n_q, n_k, hq, hq // hkv, hq // hb, q_offset, scale, float(softcap or 0.0), int(sliding_window or 0),
-        tune_bucket(n_q), BLOCK_N=block_n, EVEN_N=n_k % block_n == 0, MASK_ALL=_MASK_EVERY_TILE,
-        untuned={}, **_common_meta(d, block_m, softcap, sliding_window),
+        tune_bucket(n_q), LIST_M=block_m, LIST_N=block_n, EVEN_N=n_k % block_n == 0, MASK_ALL=_MASK_EVERY_TILE,
+        untuned=dict(BLOCK_M=fixed[0], BLOCK_N=fixed[1]), tuned=tile is None, **meta,
     )
     return out, lse
 

@@ -118,14 +118,15 @@ def _program_order(kv_major):
 
 
 def check_block_sparse(bsz, hq, hkv, n_q, n_k, d, bm, bn, q_offset, kv_start, window, softcap, dtype,
-                       density=0.4, device="cpu", shared_lists=False, kv_major=None):
+                       density=0.4, device="cpu", shared_lists=False, kv_major=None, tile=None):
+    """tile: the kernel's (rows, keys) per step, a fraction of the lists' (bm, bn) blocks."""
     with _program_order(kv_major):
         return _check_block_sparse(bsz, hq, hkv, n_q, n_k, d, bm, bn, q_offset, kv_start, window, softcap, dtype,
-                                   density, device, shared_lists)
+                                   density, device, shared_lists, tile)
 
 
 def _check_block_sparse(bsz, hq, hkv, n_q, n_k, d, bm, bn, q_offset, kv_start, window, softcap, dtype,
-                        density, device, shared_lists):
+                        density, device, shared_lists, tile):
     from patchattn.kernels.triton_attention import block_sparse_attention
 
     q, k, v = _qkv(bsz, hq, hkv, n_q, n_k, d, dtype, device)
@@ -138,7 +139,8 @@ def _check_block_sparse(bsz, hq, hkv, n_q, n_k, d, bm, bn, q_offset, kv_start, w
     keep = base_keep(bsz, n_q, n_k, q_offset, kvs, window, device) & tokens
     out = torch.full_like(q, float("nan"))
     o, lse = block_sparse_attention(q, k, v, index, count, scale=d ** -0.5, q_offset=q_offset, kv_start=kvs.to(device),
-                                    sliding_window=window, softcap=softcap, block_m=bm, block_n=bn, out=out)
+                                    sliding_window=window, softcap=softcap, block_m=bm, block_n=bn, out=out,
+                                    tile=tile)
     ref, ref_lse = dense_oracle(q, k, v, keep, d ** -0.5, softcap, torch.float64 if device == "cpu" else torch.float32)
     return dict(out=rel_err(o, ref), lse=_lse_err(lse, ref_lse), nan=bool(o.isnan().any()), same=o is out)
 
@@ -376,6 +378,12 @@ CPU_CASES = {
     "bs_unequal_blocks_d64": (check_block_sparse, dict(bsz=2, hq=2, hkv=2, n_q=100, n_k=100, d=64, bm=32, bn=16,
                                                        q_offset=0, kv_start=[0, 99], window=None, softcap=None,
                                                        dtype=F32)),
+    "bs_subtiles_offset_window": (check_block_sparse, dict(bsz=2, hq=4, hkv=2, n_q=90, n_k=150, d=16, bm=32, bn=32,
+                                                           q_offset=60, kv_start=[0, 41], window=45, softcap=None,
+                                                           dtype=F32, tile=(16, 8))),
+    "bs_subtiles_pad_cap": (check_block_sparse, dict(bsz=2, hq=2, hkv=1, n_q=100, n_k=100, d=32, bm=32, bn=32,
+                                                     q_offset=0, kv_start=[0, 37], window=None, softcap=15.0,
+                                                     dtype=F16, tile=(8, 16))),
     "bs_gqa_pad_heads_fastest": (check_block_sparse, dict(bsz=2, hq=4, hkv=2, n_q=100, n_k=100, d=32, bm=32,
                                                           bn=32, q_offset=0, kv_start=[0, 37], window=None,
                                                           softcap=None, dtype=F32, kv_major=False)),
@@ -518,7 +526,7 @@ BF16 = torch.bfloat16
 
 @pytest.mark.parametrize("d", [64, 128, 256])
 @pytest.mark.parametrize("variant", ["plain", "pad_cap", "offset_window", "blocks128", "shared_lists",
-                                     "heads_fastest"])
+                                     "heads_fastest", "subtiles"])
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_block_sparse_gpu(one_config, d, variant):
@@ -535,6 +543,8 @@ def test_block_sparse_gpu(one_config, d, variant):
         kw.update(shared_lists=True)
     elif variant == "heads_fastest":  # PATCHATTN_KV_MAJOR=0
         kw.update(kv_major=False, kv_start=[0, 77])
+    elif variant == "subtiles":  # 128-blocks walked in 64 x 64 tiles (an autotuning choice)
+        kw.update(bm=128, bn=128, tile=(64, 64), kv_start=[0, 77])
     res = check_block_sparse(**kw)
     assert not res["nan"] and res["same"] and res["out"] <= 1e-2 and res["lse"] <= 2e-2, res
 

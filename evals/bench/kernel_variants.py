@@ -3,8 +3,9 @@
     python -m patchattn.evals.bench.kernel_variants --seqlens 32k,128k --out results/kernel_variants.json
 
 Rows (Llama-3-8B attention shapes, bf16, as in prefill.py):
-* block-sparse (random per-head lists, tile 128) at each density, and with every causal block,
-  under each program order (`triton_attention.KV_MAJOR`: kv-head-major vs heads-fastest);
+* block-sparse (random per-head lists, blocks of 128) at each density, and with every causal
+  block, under each program order (`triton_attention.KV_MAJOR`: kv-head-major vs
+  heads-fastest), with the autotuned kernel tile, then with each tile of --tiles forced;
 * the vertical-slash kernel (slash_group 64, structured and weak-locality inputs) under each order;
 * the antidiagonal estimator with pass 2 reading pass 1's scores from scratch vs recomputing them
   (`triton_estimators.ANTIDIAG_SCRATCH_BYTES`).
@@ -55,7 +56,7 @@ def _order_row(label, timed, reference_ms):
             "max_abs_diff": _max_diff(out_a, out_b), "reference_ms": reference_ms}
 
 
-def bench_orders(n, densities, block):
+def bench_orders(n, densities, block, tiles=()):
     q, k, v = random_inputs(n)
     scale = D ** -0.5
     sdpa_ms = cuda_time(lambda: sdpa(q, k, v))
@@ -67,14 +68,21 @@ def bench_orders(n, densities, block):
                                                              block_n=block)[0])
         row = _order_row(f"block_sparse density {pairs / causal:.3f}", timed, pairs / causal * sdpa_ms)
         row["density"] = pairs / causal
+        row["config"] = str(getattr(ta._block_sparse_tuned, "best_config", None))
         rows.append(row)
+        for tile in tiles:
+            timed = _per_order(lambda: ta.block_sparse_attention(q, k, v, index, count, scale=scale, block_m=block,
+                                                                 block_n=block, tile=tile)[0])
+            rows.append({**_order_row(f"block_sparse density {pairs / causal:.3f} tile {tile[0]}x{tile[1]}", timed,
+                                      pairs / causal * sdpa_ms), "density": pairs / causal})
         del index, count
     nb = n // block
     full_index = torch.arange(nb, device="cuda", dtype=torch.int32).expand(1, q.shape[1], nb, nb).contiguous()
     full_count = torch.arange(1, nb + 1, device="cuda", dtype=torch.int32).expand(1, q.shape[1], nb).contiguous()
     timed = _per_order(lambda: ta.block_sparse_attention(q, k, v, full_index, full_count, scale=scale, block_m=block,
                                                          block_n=block)[0])
-    rows.append({**_order_row("block_sparse all blocks", timed, sdpa_ms), "density": 1.0})
+    rows.append({**_order_row("block_sparse all blocks", timed, sdpa_ms), "density": 1.0,
+                 "config": str(getattr(ta._block_sparse_tuned, "best_config", None))})
     del full_index, full_count, q, k, v
     torch.cuda.empty_cache()
 
@@ -127,7 +135,8 @@ def print_table(report):
     for r in report["results"]:
         for row in r["orders"]:
             print(f"| {r['n']} | {row['row']} | {row['kv_major_ms']:.2f} | {row['heads_fastest_ms']:.2f} | "
-                  f"{row['speedup']:.2f} | {row['kv_major_ms'] / row['reference_ms']:.2f} | {row['max_abs_diff']:.1e} |")
+                  f"{row['speedup']:.2f} | {row['kv_major_ms'] / row['reference_ms']:.2f} | {row['max_abs_diff']:.1e} |"
+                  + (f" {row['config']}" if row.get("config") else ""))
     print("\n| N | estimator | scratch ms (% SDPA) | recompute ms (% SDPA) | scratch peak MiB | max diff |")
     print("|---|---|---|---|---|---|")
     for r in report["results"]:
@@ -143,6 +152,7 @@ def main(argv=None):
     parser.add_argument("--densities", default="0.1")
     parser.add_argument("--block", type=int, default=128)
     parser.add_argument("--strides", default="16,8")
+    parser.add_argument("--tiles", default="128x128,64x64", help="kernel tiles also timed forced (untuned)")
     parser.add_argument("--out", default="evals/bench/results/kernel_variants.json")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -155,7 +165,8 @@ def main(argv=None):
     out.parent.mkdir(parents=True, exist_ok=True)
     for n in parse_lengths(args.seqlens):
         t0 = time.time()
-        sdpa_ms, orders = bench_orders(n, [float(x) for x in args.densities.split(",")], args.block)
+        tiles = [tuple(int(x) for x in t.split("x")) for t in args.tiles.split(",") if t]
+        sdpa_ms, orders = bench_orders(n, [float(x) for x in args.densities.split(",")], args.block, tiles)
         report["results"].append({"n": n, "sdpa_ms": sdpa_ms, "orders": orders})
         out.write_text(json.dumps(report, indent=1))
         report["results"][-1]["antidiagonal"] = bench_antidiagonal(n, sdpa_ms, [int(s) for s in args.strides.split(",")])
