@@ -47,7 +47,8 @@ except ImportError:  # pragma: no cover - running from a checkout without the pa
     from recipes import Recipe, RecipeError, load_recipe  # type: ignore
 
 PromptSource = Union[None, str, Path, Sequence[str]]
-PROFILE_VERSION = 2  # bump when profile contents change (invalidates caches)
+SYNTHETIC = "synthetic"  # prompt source name: generated needle prompts (load_prompts)
+PROFILE_VERSION = 3  # bump when profile contents change (invalidates caches); 3: kl_last
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -85,9 +86,17 @@ def load_prompts(tokenizer, source: PromptSource, length: int, n: int, seed: int
 
     Texts shorter than `length` are joined with the next ones (blank line between); a single
     long text file is cut into consecutive pieces. Which `n` prompts are used is a seeded
-    shuffle of the texts. With no source, synthetic needle prompts are generated
-    (passkey / niah_single / niah_multikey alternately, evals/synthetic.py, built-in filler)."""
-    if source is None:
+    shuffle of the texts. With no source (or the source name ``synthetic``), synthetic needle
+    prompts are generated (passkey / niah_single / niah_multikey alternately, evals/synthetic.py,
+    built-in filler).
+
+    A mix of sources is a string of comma-separated sources, e.g. ``"corpus_dir,synthetic"``: the
+    `n` prompts are split evenly between them (the first sources take the remainder) and
+    interleaved (A, B, A, B, ...), so the first prompts (check and verify prompts) come from every
+    source. A directory literally named ``synthetic`` is given as ``./synthetic``."""
+    if isinstance(source, str) and "," in source and not Path(source).exists():
+        return _mixed_prompts(tokenizer, [s.strip() for s in source.split(",")], length, n, seed)
+    if source is None or (isinstance(source, str) and source == SYNTHETIC):
         return _synthetic_prompts(tokenizer, length, n, seed), f"synthetic(passkey,niah_single,niah_multikey;seed={seed})"
     if isinstance(source, (list, tuple)):
         texts = [(f"item{i}", t) for i, t in enumerate(source)]
@@ -121,27 +130,83 @@ def load_prompts(tokenizer, source: PromptSource, length: int, n: int, seed: int
     return prompts, desc
 
 
+def _mixed_prompts(tokenizer, sources: List[str], length: int, n: int, seed: int) -> Tuple[List[List[int]], str]:
+    """load_prompts over several sources: n split evenly, results interleaved (see load_prompts)."""
+    if any(not s for s in sources):
+        raise ValueError(f"prompts: empty source in the list {','.join(sources)!r}")
+    if len(set(sources)) != len(sources):
+        raise ValueError(f"prompts: a source is listed twice in {','.join(sources)!r}")
+    if n < len(sources):
+        raise ValueError(f"prompts: {n} samples cannot be split between {len(sources)} sources (give --samples >= "
+                         f"{len(sources)})")
+    parts, descs = [], []
+    for j, src in enumerate(sources):
+        share = n // len(sources) + (j < n % len(sources))
+        ids, desc = load_prompts(tokenizer, src, length, share, seed)
+        parts.append(ids)
+        descs.append(f"{desc}[{len(ids)}]")
+    mixed = [part[i] for i in range(max(len(p) for p in parts)) for part in parts if i < len(part)]
+    return mixed, "+".join(descs)
+
+
 def _synthetic_prompts(tokenizer, length: int, n: int, seed: int) -> List[List[int]]:
+    """`n` needle prompts of exactly `length` tokens, passkey / niah_single / niah_multikey in turn.
+
+    Each task's needle depths spread over the whole haystack (0..1, evals/synthetic.py
+    `depths_for` over that task's share of the n prompts), and every prompt ends with its question,
+    whose rows are the ones that retrieve the needle. A sample is generated a few tokens longer
+    than `length` and cut at its start, inside the fixed instructions (before any needle), keeping
+    BOS; a sample that lands short is generated again with more slack."""
     from .evals import synthetic
 
     tasks = ["passkey", "niah_single", "niah_multikey"]
-    # Ask for a little more than `length` (prompts land up to 2 % short) and keep the first
-    # `length` tokens.
-    target = int(length * 1.03) + 16
-    samples = {}
-    for t in tasks:
+    bos = tokenizer.bos_token_id
+    tol = max(2, length // 400) + 2  # evals/synthetic._fit lands at most ~target // 400 under target
+
+    def sized(task: str, count: int) -> List[List[int]]:
+        todo: List[Optional[List[int]]] = [None] * count
+        for extra in (tol, 4 * tol, 16 * tol):
+            if all(x is not None for x in todo):
+                break
+            for i, s in enumerate(synthetic.generate_samples(task, tokenizer, length + extra, count, seed=seed)):
+                ids = _encode(tokenizer, s.prompt)
+                if todo[i] is None and len(ids) >= length:
+                    head = ids[:1] if bos is not None and ids[:1] == [bos] else []
+                    todo[i] = head + ids[len(ids) - (length - len(head)):]
+        if any(x is None for x in todo):
+            raise _ShortPrompt(f"prompts: synthetic {task} prompts land short of {length} tokens")
+        return todo  # type: ignore[return-value]
+
+    while tasks:
+        share = [n // len(tasks) + (j < n % len(tasks)) for j in range(len(tasks))]
         try:
-            samples[t] = synthetic.generate_samples(t, tokenizer, target, n, seed=seed)
+            queues = [sized(t, k) for t, k in zip(tasks, share)]
+        except _ShortPrompt:
+            raise
         except ValueError:
-            continue  # this task's fixed instructions do not fit a prompt this short
-    if not samples:
-        raise ValueError(f"prompts: no synthetic task fits {length} tokens")
-    tasks = list(samples)
-    out = []
-    for i in range(n):
-        s = samples[tasks[i % len(tasks)]][i // len(tasks)]
-        out.append(_encode(tokenizer, s.prompt)[:length])
-    return out
+            # This task's fixed instructions do not fit a prompt this short: the others share n.
+            fitting = [t for t in tasks if not _fits_not(synthetic, t, tokenizer, length, seed)]
+            if len(fitting) == len(tasks):
+                raise
+            tasks = fitting
+            continue
+        out: List[List[int]] = []
+        for i in range(max(share)):  # round-robin over the tasks
+            out += [q[i] for q in queues if i < len(q)]
+        return out
+    raise ValueError(f"prompts: no synthetic task fits {length} tokens")
+
+
+class _ShortPrompt(ValueError):
+    """A synthetic prompt that fits stays shorter than asked, even with extra slack."""
+
+
+def _fits_not(synthetic, task: str, tokenizer, length: int, seed: int) -> bool:
+    try:
+        synthetic.generate_samples(task, tokenizer, length, 1, seed=seed)
+        return False
+    except ValueError:
+        return True
 
 
 # ----------------------------------------------------------------------------- fingerprints
@@ -346,8 +411,9 @@ def calibrate(model, tokenizer, prompts: PromptSource = None, recipe: Union[str,
               cache: Union[None, str, Path] = None) -> Plan:
     """Profile `model` on `prompts` and return a calibrated Plan (see the module docstring).
 
-    prompts: a directory, a .jsonl or text file, a list of strings, or None for synthetic needle
-    prompts. lengths: >= 2 calibration lengths (budgets are fitted to hold at all of them);
+    prompts: a directory, a .jsonl or text file, a list of strings, None or "synthetic" for
+    synthetic needle prompts, or a comma-separated mix of sources ("DIR,synthetic"; the `samples`
+    prompts are split evenly between them, see `load_prompts`). lengths: >= 2 calibration lengths (budgets are fitted to hold at all of them);
     check_length: a third length the result is checked on (default: midway between the two
     shortest). `timing`, if a dict, receives the phase durations whatever `record_timing` says.
     cache: a folder where profiles (and retrieval scores) are stored and reused, keyed by
@@ -382,7 +448,7 @@ def calibrate(model, tokenizer, prompts: PromptSource = None, recipe: Union[str,
     # Profiles depend on the inputs and the candidate set, not on the target: a cache lets the
     # same profile be re-allocated under other targets / objectives without new forwards.
     profile_key = _sha(json.dumps({"version": PROFILE_VERSION, "prompts": prompt_hash, "weights": weights, "specs": specs,
-                                   "profiling": rcp.profiling.model_dump(mode="json", exclude={"verify_prompts"}), "lengths": lengths,
+                                   "profiling": rcp.profiling.model_dump(mode="json", exclude={"verify_prompts", "last_weight"}), "lengths": lengths,
                                    "check": check_length, "seed": seed}, sort_keys=True).encode())
     cache_file = Path(cache) / f"profile-{profile_key[7:]}.pt" if cache else None
 
@@ -415,6 +481,20 @@ def calibrate(model, tokenizer, prompts: PromptSource = None, recipe: Union[str,
     if rcp.objective == "output":
         err_cal = torch.stack([mean[n]["out_err"] for n in lengths]).reshape(len(lengths), m, o)
         loss = (err_cal * head_output_scale(model).reshape(1, m, 1)).mean(0)
+    elif rcp.objective == "kl" and rcp.profiling.last_weight is not None:
+        # Mean KL over the sampled rows with the last rows' share set to last_weight: the mean
+        # over the other rows is recovered from the all-row mean and the last rows' mean.
+        prof = rcp.profiling
+        n_last = {n: min(prof.last_rows, prof.rows, n) for n in lengths}
+        n_all = {n: min(prof.rows, n) for n in lengths}
+        last_cal = torch.stack([mean[n]["kl_last"] for n in lengths]).reshape(len(lengths), m, o)
+        w = prof.last_weight
+        parts = []
+        for j, n in enumerate(lengths):
+            rest = n_all[n] - n_last[n]
+            kl_rest = (kl_cal[j] * n_all[n] - last_cal[j] * n_last[n]) / rest if rest else last_cal[j]
+            parts.append(w * last_cal[j] + (1 - w) * kl_rest.clamp_min(0))
+        loss = torch.stack(parts).mean(0)
     else:
         loss = (kl_cal if rcp.objective == "kl" else 1 - recall_cal).mean(0)
     cost = dens_cal.max(0).values  # holds the budget at every calibration length
@@ -519,10 +599,11 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m", help="alias, folder, hub id or .gguf (patchattn.models.load)")
     p.add_argument("--recipe", default="budget", help="shipped recipe name (budget, vertical-slash, retrieval-heads) or YAML path")
-    p.add_argument("--prompts", help="directory of text files, .jsonl or text file (default: synthetic needle prompts)")
+    p.add_argument("--prompts", help="directory of text files, .jsonl or text file, 'synthetic' (generated needle prompts, "
+                        "the default), or a comma-separated mix such as DIR,synthetic (--samples split evenly)")
     p.add_argument("--lengths", default="4096,8192", help="comma-separated calibration lengths (>= 2)")
     p.add_argument("--check-length", type=int, help="held-out length the plan is checked on (default: midway)")
-    p.add_argument("--samples", type=int, default=8, help="number of prompts")
+    p.add_argument("--samples", type=int, default=8, help="number of prompts (in all, for a mix of sources)")
     p.add_argument("--target-density", type=float, help="override the recipe's target_density")
     p.add_argument("--target-recall", type=float, help="override the recipe's target_recall")
     p.add_argument("--seed", type=int, default=0)

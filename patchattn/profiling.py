@@ -207,23 +207,30 @@ def _rank(scores: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(order).scatter_(-1, order, ar)
 
 
-def _row_stats(kept: torch.Tensor, spread: Optional[torch.Tensor] = None):
-    """kept [H,R,K] mass per option -> (mean recall, mean KL, mean output error) each [H,K].
+def _row_stats(kept: torch.Tensor, spread: Optional[torch.Tensor] = None, last: int = 0):
+    """kept [H,R,K] mass per option -> (mean recall, mean KL, mean output error, mean KL of the
+    last `last` rows) each [H,K] (the last one zeros when `last` is 0).
 
     Output error: for a row, o_sparse - o_dense = (1 - R) (o_kept - o_dropped); the gap between
     kept and dropped values is approximated by the row's attention-weighted value spread
     (`spread` [H,R]), so the error estimate is (1 - R) * spread."""
     kept = kept.clamp(0, 1)
     err = ((1 - kept) * spread[..., None]).mean(1) if spread is not None else torch.zeros_like(kept[:, 0])
-    return kept.mean(1), (-torch.log(kept.clamp_min(1e-6))).mean(1), err
+    row_kl = -torch.log(kept.clamp_min(1e-6))
+    kl_last = row_kl[:, -last:].mean(1) if last > 0 else torch.zeros_like(kept[:, 0])
+    return kept.mean(1), row_kl.mean(1), err, kl_last
 
 
 def layer_option_stats(space: OptionSpace, q, k, rows, scale, softcap, layer: int = 0,
-                       extras: bool = True, v: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+                       extras: bool = True, v: Optional[torch.Tensor] = None,
+                       last_rows: int = 0) -> Dict[str, torch.Tensor]:
     """Signals of every option for one layer at length L = k.shape[-2].
 
     q [H,L,D], k and v [H,L,D] (already one key head per query head). Returns recall, kl,
-    out_err (zero without v), density [H, n_options] and, with `extras`, entropy and local_mass [H] (all float64 on CPU)."""
+    out_err (zero without v), kl_last (the mean KL of the last `last_rows` of the sorted `rows`
+    only, zero when 0), density [H, n_options] and, with `extras`, entropy and local_mass [H]
+    (all float64 on CPU)."""
+    last_rows = min(int(last_rows), rows.numel())
     h, length, _ = k.shape
     device = q.device
     total_pairs = causal_pairs(length)
@@ -231,7 +238,7 @@ def layer_option_stats(space: OptionSpace, q, k, rows, scale, softcap, layer: in
     ar = torch.arange(length, device=device)
     dist = rows[:, None] - ar[None, :]  # [R,L]
     dist_c = dist.clamp(min=0)
-    recall, kl, err, density = [], [], [], []
+    recall, kl, err, density, kl_last = [], [], [], [], []
     spread = None
     if v is not None:
         vf = v.float()
@@ -243,6 +250,7 @@ def layer_option_stats(space: OptionSpace, q, k, rows, scale, softcap, layer: in
         recall.append(torch.ones(h, 1, dtype=torch.float64, device=device))
         kl.append(torch.zeros(h, 1, dtype=torch.float64, device=device))
         err.append(torch.zeros(h, 1, dtype=torch.float64, device=device))
+        kl_last.append(torch.zeros(h, 1, dtype=torch.float64, device=device))
         density.append(torch.ones(h, 1, dtype=torch.float64, device=device))
 
     if space.stream_windows:
@@ -257,10 +265,10 @@ def layer_option_stats(space: OptionSpace, q, k, rows, scale, softcap, layer: in
         if sink:
             outside = dist[None, :, :sink, None] >= w[None, None, None, :]  # [1,R,sink,nW]
             band = band + (probs[:, :, :sink, None] * outside).sum(2)
-        r, c, e = _row_stats(band.double(), spread)
+        r, c, e, cl = _row_stats(band.double(), spread, last_rows)
         dens = torch.tensor([band_pairs(length, space.stream_sink, int(x)) / total_pairs for x in w.tolist()],
                             dtype=torch.float64, device=device)
-        recall.append(r[:, idx]), kl.append(c[:, idx]), err.append(e[:, idx])
+        recall.append(r[:, idx]), kl.append(c[:, idx]), err.append(e[:, idx]), kl_last.append(cl[:, idx])
         density.append(dens[idx].expand(h, -1))
 
     if space.vs_pairs:
@@ -282,7 +290,7 @@ def layer_option_stats(space: OptionSpace, q, k, rows, scale, softcap, layer: in
         both = cum[:, :, :-1, :-1]
         union = cum[:, :, :-1, -1:] + cum[:, :, -1:, :-1] - both  # [H,R,nv-1,ns-1]
         pick = torch.tensor(vi, device=device) * (ns - 1) + torch.tensor(si, device=device)
-        r, c, e = _row_stats(union.flatten(2)[..., pick], spread)
+        r, c, e, cl = _row_stats(union.flatten(2)[..., pick], spread, last_rows)
         # Exact pair counts: column j covers rows j..L-1, diagonal d covers rows d..L-1, and
         # column j meets diagonal d inside the causal triangle iff j + d <= L - 1.
         span = (length - ar).expand(h, -1)
@@ -295,7 +303,7 @@ def layer_option_stats(space: OptionSpace, q, k, rows, scale, softcap, layer: in
         overlap = overlap.cumsum(1).cumsum(2)
         kept_pairs = colp[:, :-1, None] + diagp[:, None, :-1] - overlap[:, :-1, :-1]
         dens = kept_pairs.flatten(1)[:, pick].double() / total_pairs
-        recall.append(r), kl.append(c), err.append(e), density.append(dens)
+        recall.append(r), kl.append(c), err.append(e), kl_last.append(cl), density.append(dens)
 
     if space.block_topk:
         bs = space.block_size
@@ -314,17 +322,18 @@ def layer_option_stats(space: OptionSpace, q, k, rows, scale, softcap, layer: in
         block_mass = padded.view(h, rows.numel(), nb, bs).sum(-1)
         row_bucket = bucket[:, rows // bs]  # [H,R,nb]
         mass = torch.zeros(h, rows.numel(), nk, device=device).scatter_add_(-1, row_bucket, block_mass)
-        r, c, e = _row_stats(mass.double().cumsum(-1)[..., :-1], spread)
+        r, c, e, cl = _row_stats(mass.double().cumsum(-1)[..., :-1], spread, last_rows)
         size = torch.clamp(length - blocks * bs, max=bs)  # rows (= keys) per block
         tiles = torch.where(blocks[None, :] < blocks[:, None], size[:, None] * size[None, :],
                             torch.where(blocks[None, :] == blocks[:, None], size * (size + 1) // 2, 0))
         pairs = torch.zeros(h, nk, dtype=torch.long, device=device)
         pairs.scatter_add_(-1, bucket.flatten(1), tiles.flatten().expand(h, -1))
         dens = pairs.cumsum(-1)[:, :-1].double() / total_pairs
-        recall.append(r[:, ki]), kl.append(c[:, ki]), err.append(e[:, ki]), density.append(dens[:, ki])
+        recall.append(r[:, ki]), kl.append(c[:, ki]), err.append(e[:, ki]), kl_last.append(cl[:, ki])
+        density.append(dens[:, ki])
 
     out = {"recall": torch.cat(recall, 1).cpu(), "kl": torch.cat(kl, 1).cpu(), "out_err": torch.cat(err, 1).cpu(),
-           "density": torch.cat(density, 1).cpu()}
+           "kl_last": torch.cat(kl_last, 1).cpu(), "density": torch.cat(density, 1).cpu()}
     if extras:
         # Entropy normalised by log(#keys) and the mass within 64 tokens: descriptive only.
         plogp = probs * probs.clamp_min(1e-30).log()
@@ -367,7 +376,7 @@ def profile_prompt(model, ids: Sequence[int], lengths: Sequence[int], space: Opt
         v = per_q_head(value[0], query.shape[1])
         for n in lengths:
             per_layer[n][layer] = layer_option_stats(space, q[:, :n], k[:, :n], row_sets[n], scale, softcap, layer,
-                                                     extras=n == n_extras, v=v[:, :n])
+                                                     extras=n == n_extras, v=v[:, :n], last_rows=last_rows)
         if progress is not None:
             progress.update(1)
 

@@ -113,11 +113,19 @@ class Profiling(_Strict):
     last_rows: int = Field(default=32, ge=0)
     check_prompts: int = Field(default=2, ge=1, description="prompts whose stats are also taken at the check length")
     verify_prompts: int = Field(default=1, ge=0, description="prompts re-run through the real methods at the check length")
+    last_weight: Optional[float] = Field(default=None, ge=0, le=1, description=(
+        "share of the kl objective given to the last_rows rows (the rows that produce an answer), the rest "
+        "to the other sampled rows; None: every sampled row weighs the same (last_rows / rows for the last)"))
 
     @model_validator(mode="after")
     def _fit(self):
         if self.last_rows > self.rows:
             raise ValueError(f"last_rows={self.last_rows} exceeds rows={self.rows}")
+        if self.last_weight is not None:
+            if self.last_rows == 0:
+                raise ValueError("last_weight: needs last_rows > 0")
+            if self.last_rows == self.rows and self.last_weight < 1:
+                raise ValueError(f"last_weight: every sampled row is a last row (last_rows = rows = {self.rows})")
         return self
 
 
@@ -140,7 +148,8 @@ class Recipe(_Strict):
     description: str = ""
     reference_length: int = Field(default=8192, ge=16)
     candidates: Optional[Candidates] = None
-    # kl: mean -log(recall); recall: mean lost mass; output: lost mass x value spread x |W_o head|
+    # kl: mean -log(recall) (profiling.last_weight reweights the last rows); recall: mean lost
+    # mass; output: lost mass x value spread x |W_o head|
     objective: Literal["kl", "recall", "output"] = "kl"
     target_density: Optional[float] = Field(default=None, gt=0, le=1)
     target_recall: Optional[float] = Field(default=None, gt=0, le=1)
@@ -156,6 +165,8 @@ class Recipe(_Strict):
         for key in need:
             if getattr(self, key) is None:
                 raise ValueError(f"{key}: required for kind={self.kind!r}")
+        if self.profiling.last_weight is not None and self.objective != "kl":
+            raise ValueError(f"profiling.last_weight: weights the kl objective, not objective={self.objective!r}")
         if self.others is not None:
             try:
                 HeadSpec(**self.others)
@@ -164,7 +175,10 @@ class Recipe(_Strict):
         return self
 
     def digest(self) -> str:
-        text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        data = self.model_dump(mode="json")
+        if data["profiling"]["last_weight"] is None:  # unset: the hash recipes had before the option
+            del data["profiling"]["last_weight"]
+        text = json.dumps(data, sort_keys=True)
         return "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -263,3 +263,111 @@ def test_profile_cache_reallocates_without_forwards(stories, tmp_path, monkeypat
     assert again.to_json() == first.to_json()
     looser = tiny_calibrate(model, tok, cache=tmp_path, target_density=0.8)
     assert looser.calibration["expected_density"]["128"] > first.calibration["expected_density"]["128"]
+
+
+# ----------------------------------------------------------------------------- prompt sources
+@needs(STORIES)
+def test_synthetic_prompts_end_with_their_question_and_spread_needle_depths(stories):
+    from patchattn.calibration import load_prompts
+
+    _, tok = stories
+    ids, desc = load_prompts(tok, None, 400, 6, 0)
+    assert desc.startswith("synthetic(") and [len(x) for x in ids] == [400] * 6
+    texts = [tok.decode(x) for x in ids]
+    # passkey, niah_single, niah_multikey in turn; each prompt keeps the question at its end
+    # (the rows that retrieve the needle), not a haystack cut mid-way.
+    for i, text in enumerate(texts):
+        end = "The pass key is" if i % 3 == 0 else "mentioned in the provided text is"
+        assert text.rstrip().endswith(end), (i, text[-60:])
+    # The two passkey prompts hold their needles at depth 0 and 1 (not both near the start).
+    import re
+
+    for text in (texts[0], texts[3]):
+        assert len(re.findall(r"The pass key is \d+\. Remember it", text)) == 1
+    first, last = (t.index("The pass key is") / len(t) for t in (texts[0], texts[3]))
+    assert first < 0.3 and last > 0.8, (first, last)
+    assert load_prompts(tok, "synthetic", 400, 6, 0) == (ids, desc)
+    # At 256 tokens niah_multikey's instructions do not fit: the other tasks share the prompts.
+    short, _ = load_prompts(tok, None, 256, 4, 0)
+    assert len(short) == 4 and all(len(x) == 256 for x in short)
+
+
+@needs(STORIES)
+def test_mixed_prompt_sources_split_and_interleave(stories, tmp_path):
+    from patchattn.calibration import load_prompts
+
+    _, tok = stories
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i, text in enumerate(story_prompts(4, 400)):
+        (corpus / f"s{i}.txt").write_text(text)
+    alone, alone_desc = load_prompts(tok, str(corpus), 400, 3, 0)
+    synth, _ = load_prompts(tok, None, 400, 2, 0)
+    mixed, desc = load_prompts(tok, f"{corpus},synthetic", 400, 5, 0)
+    # 5 prompts: 3 from the corpus (the first source takes the remainder), 2 synthetic, alternating.
+    assert mixed == [alone[0], synth[0], alone[1], synth[1], alone[2]]
+    assert desc == f"{alone_desc}[3]+synthetic(passkey,niah_single,niah_multikey;seed=0)[2]"
+    with pytest.raises(ValueError, match="listed twice"):
+        load_prompts(tok, f"{corpus},{corpus}", 400, 4, 0)
+    with pytest.raises(ValueError, match="cannot be split between 2 sources"):
+        load_prompts(tok, f"{corpus},synthetic", 400, 1, 0)
+    with pytest.raises(ValueError, match="empty source"):
+        load_prompts(tok, f"{corpus},", 400, 2, 0)
+    # A path that itself contains a comma is one source.
+    odd = tmp_path / "a,b"
+    odd.mkdir()
+    (odd / "s.txt").write_text(story_prompts(1, 400)[0])
+    assert load_prompts(tok, str(odd), 400, 1, 0)[1] == "a,b"
+    # End to end: the calibration records the mix as its prompt source.
+    plan = tiny_calibrate(stories[0], tok, prompts=f"{corpus},synthetic", lengths=[128, 400], check_length=256,
+                          samples=2)
+    assert plan.calibration["prompts"]["source"].endswith("+synthetic(passkey,niah_single,niah_multikey;seed=0)[1]")
+    assert plan.calibration["prompts"]["count"] == 2
+
+
+# ----------------------------------------------------------------------------- last-row weighting
+def test_kl_last_is_the_kl_of_the_last_rows():
+    torch.manual_seed(0)
+    h, n, d = 2, 200, 8
+    q, k = torch.randn(h, n, d), torch.randn(h, n, d) * 1.5
+    space = OptionSpace.from_candidates(load_recipe(TINY).candidates, 128)
+    rows = sample_rows(n, 24, 6, torch.Generator().manual_seed(0))
+    full = layer_option_stats(space, q, k, rows, 0.35, None, last_rows=6)
+    last = layer_option_stats(space, q, k, rows[-6:], 0.35, None)
+    torch.testing.assert_close(full["kl_last"], last["kl"])
+    assert not torch.equal(full["kl_last"], full["kl"])
+    assert torch.equal(layer_option_stats(space, q, k, rows, 0.35, None)["kl_last"], torch.zeros_like(full["kl"]))
+
+
+def test_last_weight_recipe_errors_name_the_key():
+    with pytest.raises(RecipeError, match=r"profiling\.last_weight"):
+        load_recipe(dict(TINY, profiling=dict(TINY["profiling"], last_weight=1.5)))
+    with pytest.raises(RecipeError, match=r"profiling.*last_weight: needs last_rows > 0"):
+        load_recipe(dict(TINY, profiling=dict(TINY["profiling"], last_rows=0, last_weight=0.5)))
+    with pytest.raises(RecipeError, match="profiling.last_weight: weights the kl objective"):
+        load_recipe(dict(TINY, objective="recall", profiling=dict(TINY["profiling"], last_weight=0.5)))
+    # Unset, the option leaves the hash of existing recipes (and shipped plans' provenance) alone.
+    assert "last_weight" not in json.dumps(load_recipe("budget").model_dump(exclude_none=True)["profiling"])
+    weighted = load_recipe(dict(TINY, profiling=dict(TINY["profiling"], last_weight=0.5)))
+    assert weighted.digest() != load_recipe(TINY).digest()
+
+
+@needs(STORIES)
+def test_last_weight_reallocates_from_one_profile(stories, tmp_path, monkeypatch):
+    import patchattn.calibration as calibration
+
+    model, tok = stories
+
+    def recipe(w):
+        return dict(TINY, profiling=dict(TINY["profiling"], last_weight=w))
+
+    plain = tiny_calibrate(model, tok, cache=tmp_path)
+    monkeypatch.setattr(calibration, "profile_prompt", lambda *a, **k: (_ for _ in ()).throw(
+        AssertionError("last_weight must not need new forwards")))
+    # The last rows' natural share of the rows gives back the plain objective's allocation.
+    share = TINY["profiling"]["last_rows"] / TINY["profiling"]["rows"]
+    same = tiny_calibrate(model, tok, cache=tmp_path, recipe=recipe(share))
+    assert same.layers == plain.layers
+    only_last = tiny_calibrate(model, tok, cache=tmp_path, recipe=recipe(1.0))
+    assert only_last.layers != plain.layers
+    assert only_last.calibration["recipe"]["hash"] != plain.calibration["recipe"]["hash"]
