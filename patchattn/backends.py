@@ -65,6 +65,8 @@ def kernels_enabled(device: torch.device) -> bool:
 # vertical_slash with slash_group=64 computes about what it keeps (128k: kept 0.036 of pairs,
 # computed 0.054) and runs 7.3x faster than SDPA there (evals/bench/results/
 # prefill_vs_slash_group_h100.json); with single diagonals it computes 0.455 and loses (0.70x).
+# Re-measured on an H200 (evals/bench/results/h200/prefill_h200.json): at 16k vertical_slash
+# (slash_group 64) runs 0.71x and block_topk 0.94x of SDPA, at 32k 2.48x and 2.40x: 32k stays.
 # The plan's own dense_below applies on top. PATCHATTN_DENSE_BELOW=<int> overrides every entry.
 # Query rows per program of the vertical_slash kernel. Taller tiles share each gathered column
 # tile and each slash band between more rows, but compute more pairs off a band's diagonals.
