@@ -129,21 +129,25 @@ def bench_antidiagonal(n, sdpa_ms, strides):
     return rows
 
 
+def _markdown(header, cells):
+    """Print a markdown table: header is a list of column names, cells an iterable of rows."""
+    print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for row in cells:
+        print("| " + " | ".join(row) + " |")
+
+
 def print_table(report):
-    print("\n| N | row | kv-major ms | heads-fastest ms | speedup | ratio vs density x SDPA (kv-major) | max diff |")
-    print("|---|---|---|---|---|---|---|")
-    for r in report["results"]:
-        for row in r["orders"]:
-            print(f"| {r['n']} | {row['row']} | {row['kv_major_ms']:.2f} | {row['heads_fastest_ms']:.2f} | "
-                  f"{row['speedup']:.2f} | {row['kv_major_ms'] / row['reference_ms']:.2f} | {row['max_abs_diff']:.1e} |"
-                  + (f" {row['config']}" if row.get("config") else ""))
-    print("\n| N | estimator | scratch ms (% SDPA) | recompute ms (% SDPA) | scratch peak MiB | max diff |")
-    print("|---|---|---|---|---|---|")
-    for r in report["results"]:
-        for row in r["antidiagonal"]:
-            print(f"| {r['n']} | {row['row']} | {row['scratch_ms']:.2f} ({row['scratch_pct_of_sdpa']:.1f} %) | "
-                  f"{row['recompute_ms']:.2f} ({row['recompute_pct_of_sdpa']:.1f} %) | "
-                  f"{row['scratch_peak_extra_mb']:.0f} | {row['max_abs_diff']:.1e} |")
+    _markdown(["N", "row", "kv-major ms", "heads-fastest ms", "speedup", "ratio vs density x SDPA (kv-major)",
+               "max diff", "tuned config"],
+              ([str(r["n"]), row["row"], f"{row['kv_major_ms']:.2f}", f"{row['heads_fastest_ms']:.2f}",
+                f"{row['speedup']:.2f}", f"{row['kv_major_ms'] / row['reference_ms']:.2f}",
+                f"{row['max_abs_diff']:.1e}", row.get("config", "")]
+               for r in report["results"] for row in r["orders"]))
+    _markdown(["N", "estimator", "scratch ms (% SDPA)", "recompute ms (% SDPA)", "scratch peak MiB", "max diff"],
+              ([str(r["n"]), row["row"], f"{row['scratch_ms']:.2f} ({row['scratch_pct_of_sdpa']:.1f} %)",
+                f"{row['recompute_ms']:.2f} ({row['recompute_pct_of_sdpa']:.1f} %)",
+                f"{row['scratch_peak_extra_mb']:.0f}", f"{row['max_abs_diff']:.1e}"]
+               for r in report["results"] for row in r.get("antidiagonal", [])))
 
 
 def main(argv=None):
