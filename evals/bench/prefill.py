@@ -448,8 +448,35 @@ def bench_length(n, densities, args, notes):
 # ----------------------------------------------------------------------------- report
 
 
+def block_sparse_cost_model(report):
+    """Per N and tile: least-squares fit of block-sparse time = fixed + per_density * density over
+    the timed densities. fixed is what a call costs beyond its pairs (per-program prologue and
+    epilogue, list scans, masked diagonal tiles); per_density / SDPA is the kernel's cost per pair
+    relative to SDPA's, the floor of `ratio_vs_density_x_sdpa` at any density."""
+    fits = []
+    for r in report["results"]:
+        for key in [k for k in r if k.startswith("block_sparse_b") and k[14:].isdigit()]:
+            pts = [(row["density"], row["block_sparse_ms"]) for row in r[key]]
+            if len(pts) < 2:
+                continue
+            mx = sum(d for d, _ in pts) / len(pts)
+            my = sum(t for _, t in pts) / len(pts)
+            slope = sum((d - mx) * (t - my) for d, t in pts) / sum((d - mx) ** 2 for d, _ in pts)
+            fits.append({"n": r["n"], "block": int(key[14:]), "fixed_ms": my - slope * mx,
+                         "per_density_ms": slope, "per_pair_vs_sdpa": slope / r["sdpa_ms"],
+                         "all_blocks_vs_sdpa": r.get(f"{key}_all_blocks_ms", float("nan")) / r["sdpa_ms"]})
+    return fits
+
+
 def print_tables(report):
     results = report["results"]
+    fits = block_sparse_cost_model(report)
+    if fits:
+        print("\n| N | tile | fixed ms | per-pair cost vs SDPA | all blocks vs SDPA |")
+        print("|---|---|---|---|---|")
+        for f in fits:
+            print(f"| {f['n']} | {f['block']} | {f['fixed_ms']:.2f} | {f['per_pair_vs_sdpa']:.2f} | "
+                  f"{f['all_blocks_vs_sdpa']:.2f} |")
     print("\n| N | tile | density | block-sparse ms | SDPA ms | flex ms | ratio vs density x SDPA |")
     print("|---|---|---|---|---|---|---|")
     for r in results:
@@ -516,7 +543,12 @@ def main(argv=None):
     parser.add_argument("--diagnostics-n", type=int, default=32 * 1024,
                         help="length at which to also time the mask-every-tile variant")
     parser.add_argument("--out", default="evals/bench/results/prefill_h100.json")
+    parser.add_argument("--print", dest="print_json", metavar="JSON", help="print the tables of a saved run and exit")
     args = parser.parse_args(argv)
+    if args.print_json:
+        report = json.loads(Path(args.print_json).read_text())
+        print_tables(report)
+        return report
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA device")
     lengths = parse_lengths("4k,8k" if args.quick else args.seqlens)
@@ -562,6 +594,7 @@ def main(argv=None):
         report["break_even"] = break_even_table(report["break_even_rows"] + report["results"], args.methods)
         save()
     report["total_wall_s"] = time.time() - t0
+    report["block_sparse_cost_model"] = block_sparse_cost_model(report)
     save()
     print_tables(report)
     return report
