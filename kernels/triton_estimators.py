@@ -453,10 +453,14 @@ if triton is not None:
 ANTIDIAG_SCRATCH_BYTES = int(os.environ.get("PATCHATTN_ANTIDIAG_SCRATCH_MB", 2048)) << 20
 
 
-def _antidiag_head_chunk(batch: int, heads: int, n_red_q: int, n_red_k: int) -> int:
-    """Heads per launch whose scratch fits ANTIDIAG_SCRATCH_BYTES (0: do not materialise)."""
+def _antidiag_head_chunk(batch: int, heads: int, n_red_q: int, n_red_k: int, device) -> int:
+    """Heads per launch whose scratch fits ANTIDIAG_SCRATCH_BYTES, and on CUDA a quarter of the
+    free memory (0: do not materialise; the results are the same either way)."""
     per_head = batch * n_red_q * n_red_k * 4
-    return min(heads, ANTIDIAG_SCRATCH_BYTES // max(per_head, 1))
+    budget = ANTIDIAG_SCRATCH_BYTES
+    if budget and device.type == "cuda":
+        budget = min(budget, torch.cuda.mem_get_info(device)[0] // 4)
+    return min(heads, budget // max(per_head, 1))
 
 
 def _antidiagonal_triton(q, k, *, block_size, stride, scale, kv_start=None, q_offset=None):
@@ -471,7 +475,7 @@ def _antidiagonal_triton(q, k, *, block_size, stride, scale, kv_start=None, q_of
     nqb, nkb = triton.cdiv(n_q, block_size), triton.cdiv(n_k, block_size)
     lse2 = torch.empty(b * hq, n_red_q, dtype=torch.float32, device=q.device)
     out = torch.zeros(b, hq, nqb, nkb, dtype=torch.float32, device=q.device)
-    chunk = _antidiag_head_chunk(b, hq, n_red_q, n_red_k)
+    chunk = _antidiag_head_chunk(b, hq, n_red_q, n_red_k, q.device)
     materialize = chunk > 0
     chunk = chunk or hq
     scratch = (torch.empty(b * chunk, n_red_q, n_red_k, dtype=torch.float32, device=q.device) if materialize
