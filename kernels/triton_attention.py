@@ -77,8 +77,11 @@ def _prune_configs(configs, named_args, **meta):
         return _smem_bytes(c.num_stages, m["BLOCK_M"], _tile_n(m), m["BLOCK_D"], elem)
 
     if "LIST_M" in meta:  # block-sparse: kernel tiles must divide the list's blocks
-        configs = [c for c in configs if meta["LIST_M"] % c.kwargs["BLOCK_M"] == 0
-                   and meta["LIST_N"] % c.kwargs["BLOCK_N"] == 0] or configs[:1]
+        lm, ln = meta["LIST_M"], meta["LIST_N"]
+        configs = ([c for c in configs if lm % c.kwargs["BLOCK_M"] == 0 and ln % c.kwargs["BLOCK_N"] == 0]
+                   # lists of smaller blocks than any searched tile: the lists' own blocks as the tile
+                   or [triton.Config({"BLOCK_M": lm, "BLOCK_N": ln}, num_warps=c.num_warps, num_stages=c.num_stages)
+                       for c in _ATTN_CONFIGS])
     fits = [c for c in configs if smem(c) <= _SMEM_BUDGET_TUNED]
     deep = [c for c in fits if c.num_stages > 1]  # single-stage only when nothing deeper fits
     return deep or fits or [min(configs, key=smem)]

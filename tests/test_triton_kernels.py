@@ -473,6 +473,23 @@ def _assert_result(name, res):
         assert all(err <= tol for err in res.values()), res
 
 
+def test_block_sparse_tuning_tiles_divide_the_list_blocks():
+    """Every config the block-sparse autotuner may run divides the lists' blocks, also for lists
+    of smaller blocks than any searched tile (block_topk with block_size 32 on a long prompt)."""
+    pytest.importorskip("triton")
+    from patchattn.kernels import triton_attention as ta
+
+    q = torch.empty(1, dtype=torch.bfloat16)
+    for lm, ln in ((128, 128), (128, 64), (64, 64), (32, 32), (256, 128)):
+        meta = dict(LIST_M=lm, LIST_N=ln, BLOCK_D=128)
+        kept = ta._prune_configs(ta._BLOCK_TILE_CONFIGS, {"Q": q}, **meta)
+        assert kept, (lm, ln)
+        for c in kept:
+            assert lm % c.kwargs["BLOCK_M"] == 0 and ln % c.kwargs["BLOCK_N"] == 0, (lm, ln, c)
+    kept = ta._prune_configs(ta._BLOCK_TILE_CONFIGS, {"Q": q}, LIST_M=32, LIST_N=32, BLOCK_D=128)
+    assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in kept} == {(32, 32)}
+
+
 # ----------------------------------------------------------------------------- CPU: interpreter worker
 
 
