@@ -113,11 +113,9 @@ def bench_antidiagonal(n, sdpa_ms, strides):
                                                           scale=scale / stride)
                 out = fn()
                 torch.cuda.synchronize()
-                peak0 = torch.cuda.max_memory_allocated()
                 torch.cuda.reset_peak_memory_stats()
                 fn()
                 res[name] = (cuda_time(fn), out, torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated())
-                del peak0
             rows.append({"row": f"antidiagonal stride {stride}", "scratch_ms": res["scratch"][0],
                          "recompute_ms": res["recompute"][0], "speedup": res["recompute"][0] / res["scratch"][0],
                          "scratch_pct_of_sdpa": 100 * res["scratch"][0] / sdpa_ms,
@@ -167,9 +165,9 @@ def main(argv=None):
               "timing": "median of CUDA-event timings after warm-up", "results": []}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    tiles = [tuple(int(x) for x in t.split("x")) for t in args.tiles.split(",") if t]
     for n in parse_lengths(args.seqlens):
         t0 = time.time()
-        tiles = [tuple(int(x) for x in t.split("x")) for t in args.tiles.split(",") if t]
         sdpa_ms, orders = bench_orders(n, [float(x) for x in args.densities.split(",")], args.block, tiles)
         report["results"].append({"n": n, "sdpa_ms": sdpa_ms, "orders": orders})
         out.write_text(json.dumps(report, indent=1))
