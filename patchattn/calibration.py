@@ -174,39 +174,25 @@ def _synthetic_prompts(tokenizer, length: int, n: int, seed: int) -> List[List[i
                     head = ids[:1] if bos is not None and ids[:1] == [bos] else []
                     todo[i] = head + ids[len(ids) - (length - len(head)):]
         if any(x is None for x in todo):
-            raise _ShortPrompt(f"prompts: synthetic {task} prompts land short of {length} tokens")
+            raise ValueError(f"prompts: synthetic {task} prompts land short of {length} tokens")
         return todo  # type: ignore[return-value]
 
-    while tasks:
-        share = [n // len(tasks) + (j < n % len(tasks)) for j in range(len(tasks))]
+    def fits(task: str) -> bool:  # its fixed instructions fit a prompt of `length` tokens
         try:
-            queues = [sized(t, k) for t, k in zip(tasks, share)]
-        except _ShortPrompt:
-            raise
+            synthetic.generate_samples(task, tokenizer, length, 1, seed=seed)
+            return True
         except ValueError:
-            # This task's fixed instructions do not fit a prompt this short: the others share n.
-            fitting = [t for t in tasks if not _fits_not(synthetic, t, tokenizer, length, seed)]
-            if len(fitting) == len(tasks):
-                raise
-            tasks = fitting
-            continue
-        out: List[List[int]] = []
-        for i in range(max(share)):  # round-robin over the tasks
-            out += [q[i] for q in queues if i < len(q)]
-        return out
-    raise ValueError(f"prompts: no synthetic task fits {length} tokens")
+            return False
 
-
-class _ShortPrompt(ValueError):
-    """A synthetic prompt that fits stays shorter than asked, even with extra slack."""
-
-
-def _fits_not(synthetic, task: str, tokenizer, length: int, seed: int) -> bool:
-    try:
-        synthetic.generate_samples(task, tokenizer, length, 1, seed=seed)
-        return False
-    except ValueError:
-        return True
+    tasks = [t for t in tasks if fits(t)]  # the tasks that fit share the n prompts
+    if not tasks:
+        raise ValueError(f"prompts: no synthetic task fits {length} tokens")
+    share = [n // len(tasks) + (j < n % len(tasks)) for j in range(len(tasks))]
+    queues = [sized(t, k) for t, k in zip(tasks, share)]
+    out: List[List[int]] = []
+    for i in range(max(share)):  # round-robin over the tasks
+        out += [q[i] for q in queues if i < len(q)]
+    return out
 
 
 # ----------------------------------------------------------------------------- fingerprints
