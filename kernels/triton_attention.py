@@ -37,6 +37,10 @@ _MASK_EVERY_TILE = False
 # Program order (see _program_setup): kv-head-major unless PATCHATTN_KV_MAJOR=0 (benchmarks flip
 # this module flag to time both orders).
 KV_MAJOR = os.environ.get("PATCHATTN_KV_MAJOR", "1") != "0"
+# Block-sparse kernel: fetch the q / K / V tiles with Hopper TMA (tensor descriptors) instead of
+# per-element pointers, where _tma_usable allows it (PATCHATTN_TMA=1; off until timed faster;
+# benchmarks and tests flip this module flag).
+TMA = os.environ.get("PATCHATTN_TMA", "0") == "1"
 
 # Hopper-oriented search space; BLOCK_M / BLOCK_N are fixed by the caller's block layout.
 _ATTN_CONFIGS = [
@@ -51,7 +55,7 @@ _BLOCK_TILE_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, 
                        for m, n, w, st in ((128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 2), (128, 64, 8, 3),
                                            (128, 64, 4, 3), (64, 128, 4, 2), (64, 128, 4, 3), (64, 64, 4, 2),
                                            (64, 64, 4, 3), (64, 64, 4, 4))]
-_BLOCK_TUNE_KEY = ["HEAD_DIM", "LIST_M", "LIST_N", "SOFTCAP", "KV_MAJOR", "tune_bucket"]
+_BLOCK_TUNE_KEY = ["HEAD_DIM", "LIST_M", "LIST_N", "SOFTCAP", "KV_MAJOR", "USE_TMA", "tune_bucket"]
 _SMEM_BUDGET = 200 * 1024  # untuned launches: H100 allows 227 KB per block; leave room for scratch
 # Autotuning may try configs up to the hardware limit (a config that does not fit is skipped by
 # the autotuner): 128 x 128 tiles with 3 stages need ~224 KB at head_dim 128.
@@ -161,14 +165,40 @@ def _load_rows(ptr, rows, offs_d, stride_row, row_mask, HEAD_DIM: tl.constexpr, 
         return tl.load(ptrs)
 
 
+@triton.jit
+def _head_rows_descriptor(base, n_b, n_h, n_rows, s_b, s_h, s_n, HEAD_DIM: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                          BLOCK_D: tl.constexpr):
+    """TMA descriptor over a whole [B, H, rows, HEAD_DIM] tensor, read BLOCK_ROWS rows of one head
+    at a time. Its bounds are the tensor's, so rows past `n_rows` and columns past HEAD_DIM come
+    back as zeros, as the masked pointer loads give them."""
+    return tl.make_tensor_descriptor(base, shape=[n_b, n_h, n_rows, HEAD_DIM], strides=[s_b, s_h, s_n, 1],
+                                     block_shape=[1, 1, BLOCK_ROWS, BLOCK_D])
+
+
+@triton.jit
+def _load_head_rows(src, b, head, row0, rows, offs_d, stride_row, row_mask, HEAD_DIM: tl.constexpr,
+                    BLOCK_D: tl.constexpr, BLOCK_ROWS: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr):
+    """Rows `rows` = row0 + [0, BLOCK_ROWS) of head (b, head) as [BLOCK_ROWS, BLOCK_D]: src is the
+    head's base pointer (`_load_rows`), or with USE_TMA a `_head_rows_descriptor`, which needs no
+    mask (the copy engine zero-fills outside the tensor)."""
+    # if / else, not an early return: triton 3.6 still compiles the code after a constexpr branch
+    # that returns, which would do pointer arithmetic on a descriptor.
+    if USE_TMA:
+        tile = tl.reshape(src.load([b, head, row0, 0]), [BLOCK_ROWS, BLOCK_D])
+    else:
+        tile = _load_rows(src, rows, offs_d, stride_row, row_mask, HEAD_DIM, BLOCK_D, MASKED)
+    return tile
+
+
 # ----------------------------------------------------------------------------- block-sparse kernel
 
 
 @triton.jit
-def _program_setup(Q, K, V, KvStart, sq_b, sq_h, sq_n, sk_b, sk_h, sv_b, sv_h, n_q, n_heads, group, q_offset,
-                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   KV_MAJOR: tl.constexpr):
-    """Which (batch, query head, query block) this program owns, its q tile and its K/V bases.
+def _program_setup(Q, K, V, KvStart, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, n_q, n_k, n_heads, group,
+                   q_offset, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, KV_MAJOR: tl.constexpr, USE_TMA: tl.constexpr):
+    """Which (batch, query head, kv head, query block) this program owns, its q tile and where its
+    K/V rows come from: its kv head's base pointers, or (USE_TMA) descriptors over all of K / V.
 
     Programs start in launch order (axis 0 fastest). KV_MAJOR: all query blocks of one (batch,
     kv head), longest first, with the G query heads of each block side by side, before the next
@@ -176,6 +206,7 @@ def _program_setup(Q, K, V, KvStart, sq_b, sq_h, sq_n, sk_b, sk_h, sv_b, sv_h, n
     several of them select is served from L2 instead of HBM (random sparse lists are otherwise
     HBM-bound). Otherwise: heads fastest, then query blocks from the last (longest).
     """
+    n_kv = n_heads // group
     if KV_MAJOR:
         n_qb = tl.num_programs(1)
         lin = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
@@ -183,7 +214,6 @@ def _program_setup(Q, K, V, KvStart, sq_b, sq_h, sq_n, sk_b, sk_h, sv_b, sv_h, n
         rest = lin // group
         qb = n_qb - 1 - rest % n_qb
         bk = rest // n_qb  # b * Hkv + kv head
-        n_kv = n_heads // group
         b = bk // n_kv
         kvh = bk % n_kv
         h = kvh * group + g
@@ -203,25 +233,35 @@ def _program_setup(Q, K, V, KvStart, sq_b, sq_h, sq_n, sk_b, sk_h, sv_b, sv_h, n
     first_pos = qb * BLOCK_M + q_offset
     last_pos = tl.minimum(qb * BLOCK_M + BLOCK_M, n_q) - 1 + q_offset
 
-    q = _load_rows(Q + b.to(tl.int64) * sq_b + h.to(tl.int64) * sq_h, offs_m, offs_d, sq_n,
-                   offs_m < n_q, HEAD_DIM, BLOCK_D, True)
-    k_base = K + b.to(tl.int64) * sk_b + kvh.to(tl.int64) * sk_h
-    v_base = V + b.to(tl.int64) * sv_b + kvh.to(tl.int64) * sv_h
-    return pid_bh, qb, b, h, offs_m, offs_n, offs_d, pos, kv_start, first_pos, last_pos, q, k_base, v_base
+    if USE_TMA:
+        n_b = tl.num_programs(0) // n_heads  # the grid's axis 0 is B * Hq in both orders
+        q_src = _head_rows_descriptor(Q, n_b, n_heads, n_q, sq_b, sq_h, sq_n, HEAD_DIM, BLOCK_M, BLOCK_D)
+        k_src = _head_rows_descriptor(K, n_b, n_kv, n_k, sk_b, sk_h, sk_n, HEAD_DIM, BLOCK_N, BLOCK_D)
+        v_src = _head_rows_descriptor(V, n_b, n_kv, n_k, sv_b, sv_h, sv_n, HEAD_DIM, BLOCK_N, BLOCK_D)
+    else:
+        q_src = Q + b.to(tl.int64) * sq_b + h.to(tl.int64) * sq_h
+        k_src = K + b.to(tl.int64) * sk_b + kvh.to(tl.int64) * sk_h
+        v_src = V + b.to(tl.int64) * sv_b + kvh.to(tl.int64) * sv_h
+    q = _load_head_rows(q_src, b, h, qb * BLOCK_M, offs_m, offs_d, sq_n, offs_m < n_q, HEAD_DIM, BLOCK_D, BLOCK_M,
+                        True, USE_TMA)
+    return pid_bh, qb, b, h, kvh, offs_m, offs_n, offs_d, pos, kv_start, first_pos, last_pos, q, k_src, v_src
 
 
 @triton.jit
-def _block_tile(q, k_base, v_base, idx_base, t, offs_n, offs_d, pos, kv_start, n_k, window, sk_n, sv_n, sm_scale,
-                softcap, m_i, l_i, acc, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                SUB_N: tl.constexpr, SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, EVEN_N: tl.constexpr,
-                MASKED: tl.constexpr):
+def _block_tile(q, k_src, v_src, b, kvh, idx_base, t, offs_n, offs_d, pos, kv_start, n_k, window, sk_n, sv_n,
+                sm_scale, softcap, m_i, l_i, acc, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                BLOCK_N: tl.constexpr, SUB_N: tl.constexpr, SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                EVEN_N: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr):
     """Fold key tile t (tile t % SUB_N of listed block t // SUB_N) into the softmax state; MASKED
-    applies the base mask."""
+    applies the base mask (also to the rows past n_k, which both load paths read as zeros)."""
     kb = tl.load(idx_base + t // SUB_N) * SUB_N + t % SUB_N
-    cols = kb * BLOCK_N + offs_n
+    n0 = kb * BLOCK_N
+    cols = n0 + offs_n
     live = cols < n_k
-    k = _load_rows(k_base, cols, offs_d, sk_n, live, HEAD_DIM, BLOCK_D, MASKED and not EVEN_N)
-    v = _load_rows(v_base, cols, offs_d, sv_n, live, HEAD_DIM, BLOCK_D, MASKED and not EVEN_N)
+    k = _load_head_rows(k_src, b, kvh, n0, cols, offs_d, sk_n, live, HEAD_DIM, BLOCK_D, BLOCK_N,
+                        MASKED and not EVEN_N, USE_TMA)
+    v = _load_head_rows(v_src, b, kvh, n0, cols, offs_d, sv_n, live, HEAD_DIM, BLOCK_D, BLOCK_N,
+                        MASKED and not EVEN_N, USE_TMA)
     s, c = _scaled_scores(q, k, sm_scale, softcap, SOFTCAP)
     if MASKED:
         s = tl.where(live[None, :] & _base_valid(pos, cols, kv_start, n_k, window, HAS_WINDOW), s, float("-inf"))
@@ -237,14 +277,15 @@ def _block_sparse_fwd(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     LIST_M: tl.constexpr, LIST_N: tl.constexpr,
     SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, EVEN_N: tl.constexpr, MASK_ALL: tl.constexpr,
-    KV_MAJOR: tl.constexpr,
+    KV_MAJOR: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """One program: BLOCK_M query rows (a 1 / (LIST_M // BLOCK_M) slice of one listed query
-    block) against its list's key blocks, walked BLOCK_N keys at a time."""
+    block) against its list's key blocks, walked BLOCK_N keys at a time. USE_TMA: tiles are
+    fetched through tensor descriptors (see `_tma_usable` for when the launcher sets it)."""
     SUB_N: tl.constexpr = LIST_N // BLOCK_N
-    (pid_bh, qb, b, h, offs_m, offs_n, offs_d, pos, kv_start, first_pos, last_pos, q, k_base,
-     v_base) = _program_setup(Q, K, V, KvStart, sq_b, sq_h, sq_n, sk_b, sk_h, sv_b, sv_h, n_q, n_heads, group,
-                              q_offset, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, KV_MAJOR)
+    (pid_bh, qb, b, h, kvh, offs_m, offs_n, offs_d, pos, kv_start, first_pos, last_pos, q, k_src,
+     v_src) = _program_setup(Q, K, V, KvStart, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, n_q, n_k,
+                             n_heads, group, q_offset, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, KV_MAJOR, USE_TMA)
     list_qb = qb // (LIST_M // BLOCK_M)
     idx_h = h // idx_group  # block lists may be given per kv head (shared by the group)
     idx_base = BlockIdx + b.to(tl.int64) * si_b + idx_h.to(tl.int64) * si_h + list_qb.to(tl.int64) * si_q
@@ -283,17 +324,17 @@ def _block_sparse_fwd(
             t_end = t_end - SUB_N + (live_keys + BLOCK_N - 1) // BLOCK_N
             t_end = tl.maximum(t_end, t_hi * SUB_N)
     for t in range(0, t_lo * SUB_N):
-        m_i, l_i, acc = _block_tile(q, k_base, v_base, idx_base, t, offs_n, offs_d, pos, kv_start, n_k, window,
-                                    sk_n, sv_n, sm_scale, softcap, m_i, l_i, acc, HEAD_DIM, BLOCK_D, BLOCK_N,
-                                    SUB_N, SOFTCAP, HAS_WINDOW, EVEN_N, True)
+        m_i, l_i, acc = _block_tile(q, k_src, v_src, b, kvh, idx_base, t, offs_n, offs_d, pos, kv_start, n_k,
+                                    window, sk_n, sv_n, sm_scale, softcap, m_i, l_i, acc, HEAD_DIM, BLOCK_D,
+                                    BLOCK_N, SUB_N, SOFTCAP, HAS_WINDOW, EVEN_N, True, USE_TMA)
     for t in range(t_lo * SUB_N, t_hi * SUB_N):
-        m_i, l_i, acc = _block_tile(q, k_base, v_base, idx_base, t, offs_n, offs_d, pos, kv_start, n_k, window,
-                                    sk_n, sv_n, sm_scale, softcap, m_i, l_i, acc, HEAD_DIM, BLOCK_D, BLOCK_N,
-                                    SUB_N, SOFTCAP, HAS_WINDOW, EVEN_N, False)
+        m_i, l_i, acc = _block_tile(q, k_src, v_src, b, kvh, idx_base, t, offs_n, offs_d, pos, kv_start, n_k,
+                                    window, sk_n, sv_n, sm_scale, softcap, m_i, l_i, acc, HEAD_DIM, BLOCK_D,
+                                    BLOCK_N, SUB_N, SOFTCAP, HAS_WINDOW, EVEN_N, False, USE_TMA)
     for t in range(t_hi * SUB_N, t_end):
-        m_i, l_i, acc = _block_tile(q, k_base, v_base, idx_base, t, offs_n, offs_d, pos, kv_start, n_k, window,
-                                    sk_n, sv_n, sm_scale, softcap, m_i, l_i, acc, HEAD_DIM, BLOCK_D, BLOCK_N,
-                                    SUB_N, SOFTCAP, HAS_WINDOW, EVEN_N, True)
+        m_i, l_i, acc = _block_tile(q, k_src, v_src, b, kvh, idx_base, t, offs_n, offs_d, pos, kv_start, n_k,
+                                    window, sk_n, sv_n, sm_scale, softcap, m_i, l_i, acc, HEAD_DIM, BLOCK_D,
+                                    BLOCK_N, SUB_N, SOFTCAP, HAS_WINDOW, EVEN_N, True, USE_TMA)
 
     _store_rows(Out, Lse, b.to(tl.int64) * so_b + h.to(tl.int64) * so_h, pid_bh.to(tl.int64) * n_q,
                 offs_m, offs_d, n_q, so_n, acc, m_i, l_i, HEAD_DIM, BLOCK_D)
@@ -336,9 +377,9 @@ def _vertical_slash_fwd(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, FLAT_SLASH: tl.constexpr, KV_MAJOR: tl.constexpr,
 ):
-    (pid_bh, qb, b, h, offs_m, offs_n, offs_d, pos, kv_start, first_pos, last_pos, q, k_base,
-     v_base) = _program_setup(Q, K, V, KvStart, sq_b, sq_h, sq_n, sk_b, sk_h, sv_b, sv_h, n_q, n_heads, group,
-                              q_offset, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, KV_MAJOR)
+    (pid_bh, qb, b, h, _, offs_m, offs_n, offs_d, pos, kv_start, first_pos, last_pos, q, k_base,
+     v_base) = _program_setup(Q, K, V, KvStart, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, n_q, n_k,
+                              n_heads, group, q_offset, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, KV_MAJOR, False)
     row_base = pid_bh.to(tl.int64) * n_k  # [B, Hq, Nk] index / mask tensors (contiguous)
     qb_slot = pid_bh.to(tl.int64) * n_q_blocks + qb  # [B, Hq, nqb] per-block ranges
 
@@ -422,6 +463,52 @@ def _outputs(q, out):
     return out, torch.empty(b, h, n, dtype=torch.float32, device=q.device)
 
 
+def _tma_compatible(t: torch.Tensor) -> bool:
+    """TMA's layout rules: a 16-byte aligned base, unit stride on the last dim, every other stride a
+    positive multiple of 16 bytes (e.g. head_dim 12 in fp16, 24-byte rows, fails)."""
+    elem = t.element_size()
+    return (t.numel() > 0 and t.data_ptr() % 16 == 0 and t.stride(-1) == 1
+            and all(s > 0 and s * elem % 16 == 0 for s in t.stride()[:-1]))
+
+
+def _tma_usable(*tensors: torch.Tensor) -> bool:
+    """Whether the block-sparse kernel can read these tensors through TMA descriptors: Hopper or
+    newer NVIDIA GPUs (ROCm reports its own capability numbers), or the interpreter (tests), and
+    layouts TMA accepts. Otherwise the pointer loads run; the caller sees no difference."""
+    dev = tensors[0].device
+    if dev.type == "cuda":
+        if torch.version.hip is not None or torch.cuda.get_device_capability(dev)[0] < 9:
+            return False
+    elif not _interpreting():
+        return False
+    return all(_tma_compatible(t) for t in tensors)
+
+
+def _tma_scratch(size: int, alignment: int, stream: Optional[int]) -> torch.Tensor:
+    # Caching-allocator blocks are 512-byte aligned, beyond the 128 bytes descriptors need.
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _current_allocator():
+    """Triton's global-scratch allocator as set now; None when unset (or this triton does not say)."""
+    try:
+        from triton.runtime import _allocation
+
+        current = _allocation._allocator
+        current = current.get() if hasattr(current, "get") else current  # a ContextVar; a module global before
+        return None if isinstance(current, _allocation.NullAllocator) else current
+    except (ImportError, AttributeError):
+        return None
+
+
+def _ensure_tma_allocator():
+    """Device-side descriptors are written to per-launch global scratch that triton requests from
+    its allocator, unset by default: install one unless the user has. Checked on every TMA launch,
+    since triton keeps the allocator per context (thread), not per process."""
+    if _current_allocator() is None:
+        triton.set_allocator(_tma_scratch)
+
+
 def _launch(kernel_tuned, kernel_raw, grid, q, *args, untuned: dict, tuned: bool = True, **meta):
     """Run the autotuned kernel, or (interpreter / autotuning off / short prompt / tuned=False)
     one fitting config with the `untuned` meta-parameters. grid: a tuple or a function of meta."""
@@ -478,6 +565,9 @@ def block_sparse_attention(
     fixed = tile or (block_m, block_n)
     meta = _common_meta(d, block_m, softcap, sliding_window)
     del meta["BLOCK_M"]  # a tuned (or given) tile; the lists' blocks are LIST_M x LIST_N
+    use_tma = TMA and _tma_usable(q, k, v)
+    if use_tma and q.is_cuda:
+        _ensure_tma_allocator()
     _launch(
         _block_sparse_tuned, _block_sparse_fwd, lambda m: (bsz * hq, triton.cdiv(n_q, m["BLOCK_M"])),
         q, k, v, out, lse, block_index, block_count, kvs,
@@ -485,7 +575,7 @@ def block_sparse_attention(
         *block_index.stride()[:3], *block_count.stride()[:2],
         n_q, n_k, hq, hq // hkv, hq // hb, q_offset, scale, float(softcap or 0.0), int(sliding_window or 0),
         tune_bucket(n_q), LIST_M=block_m, LIST_N=block_n, EVEN_N=n_k % block_n == 0, MASK_ALL=_MASK_EVERY_TILE,
-        untuned=dict(BLOCK_M=fixed[0], BLOCK_N=fixed[1]), tuned=tile is None, **meta,
+        untuned=dict(BLOCK_M=fixed[0], BLOCK_N=fixed[1]), tuned=tile is None, USE_TMA=use_tma, **meta,
     )
     return out, lse
 

@@ -117,16 +117,25 @@ def _program_order(kv_major):
     return _module_flag(triton_attention, "KV_MAJOR", kv_major)
 
 
+def _tma_loads(tma):
+    from patchattn.kernels import triton_attention
+
+    return _module_flag(triton_attention, "TMA", tma)
+
+
 def check_block_sparse(bsz, hq, hkv, n_q, n_k, d, bm, bn, q_offset, kv_start, window, softcap, dtype,
-                       density=0.4, device="cpu", shared_lists=False, kv_major=None, tile=None):
-    """tile: the kernel's (rows, keys) per step, a fraction of the lists' (bm, bn) blocks."""
-    with _program_order(kv_major):
+                       density=0.4, device="cpu", shared_lists=False, kv_major=None, tile=None, tma=None):
+    """tile: the kernel's (rows, keys) per step, a fraction of the lists' (bm, bn) blocks.
+    tma=True: tiles loaded by tensor descriptor where the layout allows (`tma_used`), also
+    compared with the pointer loads on the same inputs."""
+    with _program_order(kv_major), _tma_loads(tma):
         return _check_block_sparse(bsz, hq, hkv, n_q, n_k, d, bm, bn, q_offset, kv_start, window, softcap, dtype,
-                                   density, device, shared_lists, tile)
+                                   density, device, shared_lists, tile, bool(tma))
 
 
 def _check_block_sparse(bsz, hq, hkv, n_q, n_k, d, bm, bn, q_offset, kv_start, window, softcap, dtype,
-                        density, device, shared_lists, tile):
+                        density, device, shared_lists, tile, tma):
+    from patchattn.kernels import triton_attention
     from patchattn.kernels.triton_attention import block_sparse_attention
 
     q, k, v = _qkv(bsz, hq, hkv, n_q, n_k, d, dtype, device)
@@ -138,11 +147,18 @@ def _check_block_sparse(bsz, hq, hkv, n_q, n_k, d, bm, bn, q_offset, kv_start, w
     tokens = tokens.repeat_interleave(hq // hb, 1)
     keep = base_keep(bsz, n_q, n_k, q_offset, kvs, window, device) & tokens
     out = torch.full_like(q, float("nan"))
-    o, lse = block_sparse_attention(q, k, v, index, count, scale=d ** -0.5, q_offset=q_offset, kv_start=kvs.to(device),
-                                    sliding_window=window, softcap=softcap, block_m=bm, block_n=bn, out=out,
-                                    tile=tile)
+    run = lambda out: block_sparse_attention(  # noqa: E731
+        q, k, v, index, count, scale=d ** -0.5, q_offset=q_offset, kv_start=kvs.to(device), sliding_window=window,
+        softcap=softcap, block_m=bm, block_n=bn, out=out, tile=tile)
+    o, lse = run(out)
+    extra = {}
+    if tma:
+        extra["tma_used"] = triton_attention._tma_usable(q, k, v)
+        with _tma_loads(False):
+            ptr, ptr_lse = run(torch.full_like(q, float("nan")))
+        extra.update(tma_vs_pointer=rel_err(o, ptr), tma_vs_pointer_lse=_lse_err(lse, ptr_lse))
     ref, ref_lse = dense_oracle(q, k, v, keep, d ** -0.5, softcap, torch.float64 if device == "cpu" else torch.float32)
-    return dict(out=rel_err(o, ref), lse=_lse_err(lse, ref_lse), nan=bool(o.isnan().any()), same=o is out)
+    return dict(out=rel_err(o, ref), lse=_lse_err(lse, ref_lse), nan=bool(o.isnan().any()), same=o is out, **extra)
 
 
 def check_vertical_slash(bsz, hq, hkv, n_q, n_k, d, bm, bn, q_offset, kv_start, window, softcap, dtype,
@@ -390,6 +406,27 @@ CPU_CASES = {
     "bs_shared_group_lists_d48": (check_block_sparse, dict(bsz=1, hq=4, hkv=2, n_q=96, n_k=96, d=48, bm=16, bn=16,
                                                            q_offset=0, kv_start=[0], window=None, softcap=None,
                                                            dtype=F32, shared_lists=True)),
+    # TMA (tensor-descriptor) loads: rows past n_k and head_dim padding come back as zeros from
+    # the descriptor instead of masked loads.
+    "bs_tma_gqa_pad": (check_block_sparse, dict(bsz=2, hq=4, hkv=2, n_q=150, n_k=150, d=32, bm=32, bn=32,
+                                                q_offset=0, kv_start=[0, 37], window=None, softcap=None, dtype=F32,
+                                                tma=True)),
+    "bs_tma_offset_window_cap_f16": (check_block_sparse, dict(bsz=2, hq=4, hkv=1, n_q=70, n_k=150, d=16, bm=16,
+                                                              bn=32, q_offset=80, kv_start=[5, 30], window=50,
+                                                              softcap=20.0, dtype=F16, tma=True)),
+    "bs_tma_subtiles_offset_window": (check_block_sparse, dict(bsz=2, hq=4, hkv=2, n_q=90, n_k=150, d=16, bm=32,
+                                                               bn=32, q_offset=60, kv_start=[0, 41], window=45,
+                                                               softcap=None, dtype=F32, tile=(16, 8), tma=True)),
+    "bs_tma_subtiles_pad_f16": (check_block_sparse, dict(bsz=2, hq=2, hkv=1, n_q=100, n_k=100, d=32, bm=32, bn=32,
+                                                         q_offset=0, kv_start=[0, 37], window=None, softcap=None,
+                                                         dtype=F16, tile=(8, 16), tma=True)),
+    "bs_tma_d48_shared_lists_heads_fastest": (check_block_sparse, dict(
+        bsz=2, hq=4, hkv=2, n_q=96, n_k=110, d=48, bm=16, bn=16, q_offset=0, kv_start=[0, 13], window=None,
+        softcap=None, dtype=F32, shared_lists=True, kv_major=False, tma=True)),
+    # head_dim 12 in fp16: 24-byte rows, which TMA cannot address; the pointer loads run instead.
+    "bs_tma_unaligned_rows_f16": (check_block_sparse, dict(bsz=2, hq=2, hkv=1, n_q=70, n_k=70, d=12, bm=16, bn=16,
+                                                           q_offset=0, kv_start=[0, 9], window=None, softcap=None,
+                                                           dtype=F16, tma=True)),
     "vs_gqa_pad": (check_vertical_slash, dict(bsz=2, hq=4, hkv=1, n_q=150, n_k=150, d=32, bm=32, bn=32, q_offset=0,
                                               kv_start=[0, 37], window=None, softcap=None, dtype=F32)),
     "vs_offset_window_cap": (check_vertical_slash, dict(bsz=1, hq=2, hkv=2, n_q=70, n_k=150, d=16, bm=16, bn=32,
@@ -464,6 +501,11 @@ def _assert_result(name, res):
         assert res["kept_ok"] and res["skips"] and res["ref_agrees"], res
     elif check in (check_block_sparse, check_vertical_slash):
         assert not res["nan"] and res["out"] <= tol and res["lse"] <= 1e-3, res
+        kw = CPU_CASES[name][1]
+        if kw.get("tma"):  # descriptors wherever TMA can address the rows
+            assert res["tma_used"] == (kw["d"] * kw["dtype"].itemsize % 16 == 0), res
+            # The same values reach the same math: bit-equal to the pointer loads.
+            assert res["tma_vs_pointer"] == 0.0 and res["tma_vs_pointer_lse"] == 0.0, res
         if check is check_vertical_slash:
             assert res["kept_ok"] and res["base_ok"] and res["computed_ge_kept"], res
             assert res.get("flat_equals_nested", 0.0) == 0.0, res  # same tiles, same order: bit-equal
@@ -488,6 +530,47 @@ def test_block_sparse_tuning_tiles_divide_the_list_blocks():
             assert lm % c.kwargs["BLOCK_M"] == 0 and ln % c.kwargs["BLOCK_N"] == 0, (lm, ln, c)
     kept = ta._prune_configs(ta._BLOCK_TILE_CONFIGS, {"Q": q}, LIST_M=32, LIST_N=32, BLOCK_D=128)
     assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in kept} == {(32, 32)}
+
+
+def test_tma_only_where_descriptors_can_address_the_tensors(monkeypatch):
+    """The block-sparse kernel takes the descriptor path only on layouts TMA accepts (and, off
+    CUDA, only under the interpreter); anything else runs the pointer loads."""
+    pytest.importorskip("triton")
+    from patchattn.kernels import triton_attention as ta
+
+    x = torch.randn(2, 4, 64, 32, dtype=torch.float16)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not ta._tma_usable(x, x, x)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert ta._tma_usable(x, x, x)
+    assert ta._tma_usable(x.transpose(1, 2).contiguous().transpose(1, 2))  # HF's [B, N, H, D] transposes
+    flat = torch.randn(x.numel() + 1, dtype=torch.float16)
+    assert not ta._tma_usable(flat[1:].view(x.shape))  # base 2 bytes off 16-byte alignment
+    assert not ta._tma_usable(torch.randn(2, 4, 64, 12, dtype=torch.float16))  # 24-byte rows
+    assert ta._tma_usable(torch.randn(2, 4, 64, 12, dtype=torch.float32))  # 48-byte rows
+    assert not ta._tma_usable(x[:, :1].expand(x.shape))  # broadcast heads (stride 0)
+    assert not ta._tma_usable(x[..., ::2])
+    assert not ta._tma_usable(x, x[..., ::2], x)
+
+
+def test_tma_allocator_is_installed_unless_the_user_set_one():
+    triton = pytest.importorskip("triton")
+    from triton.runtime import _allocation
+
+    from patchattn.kernels import triton_attention as ta
+
+    saved = ta._current_allocator()
+    try:
+        triton.set_allocator(_allocation.NullAllocator())
+        assert ta._current_allocator() is None
+        ta._ensure_tma_allocator()
+        assert ta._current_allocator() is ta._tma_scratch
+        mine = lambda size, alignment, stream: torch.empty(size, dtype=torch.int8)  # noqa: E731
+        triton.set_allocator(mine)
+        ta._ensure_tma_allocator()
+        assert ta._current_allocator() is mine
+    finally:
+        triton.set_allocator(saved if saved is not None else _allocation.NullAllocator())
 
 
 # ----------------------------------------------------------------------------- CPU: interpreter worker
@@ -564,6 +647,29 @@ def test_block_sparse_gpu(one_config, d, variant):
         kw.update(bm=128, bn=128, tile=(64, 64), kv_start=[0, 77])
     res = check_block_sparse(**kw)
     assert not res["nan"] and res["same"] and res["out"] <= 1e-2 and res["lse"] <= 2e-2, res
+
+
+@pytest.mark.parametrize("variant", ["plain", "pad_offset_window", "subtiles_cap", "d64_heads_fastest"])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="needs a Hopper (sm_90+) GPU")
+def test_block_sparse_tma_gpu(one_config, variant):
+    """PATCHATTN_TMA=1: descriptor loads against the oracle and against the pointer loads."""
+    torch.manual_seed(0)
+    kw = dict(bsz=1, hq=8, hkv=2, n_q=4096, n_k=4096, d=128, bm=128, bn=128, q_offset=0, kv_start=[0],
+              window=None, softcap=None, dtype=BF16, density=0.3, device="cuda", tma=True)
+    if variant == "pad_offset_window":  # n_k not a multiple of the blocks, left padding, prefill after a cache
+        kw.update(bsz=2, n_q=1800, n_k=3000, q_offset=1200, kv_start=[0, 333], window=1024)
+    elif variant == "subtiles_cap":
+        kw.update(n_q=3000, n_k=3000, tile=(64, 64), softcap=30.0)
+    elif variant == "d64_heads_fastest":
+        kw.update(d=64, bm=64, bn=64, kv_major=False, shared_lists=True)
+    res = check_block_sparse(**kw)
+    assert res["tma_used"], res
+    assert not res["nan"] and res["same"] and res["out"] <= 1e-2 and res["lse"] <= 2e-2, res
+    # Same values into the same math; the compiled loops may still schedule (contract) the
+    # softmax differently, so allow a few bf16 roundings.
+    assert res["tma_vs_pointer"] <= 1e-4 and res["tma_vs_pointer_lse"] <= 1e-4, res
 
 
 @pytest.mark.parametrize("variant", ["plain", "pad_cap_d64", "offset_window_d256", "tall_m128", "flat_slash"])

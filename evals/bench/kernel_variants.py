@@ -8,7 +8,10 @@ Rows (Llama-3-8B attention shapes, bf16, as in prefill.py):
   heads-fastest), with the autotuned kernel tile, then with each tile of --tiles forced;
 * the vertical-slash kernel (slash_group 64, structured and weak-locality inputs) under each order;
 * the antidiagonal estimator with pass 2 reading pass 1's scores from scratch vs recomputing them
-  (`triton_estimators.ANTIDIAG_SCRATCH_BYTES`).
+  (`triton_estimators.ANTIDIAG_SCRATCH_BYTES`);
+* with `--tables ...,tma`: the block-sparse kernel (autotuned tile) with pointer loads vs TMA
+  tensor-descriptor loads (`triton_attention.TMA`), random lists at each density and every
+  causal block, with the TFLOP/s of the computed pairs.
 Each row also records the max |difference| between the variants' outputs (same math, other
 order of work: expected at rounding level).
 """
@@ -30,30 +33,45 @@ from patchattn.kernels import triton_attention as ta
 from patchattn.kernels import triton_estimators as te
 
 ORDERS = {"kv_major": True, "heads_fastest": False}
+LOADS = {"pointer": False, "tma": True}
+TABLES = ("orders", "antidiagonal", "tma")
 
 
 def _max_diff(a, b):
     return float((a.float() - b.float()).abs().max())
 
 
-def _per_order(fn):
-    """{order: (ms, output)} with ta.KV_MAJOR set per order."""
-    saved = ta.KV_MAJOR
+def _per_flag(fn, flag, variants):
+    """{variant: (ms, output, block-sparse tuned config)} with the module flag ta.<flag> set per
+    variant (restored after)."""
+    saved = getattr(ta, flag)
     out = {}
     try:
-        for name, flag in ORDERS.items():
-            ta.KV_MAJOR = flag
+        for name, value in variants.items():
+            setattr(ta, flag, value)
             result = fn()  # compile / autotune this variant
-            out[name] = (cuda_time(fn), result)
+            out[name] = (cuda_time(fn), result, str(getattr(ta._block_sparse_tuned, "best_config", None)))
     finally:
-        ta.KV_MAJOR = saved
+        setattr(ta, flag, saved)
     return out
 
 
+def _per_order(fn):
+    return _per_flag(fn, "KV_MAJOR", ORDERS)
+
+
 def _order_row(label, timed, reference_ms):
-    (a, out_a), (b, out_b) = timed["kv_major"], timed["heads_fastest"]
+    (a, out_a, _), (b, out_b, _) = timed["kv_major"], timed["heads_fastest"]
     return {"row": label, "kv_major_ms": a, "heads_fastest_ms": b, "speedup": b / a,
             "max_abs_diff": _max_diff(out_a, out_b), "reference_ms": reference_ms}
+
+
+def every_causal_block(n, block, heads):
+    """Block lists (index, count) that hold every causal block of each query block."""
+    nb = n // block
+    index = torch.arange(nb, device="cuda", dtype=torch.int32).expand(1, heads, nb, nb).contiguous()
+    count = torch.arange(1, nb + 1, device="cuda", dtype=torch.int32).expand(1, heads, nb).contiguous()
+    return index, count
 
 
 def bench_orders(n, densities, block, tiles=()):
@@ -76,9 +94,7 @@ def bench_orders(n, densities, block, tiles=()):
             rows.append({**_order_row(f"block_sparse density {pairs / causal:.3f} tile {tile[0]}x{tile[1]}", timed,
                                       pairs / causal * sdpa_ms), "density": pairs / causal})
         del index, count
-    nb = n // block
-    full_index = torch.arange(nb, device="cuda", dtype=torch.int32).expand(1, q.shape[1], nb, nb).contiguous()
-    full_count = torch.arange(1, nb + 1, device="cuda", dtype=torch.int32).expand(1, q.shape[1], nb).contiguous()
+    full_index, full_count = every_causal_block(n, block, q.shape[1])
     timed = _per_order(lambda: ta.block_sparse_attention(q, k, v, full_index, full_count, scale=scale, block_m=block,
                                                          block_n=block)[0])
     rows.append({**_order_row("block_sparse all blocks", timed, sdpa_ms), "density": 1.0,
@@ -97,6 +113,42 @@ def bench_orders(n, densities, block, tiles=()):
         del q, k, v, cols, diags, index
         torch.cuda.empty_cache()
     return sdpa_ms, rows
+
+
+def sdpa_time(n):
+    q, k, v = random_inputs(n)
+    return cuda_time(lambda: sdpa(q, k, v))
+
+
+def _tma_row(label, timed, pairs, reference_ms):
+    (a, out_a, cfg_a), (b, out_b, cfg_b) = timed["pointer"], timed["tma"]
+    tflop = 4 * D * pairs / 1e12  # q.k and p.v: 2 x D multiply-adds per computed pair
+    return {"row": label, "pointer_ms": a, "tma_ms": b, "speedup": a / b, "max_abs_diff": _max_diff(out_a, out_b),
+            "reference_ms": reference_ms, "pointer_tflops": tflop / (a / 1e3), "tma_tflops": tflop / (b / 1e3),
+            "pointer_config": cfg_a, "tma_config": cfg_b}
+
+
+def bench_tma(n, densities, block, sdpa_ms):
+    """Pointer loads vs TMA descriptors in the block-sparse kernel, each autotuned."""
+    q, k, v = random_inputs(n)
+    scale = D ** -0.5
+    causal = causal_pairs(n)
+    used = ta._tma_usable(q, k, v)  # else both variants run the pointer loads
+    rows = []
+    for density in densities:
+        index, count, pairs = random_block_lists(n, density, seed=int(density * 1000), block=block)
+        timed = _per_flag(lambda: ta.block_sparse_attention(q, k, v, index, count, scale=scale, block_m=block,
+                                                            block_n=block)[0], "TMA", LOADS)
+        rows.append({**_tma_row(f"block_sparse density {pairs / causal:.3f}", timed, pairs, pairs / causal * sdpa_ms),
+                     "density": pairs / causal, "tma_used": used})
+        del index, count
+    full_index, full_count = every_causal_block(n, block, q.shape[1])
+    timed = _per_flag(lambda: ta.block_sparse_attention(q, k, v, full_index, full_count, scale=scale, block_m=block,
+                                                        block_n=block)[0], "TMA", LOADS)
+    rows.append({**_tma_row("block_sparse all blocks", timed, causal, sdpa_ms), "density": 1.0, "tma_used": used})
+    del full_index, full_count, q, k, v
+    torch.cuda.empty_cache()
+    return rows
 
 
 def bench_antidiagonal(n, sdpa_ms, strides):
@@ -128,7 +180,11 @@ def bench_antidiagonal(n, sdpa_ms, strides):
 
 
 def _markdown(header, cells):
-    """Print a markdown table: header is a list of column names, cells an iterable of rows."""
+    """Print a markdown table: header is a list of column names, cells an iterable of rows (none:
+    no table)."""
+    cells = list(cells)
+    if not cells:
+        return
     print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for row in cells:
         print("| " + " | ".join(row) + " |")
@@ -140,12 +196,19 @@ def print_table(report):
               ([str(r["n"]), row["row"], f"{row['kv_major_ms']:.2f}", f"{row['heads_fastest_ms']:.2f}",
                 f"{row['speedup']:.2f}", f"{row['kv_major_ms'] / row['reference_ms']:.2f}",
                 f"{row['max_abs_diff']:.1e}", row.get("config", "")]
-               for r in report["results"] for row in r["orders"]))
+               for r in report["results"] for row in r.get("orders", [])))
     _markdown(["N", "estimator", "scratch ms (% SDPA)", "recompute ms (% SDPA)", "scratch peak MiB", "max diff"],
               ([str(r["n"]), row["row"], f"{row['scratch_ms']:.2f} ({row['scratch_pct_of_sdpa']:.1f} %)",
                 f"{row['recompute_ms']:.2f} ({row['recompute_pct_of_sdpa']:.1f} %)",
                 f"{row['scratch_peak_extra_mb']:.0f}", f"{row['max_abs_diff']:.1e}"]
                for r in report["results"] for row in r.get("antidiagonal", [])))
+    _markdown(["N", "pointer loads vs TMA", "pointer ms", "TMA ms", "speedup", "TFLOP/s pointer / TMA",
+               "ratio vs density x SDPA (TMA)", "max diff", "tuned config (TMA)"],
+              ([str(r["n"]), row["row"] + ("" if row["tma_used"] else " (TMA not usable: both pointer)"),
+                f"{row['pointer_ms']:.2f}", f"{row['tma_ms']:.2f}", f"{row['speedup']:.2f}",
+                f"{row['pointer_tflops']:.0f} / {row['tma_tflops']:.0f}", f"{row['tma_ms'] / row['reference_ms']:.2f}",
+                f"{row['max_abs_diff']:.1e}", row["tma_config"]]
+               for r in report["results"] for row in r.get("tma", [])))
 
 
 def main(argv=None):
@@ -155,6 +218,7 @@ def main(argv=None):
     parser.add_argument("--block", type=int, default=128)
     parser.add_argument("--strides", default="16,8")
     parser.add_argument("--tiles", default="128x128,64x64", help="kernel tiles also timed forced (untuned)")
+    parser.add_argument("--tables", default="orders,antidiagonal", help=f"which to time, of {','.join(TABLES)}")
     parser.add_argument("--out", default="evals/bench/results/kernel_variants.json")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -166,13 +230,25 @@ def main(argv=None):
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tiles = [tuple(int(x) for x in t.split("x")) for t in args.tiles.split(",") if t]
+    densities = [float(x) for x in args.densities.split(",")]
+    tables = [t for t in args.tables.split(",") if t]
+    if set(tables) - set(TABLES):
+        parser.error(f"--tables: unknown {sorted(set(tables) - set(TABLES))}, choose from {','.join(TABLES)}")
     for n in parse_lengths(args.seqlens):
         t0 = time.time()
-        sdpa_ms, orders = bench_orders(n, [float(x) for x in args.densities.split(",")], args.block, tiles)
-        report["results"].append({"n": n, "sdpa_ms": sdpa_ms, "orders": orders})
+        if "orders" in tables:
+            sdpa_ms, orders = bench_orders(n, densities, args.block, tiles)
+            result = {"n": n, "sdpa_ms": sdpa_ms, "orders": orders}
+        else:
+            result = {"n": n, "sdpa_ms": sdpa_time(n)}
+        report["results"].append(result)
         out.write_text(json.dumps(report, indent=1))
-        report["results"][-1]["antidiagonal"] = bench_antidiagonal(n, sdpa_ms, [int(s) for s in args.strides.split(",")])
-        report["results"][-1]["wall_s"] = time.time() - t0
+        if "antidiagonal" in tables:
+            result["antidiagonal"] = bench_antidiagonal(n, result["sdpa_ms"], [int(s) for s in args.strides.split(",")])
+            out.write_text(json.dumps(report, indent=1))
+        if "tma" in tables:
+            result["tma"] = bench_tma(n, densities, args.block, result["sdpa_ms"])
+        result["wall_s"] = time.time() - t0
         out.write_text(json.dumps(report, indent=1))
         print(f"N={n} done in {time.time() - t0:.0f}s", flush=True)
     print_table(report)
