@@ -389,6 +389,53 @@ def _profile_all(model, prompt_ids, lengths, check_length, space, rcp, seed, n_l
     return {n: {k: v / counts[n] for k, v in st.items()} for n, st in sums.items()}
 
 
+def layer_sensitivity(model, prompt_ids, probe: dict, length: int, rcp, seed: int, progress) -> torch.Tensor:
+    """[layers] mean next-token KL(dense || layer l's heads all running `probe`, the rest dense),
+    over `rcp.sensitivity.prompts` prompts cut to `length` and their sampled rows (see Sensitivity)."""
+    from .patching import patch_model, unpatch_model
+
+    cfg = text_config(model.config)
+    n_layers, n_heads = cfg.num_hidden_layers, cfg.num_attention_heads
+    device = next(model.parameters()).device
+    dense = {"method": "dense", "params": {}}
+    prompts = prompt_ids[:rcp.sensitivity.prompts]
+    kl = torch.zeros(n_layers, dtype=torch.float64)
+    bar = tqdm(total=len(prompts) * n_layers, desc="calibrate: layer sensitivity", disable=not progress)
+
+    def log_probs(ids, rows):
+        with torch.no_grad():
+            out = model(input_ids=ids, use_cache=False, logits_to_keep=rows)
+        return torch.log_softmax(out.logits[0].double(), -1)
+
+    for i, full in enumerate(prompts):
+        g = torch.Generator().manual_seed(seed * 7919 + i + 0x5E45)
+        rows = sample_rows(length, rcp.profiling.rows, rcp.profiling.last_rows, g).to(device)
+        ids = torch.tensor([list(full[:length])], device=device)
+        ref = log_probs(ids, rows)
+        for layer in range(n_layers):
+            specs = [[probe if l == layer else dense] * n_heads for l in range(n_layers)]
+            patch_model(model, build_plan(model, specs, {"tool": "patchattn.calibrate: layer sensitivity"}))
+            try:
+                lp = log_probs(ids, rows)
+            finally:
+                unpatch_model(model)
+            kl[layer] += float((ref.exp() * (ref - lp)).sum(-1).mean()) / len(prompts)
+            bar.update(1)
+    bar.close()
+    return kl
+
+
+def sensitivity_weights(e2e_kl: torch.Tensor, local_loss: torch.Tensor) -> torch.Tensor:
+    """[layers] end-to-end damage per unit of summed per-head loss (local_loss [layers]: the
+    probe's summed head losses), normalised to mean 1; layers the probe leaves intact (zero local
+    loss) get the mean."""
+    ok = local_loss > 1e-12
+    w = torch.where(ok, e2e_kl.clamp_min(0) / local_loss.clamp_min(1e-12), torch.zeros_like(e2e_kl))
+    mean = w[ok].mean() if bool(ok.any()) else torch.tensor(1.0, dtype=w.dtype)
+    w = torch.where(ok, w, mean)
+    return w / w.mean().clamp_min(1e-30)
+
+
 def calibrate(model, tokenizer, prompts: PromptSource = None, recipe: Union[str, Path, dict, Recipe] = "budget", *,
               target_density: Optional[float] = None, target_recall: Optional[float] = None,
               lengths: Sequence[int] = (4096, 8192), check_length: Optional[int] = None, samples: int = 8,
@@ -484,6 +531,28 @@ def calibrate(model, tokenizer, prompts: PromptSource = None, recipe: Union[str,
     else:
         loss = (kl_cal if rcp.objective == "kl" else 1 - recall_cal).mean(0)
     cost = dens_cal.max(0).values  # holds the budget at every calibration length
+    sensitivity = None
+    if rcp.sensitivity is not None:
+        sens_len = rcp.sensitivity.length or lengths[0]
+        if sens_len not in lengths:
+            raise ValueError(f"sensitivity.length={sens_len} is not a calibration length {lengths}")
+        j = lengths.index(sens_len)
+        # Probe: the vertical_slash candidate whose mean density at that length is closest to the target.
+        vs = [i for i, sp in enumerate(specs) if sp["method"] == "vertical_slash"]
+        probe = min(vs, key=lambda i: (abs(float(dens_cal[j, :, i].mean()) - rcp.target_density), i))
+        local = (kl_cal[j] if rcp.objective == "kl" else loss).reshape(n_layers, n_heads, o)
+        sens_key = _sha(json.dumps({"profile": profile_key, "probe": specs[probe], "length": sens_len,
+                                    "prompts": rcp.sensitivity.prompts}, sort_keys=True).encode())
+        sens_file = Path(cache) / f"sensitivity-{sens_key[7:]}.pt" if cache else None
+        t_sens = time.perf_counter()
+        e2e = _cached(sens_file, lambda: layer_sensitivity(model, prompt_ids, specs[probe], sens_len, rcp, seed,
+                                                           progress))
+        t_sens = time.perf_counter() - t_sens
+        weight = sensitivity_weights(e2e, local[:, :, probe].sum(1))
+        loss = loss * weight.repeat_interleave(n_heads)[:, None]
+        sensitivity = {"length": sens_len, "prompts": min(rcp.sensitivity.prompts, len(prompt_ids)),
+                       "probe": specs[probe], "kl": [_r(x, 6) for x in e2e.tolist()],
+                       "weight": [_r(x) for x in weight.tolist()], "seconds": t_sens}
     recall_min = recall_cal.min(0).values
     allowed = torch.ones(m, o, dtype=torch.bool)
     dense_index = 0 if space.dense else None
@@ -550,6 +619,8 @@ def calibrate(model, tokenizer, prompts: PromptSource = None, recipe: Union[str,
         "retrieval_heads": [[i // n_heads, i % n_heads] for i in retrieval_heads],
         "heads": heads,
     }
+    if sensitivity is not None:
+        calibration["layer_sensitivity"] = {k: v for k, v in sensitivity.items() if k != "seconds"}
     plan = build_plan(model, head_specs, calibration)
 
     # ---- verify: the real methods on a dense forward at the check length
@@ -571,6 +642,7 @@ def calibrate(model, tokenizer, prompts: PromptSource = None, recipe: Union[str,
     t_ver = time.perf_counter() - t_ver
 
     phases = {"profile_s": round(t_prof, 3), "retrieval_s": round(t_ret, 3), "verify_s": round(t_ver, 3),
+              **({"sensitivity_s": round(sensitivity["seconds"], 3)} if sensitivity else {}),
               "total_s": round(time.perf_counter() - t0, 3)}
     if timing is not None:
         timing.update(phases)

@@ -142,6 +142,22 @@ class Retrieval(_Strict):
         "queries), never dense or static patterns; the best-recall one when none keeps min_recall"))
 
 
+class Sensitivity(_Strict):
+    """End-to-end weighting of the per-head objective, one weight per layer (budget recipes).
+
+    Per-head attention losses are local: a diffuse head loses much softmax mass under any sparse
+    pattern, yet the model's predictions may hardly notice, while another layer's small loss
+    moves them a lot. For each layer, every head of that layer runs the `probe` option (the
+    vertical_slash candidate closest to the target density) with all other layers dense; the
+    next-token KL against the dense model on the sampled rows, divided by that layer's summed
+    per-head loss under the same probe, converts the layer's local loss into end-to-end damage.
+    Costs layers x prompts extra forwards at `length`."""
+
+    prompts: int = Field(default=2, ge=1, description="calibration prompts the per-layer forwards run on")
+    length: Optional[int] = Field(default=None, ge=16, description=(
+        "one of the calibration lengths (its profile gives the per-head losses); default: the shortest"))
+
+
 class Recipe(_Strict):
     name: str
     kind: Literal["budget", "target_recall", "retrieval_heads"]
@@ -157,6 +173,7 @@ class Recipe(_Strict):
     retrieval: Optional[Retrieval] = None
     others: Optional[Dict[str, Any]] = None  # retrieval_heads: spec of the non-retrieval heads
     profiling: Profiling = Field(default_factory=Profiling)
+    sensitivity: Optional[Sensitivity] = None
 
     @model_validator(mode="after")
     def _kind_fields(self):
@@ -165,6 +182,10 @@ class Recipe(_Strict):
         for key in need:
             if getattr(self, key) is None:
                 raise ValueError(f"{key}: required for kind={self.kind!r}")
+        if self.sensitivity is not None and self.kind != "budget":
+            raise ValueError(f"sensitivity: weights the objective of budget recipes, not kind={self.kind!r}")
+        if self.sensitivity is not None and not (self.candidates and self.candidates.vertical_slash):
+            raise ValueError("sensitivity: its probe is a vertical_slash candidate; give candidates.vertical_slash")
         if self.profiling.last_weight is not None and self.objective != "kl":
             raise ValueError(f"profiling.last_weight: weights the kl objective, not objective={self.objective!r}")
         if self.others is not None:
@@ -178,6 +199,8 @@ class Recipe(_Strict):
         data = self.model_dump(mode="json")
         if data["profiling"]["last_weight"] is None:  # unset: the hash recipes had before the option
             del data["profiling"]["last_weight"]
+        if data["sensitivity"] is None:
+            del data["sensitivity"]
         text = json.dumps(data, sort_keys=True)
         return "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -371,3 +371,81 @@ def test_last_weight_reallocates_from_one_profile(stories, tmp_path, monkeypatch
     only_last = tiny_calibrate(model, tok, cache=tmp_path, recipe=recipe(1.0))
     assert only_last.layers != plain.layers
     assert only_last.calibration["recipe"]["hash"] != plain.calibration["recipe"]["hash"]
+
+
+# ----------------------------------------------------------------------------- layer sensitivity
+def test_sensitivity_recipe_errors_name_the_key():
+    with pytest.raises(RecipeError, match=r"sensitivity\.prompts"):
+        load_recipe(dict(TINY, sensitivity={"prompts": 0}))
+    with pytest.raises(RecipeError, match="sensitivity: weights the objective of budget recipes"):
+        load_recipe(dict(TINY, kind="target_recall", target_recall=0.9, sensitivity={}))
+    no_vs = {k: v for k, v in TINY["candidates"].items() if k != "vertical_slash"}
+    with pytest.raises(RecipeError, match="sensitivity: its probe is a vertical_slash candidate"):
+        load_recipe(dict(TINY, candidates=no_vs, sensitivity={}))
+    # Unset, it leaves existing recipes' hashes alone; set, it changes the hash.
+    assert load_recipe(dict(TINY, sensitivity=None)).digest() == load_recipe(TINY).digest()
+    assert load_recipe(dict(TINY, sensitivity={})).digest() != load_recipe(TINY).digest()
+
+
+def test_sensitivity_weights():
+    from patchattn.calibration import sensitivity_weights
+
+    e2e = torch.tensor([0.1, 0.4, 0.3, 0.2], dtype=torch.float64)
+    local = torch.tensor([1.0, 1.0, 0.0, 4.0], dtype=torch.float64)
+    w = sensitivity_weights(e2e, local)
+    # damage per unit of local loss: 0.1, 0.4, (untouched layer: mean of the others 0.2), 0.05
+    raw = torch.tensor([0.1, 0.4, (0.1 + 0.4 + 0.05) / 3, 0.05], dtype=torch.float64)
+    torch.testing.assert_close(w, raw / raw.mean())
+    assert abs(float(w.mean()) - 1.0) < 1e-12
+
+
+@needs(STORIES)
+def test_layer_sensitivity_measures_end_to_end_kl(stories):
+    """The per-layer KL is zero for a probe that keeps every pair, equals the KL of patching that
+    one layer by hand for a sparse probe, and is positive somewhere."""
+    from patchattn.calibration import build_plan, layer_sensitivity
+
+    model, tok = stories
+    rcp = load_recipe(dict(TINY, sensitivity={"prompts": 1}))
+    ids = [tok(t)["input_ids"] for t in story_prompts(1)]
+    n_layers, n_heads = model.config.num_hidden_layers, model.config.num_attention_heads
+    keep_all = {"method": "streaming", "params": {"sink": 4, "window": {"scale": 4.0, "power": 1.0, "min": 0}}}
+    assert float(layer_sensitivity(model, ids, keep_all, 96, rcp, 0, False).abs().max()) < 1e-9
+    probe = {"method": "vertical_slash", "params": {"vertical": {"scale": 0.05}, "slash": {"scale": 0.05},
+                                                    "last_q": 16, "window": 8}}
+    kl = layer_sensitivity(model, ids, probe, 96, rcp, 0, False)
+    assert bool((kl > 0).any()) and bool((kl >= -1e-12).all())
+    layer = int(kl.argmax())
+    rows = sample_rows(96, 24, 6, torch.Generator().manual_seed(0 * 7919 + 0 + 0x5E45))
+    x = torch.tensor([ids[0][:96]])
+    with torch.no_grad():
+        ref = torch.log_softmax(model(input_ids=x, use_cache=False).logits[0, rows].double(), -1)
+        dense = {"method": "dense", "params": {}}
+        specs = [[probe if l == layer else dense] * n_heads for l in range(n_layers)]
+        patch_model(model, build_plan(model, specs, {}))
+        try:
+            lp = torch.log_softmax(model(input_ids=x, use_cache=False).logits[0, rows].double(), -1)
+        finally:
+            unpatch_model(model)
+    torch.testing.assert_close(kl[layer], (ref.exp() * (ref - lp)).sum(-1).mean(), rtol=1e-6, atol=1e-9)
+
+
+@needs(STORIES)
+def test_sensitivity_recipe_reweights_and_caches(stories, tmp_path, monkeypatch):
+    import patchattn.calibration as calibration
+
+    model, tok = stories
+    plain = tiny_calibrate(model, tok, cache=tmp_path)
+    weighted = tiny_calibrate(model, tok, cache=tmp_path, recipe=dict(TINY, sensitivity={"prompts": 2}))
+    info = weighted.calibration["layer_sensitivity"]
+    n_layers = model.config.num_hidden_layers
+    assert info["length"] == 64 and info["prompts"] == 2 and info["probe"]["method"] == "vertical_slash"
+    assert len(info["kl"]) == len(info["weight"]) == n_layers
+    assert abs(sum(info["weight"]) / n_layers - 1.0) < 1e-3
+    assert "layer_sensitivity" not in plain.calibration
+    assert weighted.layers != plain.layers  # the weights moved the allocation
+    # Re-allocation from the cache needs no forward of any kind, and gives the same bytes.
+    for name in ("profile_prompt", "layer_sensitivity"):
+        monkeypatch.setattr(calibration, name, lambda *a, **k: (_ for _ in ()).throw(AssertionError("cached")))
+    again = tiny_calibrate(model, tok, cache=tmp_path, recipe=dict(TINY, sensitivity={"prompts": 2}))
+    assert again.to_json() == weighted.to_json()
