@@ -392,7 +392,7 @@ def _profile_all(model, prompt_ids, lengths, check_length, space, rcp, seed, n_l
 def layer_sensitivity(model, prompt_ids, probe: dict, length: int, rcp, seed: int, progress) -> torch.Tensor:
     """[layers] mean next-token KL(dense || layer l's heads all running `probe`, the rest dense),
     over `rcp.sensitivity.prompts` prompts cut to `length` and their sampled rows (see Sensitivity)."""
-    from .patching import patch_model, unpatch_model
+    from .patching import patched
 
     cfg = text_config(model.config)
     n_layers, n_heads = cfg.num_hidden_layers, cfg.num_attention_heads
@@ -414,11 +414,8 @@ def layer_sensitivity(model, prompt_ids, probe: dict, length: int, rcp, seed: in
         ref = log_probs(ids, rows)
         for layer in range(n_layers):
             specs = [[probe if l == layer else dense] * n_heads for l in range(n_layers)]
-            patch_model(model, build_plan(model, specs, {"tool": "patchattn.calibrate: layer sensitivity"}))
-            try:
+            with patched(model, build_plan(model, specs, {"tool": "patchattn.calibrate: layer sensitivity"})):
                 lp = log_probs(ids, rows)
-            finally:
-                unpatch_model(model)
             kl[layer] += float((ref.exp() * (ref - lp)).sum(-1).mean()) / len(prompts)
             bar.update(1)
     bar.close()
@@ -531,7 +528,7 @@ def calibrate(model, tokenizer, prompts: PromptSource = None, recipe: Union[str,
     else:
         loss = (kl_cal if rcp.objective == "kl" else 1 - recall_cal).mean(0)
     cost = dens_cal.max(0).values  # holds the budget at every calibration length
-    sensitivity = None
+    sensitivity, t_sens = None, None
     if rcp.sensitivity is not None:
         sens_len = rcp.sensitivity.length or lengths[0]
         if sens_len not in lengths:
@@ -552,7 +549,7 @@ def calibrate(model, tokenizer, prompts: PromptSource = None, recipe: Union[str,
         loss = loss * weight.repeat_interleave(n_heads)[:, None]
         sensitivity = {"length": sens_len, "prompts": min(rcp.sensitivity.prompts, len(prompt_ids)),
                        "probe": specs[probe], "kl": [_r(x, 6) for x in e2e.tolist()],
-                       "weight": [_r(x) for x in weight.tolist()], "seconds": t_sens}
+                       "weight": [_r(x) for x in weight.tolist()]}
     recall_min = recall_cal.min(0).values
     allowed = torch.ones(m, o, dtype=torch.bool)
     dense_index = 0 if space.dense else None
@@ -620,7 +617,7 @@ def calibrate(model, tokenizer, prompts: PromptSource = None, recipe: Union[str,
         "heads": heads,
     }
     if sensitivity is not None:
-        calibration["layer_sensitivity"] = {k: v for k, v in sensitivity.items() if k != "seconds"}
+        calibration["layer_sensitivity"] = sensitivity
     plan = build_plan(model, head_specs, calibration)
 
     # ---- verify: the real methods on a dense forward at the check length
@@ -642,7 +639,7 @@ def calibrate(model, tokenizer, prompts: PromptSource = None, recipe: Union[str,
     t_ver = time.perf_counter() - t_ver
 
     phases = {"profile_s": round(t_prof, 3), "retrieval_s": round(t_ret, 3), "verify_s": round(t_ver, 3),
-              **({"sensitivity_s": round(sensitivity["seconds"], 3)} if sensitivity else {}),
+              **({"sensitivity_s": round(t_sens, 3)} if t_sens is not None else {}),
               "total_s": round(time.perf_counter() - t0, 3)}
     if timing is not None:
         timing.update(phases)

@@ -404,6 +404,7 @@ def test_layer_sensitivity_measures_end_to_end_kl(stories):
     """The per-layer KL is zero for a probe that keeps every pair, equals the KL of patching that
     one layer by hand for a sparse probe, and is positive somewhere."""
     from patchattn.calibration import build_plan, layer_sensitivity
+    from patchattn.patching import patched
 
     model, tok = stories
     rcp = load_recipe(dict(TINY, sensitivity={"prompts": 1}))
@@ -422,11 +423,8 @@ def test_layer_sensitivity_measures_end_to_end_kl(stories):
         ref = torch.log_softmax(model(input_ids=x, use_cache=False).logits[0, rows].double(), -1)
         dense = {"method": "dense", "params": {}}
         specs = [[probe if l == layer else dense] * n_heads for l in range(n_layers)]
-        patch_model(model, build_plan(model, specs, {}))
-        try:
+        with patched(model, build_plan(model, specs, {})):
             lp = torch.log_softmax(model(input_ids=x, use_cache=False).logits[0, rows].double(), -1)
-        finally:
-            unpatch_model(model)
     torch.testing.assert_close(kl[layer], (ref.exp() * (ref - lp)).sum(-1).mean(), rtol=1e-6, atol=1e-9)
 
 
