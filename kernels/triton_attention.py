@@ -41,6 +41,20 @@ KV_MAJOR = os.environ.get("PATCHATTN_KV_MAJOR", "1") != "0"
 # per-element pointers, where _tma_usable allows it (PATCHATTN_TMA=1; off until timed faster;
 # benchmarks and tests flip this module flag).
 TMA = os.environ.get("PATCHATTN_TMA", "0") == "1"
+# Block-sparse kernel's online softmax (module flag; benchmarks flip it):
+# * "exact": rescale the running sum and output on every tile (the default);
+# * "lazy": rescale only when some row's max grew by more than RESCALE_SLACK (log2 units) since
+#   the last rescale (FlashAttention-4's trick). Exact too: the exponents stay relative to one
+#   stale max per row, so unnormalised terms are at most 2**RESCALE_SLACK, far inside fp32 / bf16
+#   range; the final division uses the same max. Saves the accumulator multiply on most tiles.
+# * "no_exp", "mma_only": timing diagnostics with WRONG outputs, which measure how much of the
+#   tile loop the softmax costs: no_exp drops the exponentials (p = shifted scores), mma_only
+#   keeps only the two matrix products. Only an explicit `softmax=` argument of
+#   block_sparse_attention selects them (kernel_variants --tables softmax); this flag refuses them.
+SOFTMAX = os.environ.get("PATCHATTN_SOFTMAX", "exact")
+SOFTMAX_MODES = {"exact": 0, "lazy": 1, "no_exp": 2, "mma_only": 3}
+_DIAGNOSTIC_SOFTMAX = ("no_exp", "mma_only")
+RESCALE_SLACK = tl.constexpr(8.0)
 
 # Hopper-oriented search space; BLOCK_M / BLOCK_N are fixed by the caller's block layout.
 _ATTN_CONFIGS = [
@@ -55,7 +69,7 @@ _BLOCK_TILE_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, 
                        for m, n, w, st in ((128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 2), (128, 64, 8, 3),
                                            (128, 64, 4, 3), (64, 128, 4, 2), (64, 128, 4, 3), (64, 64, 4, 2),
                                            (64, 64, 4, 3), (64, 64, 4, 4))]
-_BLOCK_TUNE_KEY = ["HEAD_DIM", "LIST_M", "LIST_N", "SOFTCAP", "KV_MAJOR", "USE_TMA", "tune_bucket"]
+_BLOCK_TUNE_KEY = ["HEAD_DIM", "LIST_M", "LIST_N", "SOFTCAP", "KV_MAJOR", "USE_TMA", "SOFTMAX_MODE", "tune_bucket"]
 _SMEM_BUDGET = 200 * 1024  # untuned launches: H100 allows 227 KB per block; leave room for scratch
 # Autotuning may try configs up to the hardware limit (a config that does not fit is skipped by
 # the autotuner): 128 x 128 tiles with 3 stages need ~224 KB at head_dim 128.
@@ -123,15 +137,39 @@ def _base_valid(pos, cols, kv_start, n_keys, window, HAS_WINDOW: tl.constexpr):
 
 
 @triton.jit
-def _online_step(s, c, v, m_i, l_i, acc):
+def _online_step(s, c, v, m_i, l_i, acc, SOFTMAX_MODE: tl.constexpr):
     """Fold one score tile into the running softmax state: s * c (c > 0) are the scores in log2
-    units, masked entries -inf."""
-    m_new = tl.maximum(m_i, tl.max(s, 1) * c)
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s * c - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    return m_new, l_i, acc
+    units, masked entries -inf. SOFTMAX_MODE: see SOFTMAX_MODES (0 exact, 1 lazy rescale; 2 and
+    3 are timing diagnostics with wrong outputs)."""
+    if SOFTMAX_MODE == 1:
+        m_tile = tl.max(s, 1) * c
+        if tl.max(m_tile - m_i, 0) > RESCALE_SLACK:
+            m_new = tl.maximum(m_i, m_tile)
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha
+            acc = acc * alpha[:, None]
+            m_i = m_new
+        p = tl.exp2(s * c - m_i[:, None])
+        l_i = l_i + tl.sum(p, 1)
+        acc = acc + tl.dot(p.to(v.dtype), v)
+    elif SOFTMAX_MODE == 2:
+        m_new = tl.maximum(m_i, tl.max(s, 1) * c)
+        alpha = tl.exp2(m_i - m_new)
+        p = s * c - m_new[:, None]
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    elif SOFTMAX_MODE == 3:
+        acc = acc + tl.dot(s.to(v.dtype), v)
+        l_i = l_i + 1.0
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1) * c)
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s * c - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    return m_i, l_i, acc
 
 
 @triton.jit
@@ -251,7 +289,7 @@ def _program_setup(Q, K, V, KvStart, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, s
 def _block_tile(q, k_src, v_src, b, kvh, idx_base, t, offs_n, offs_d, pos, kv_start, n_k, window, sk_n, sv_n,
                 sm_scale, softcap, m_i, l_i, acc, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                 BLOCK_N: tl.constexpr, SUB_N: tl.constexpr, SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                EVEN_N: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr):
+                EVEN_N: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr, SOFTMAX_MODE: tl.constexpr):
     """Fold key tile t (tile t % SUB_N of listed block t // SUB_N) into the softmax state; MASKED
     applies the base mask (also to the rows past n_k, which both load paths read as zeros)."""
     kb = tl.load(idx_base + t // SUB_N) * SUB_N + t % SUB_N
@@ -265,7 +303,7 @@ def _block_tile(q, k_src, v_src, b, kvh, idx_base, t, offs_n, offs_d, pos, kv_st
     s, c = _scaled_scores(q, k, sm_scale, softcap, SOFTCAP)
     if MASKED:
         s = tl.where(live[None, :] & _base_valid(pos, cols, kv_start, n_k, window, HAS_WINDOW), s, float("-inf"))
-    return _online_step(s, c, v, m_i, l_i, acc)
+    return _online_step(s, c, v, m_i, l_i, acc, SOFTMAX_MODE)
 
 
 @triton.jit
@@ -277,7 +315,7 @@ def _block_sparse_fwd(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     LIST_M: tl.constexpr, LIST_N: tl.constexpr,
     SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, EVEN_N: tl.constexpr, MASK_ALL: tl.constexpr,
-    KV_MAJOR: tl.constexpr, USE_TMA: tl.constexpr,
+    KV_MAJOR: tl.constexpr, USE_TMA: tl.constexpr, SOFTMAX_MODE: tl.constexpr,
 ):
     """One program: BLOCK_M query rows (a 1 / (LIST_M // BLOCK_M) slice of one listed query
     block) against its list's key blocks, walked BLOCK_N keys at a time. USE_TMA: tiles are
@@ -326,15 +364,15 @@ def _block_sparse_fwd(
     for t in range(0, t_lo * SUB_N):
         m_i, l_i, acc = _block_tile(q, k_src, v_src, b, kvh, idx_base, t, offs_n, offs_d, pos, kv_start, n_k,
                                     window, sk_n, sv_n, sm_scale, softcap, m_i, l_i, acc, HEAD_DIM, BLOCK_D,
-                                    BLOCK_N, SUB_N, SOFTCAP, HAS_WINDOW, EVEN_N, True, USE_TMA)
+                                    BLOCK_N, SUB_N, SOFTCAP, HAS_WINDOW, EVEN_N, True, USE_TMA, SOFTMAX_MODE)
     for t in range(t_lo * SUB_N, t_hi * SUB_N):
         m_i, l_i, acc = _block_tile(q, k_src, v_src, b, kvh, idx_base, t, offs_n, offs_d, pos, kv_start, n_k,
                                     window, sk_n, sv_n, sm_scale, softcap, m_i, l_i, acc, HEAD_DIM, BLOCK_D,
-                                    BLOCK_N, SUB_N, SOFTCAP, HAS_WINDOW, EVEN_N, False, USE_TMA)
+                                    BLOCK_N, SUB_N, SOFTCAP, HAS_WINDOW, EVEN_N, False, USE_TMA, SOFTMAX_MODE)
     for t in range(t_hi * SUB_N, t_end):
         m_i, l_i, acc = _block_tile(q, k_src, v_src, b, kvh, idx_base, t, offs_n, offs_d, pos, kv_start, n_k,
                                     window, sk_n, sv_n, sm_scale, softcap, m_i, l_i, acc, HEAD_DIM, BLOCK_D,
-                                    BLOCK_N, SUB_N, SOFTCAP, HAS_WINDOW, EVEN_N, True, USE_TMA)
+                                    BLOCK_N, SUB_N, SOFTCAP, HAS_WINDOW, EVEN_N, True, USE_TMA, SOFTMAX_MODE)
 
     _store_rows(Out, Lse, b.to(tl.int64) * so_b + h.to(tl.int64) * so_h, pid_bh.to(tl.int64) * n_q,
                 offs_m, offs_d, n_q, so_n, acc, m_i, l_i, HEAD_DIM, BLOCK_D)
@@ -365,7 +403,7 @@ def _slash_tile(q, k_base, v_base, ColMask, DiagMask, row_base, n0, k_hi, d_lo, 
         on_diag = tl.load(DiagMask + row_base + dist, mask=ok & (dist < n_k), other=0) != 0
     in_vertical = tl.load(ColMask + row_base + cols, mask=live, other=1)
     keep = ok & on_diag & (in_vertical == 0)[None, :]
-    return _online_step(tl.where(keep, s, float("-inf")), c, v, m_i, l_i, acc)
+    return _online_step(tl.where(keep, s, float("-inf")), c, v, m_i, l_i, acc, 0)
 
 
 @triton.jit
@@ -398,7 +436,7 @@ def _vertical_slash_fwd(
         v = _load_rows(v_base, cols, offs_d, sv_n, live, HEAD_DIM, BLOCK_D, True)
         s, c = _scaled_scores(q, k, sm_scale, softcap, SOFTCAP)
         keep = live[None, :] & _base_valid(pos, cols, kv_start, n_k, window, HAS_WINDOW)
-        m_i, l_i, acc = _online_step(tl.where(keep, s, float("-inf")), c, v, m_i, l_i, acc)
+        m_i, l_i, acc = _online_step(tl.where(keep, s, float("-inf")), c, v, m_i, l_i, acc, 0)
 
     # Slash part: each segment of nearby kept diagonals [d_lo, d_hi] covers one contiguous key
     # range for this query block, walked in BLOCK_N tiles.
@@ -522,6 +560,17 @@ def _launch(kernel_tuned, kernel_raw, grid, q, *args, untuned: dict, tuned: bool
     kernel_raw[grid if not callable(grid) else grid(meta)](q, *args, **meta, num_warps=warps, num_stages=stages)
 
 
+def _softmax_mode(name: Optional[str]) -> int:
+    if name is None:
+        if SOFTMAX not in SOFTMAX_MODES or SOFTMAX in _DIAGNOSTIC_SOFTMAX:
+            raise ValueError(f"PATCHATTN_SOFTMAX={SOFTMAX!r}: expected 'exact' or 'lazy' (the diagnostic modes "
+                             f"{', '.join(_DIAGNOSTIC_SOFTMAX)} give wrong outputs; pass softmax= to time them)")
+        name = SOFTMAX
+    if name not in SOFTMAX_MODES:
+        raise ValueError(f"softmax={name!r}: expected one of {', '.join(SOFTMAX_MODES)}")
+    return SOFTMAX_MODES[name]
+
+
 def _common_meta(d: int, block_m: int, softcap, sliding_window):
     return dict(HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=block_m, SOFTCAP=bool(softcap),
                 HAS_WINDOW=sliding_window is not None, KV_MAJOR=KV_MAJOR)
@@ -534,7 +583,7 @@ def block_sparse_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_index: torch.Tensor, block_count: torch.Tensor, *,
     scale: float, q_offset: int = 0, kv_start: Optional[torch.Tensor] = None, sliding_window: Optional[int] = None,
     softcap: Optional[float] = None, block_m: int = 64, block_n: int = 64, out: Optional[torch.Tensor] = None,
-    tile: Optional[Tuple[int, int]] = None,
+    tile: Optional[Tuple[int, int]] = None, softmax: Optional[str] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Attention over listed key blocks per query block.
 
@@ -543,7 +592,10 @@ def block_sparse_attention(
     (per-head lists) or Hkv (one list shared by each GQA group). Returns (out, lse fp32).
     tile: the kernel's (rows, keys) per step, dividing (block_m, block_n); autotuned when None on
     long prompts, else the lists' blocks.
+    softmax: a SOFTMAX_MODES name (default: the module flag SOFTMAX, "exact" or "lazy"); the
+    diagnostic modes return wrong outputs and exist for timing the softmax's share.
     """
+    mode = _softmax_mode(softmax)
     q, k, v = _check_qkv(q, k, v)
     bsz, hq, n_q, d = q.shape
     hkv, n_k = k.shape[1], k.shape[2]
@@ -575,7 +627,8 @@ def block_sparse_attention(
         *block_index.stride()[:3], *block_count.stride()[:2],
         n_q, n_k, hq, hq // hkv, hq // hb, q_offset, scale, float(softcap or 0.0), int(sliding_window or 0),
         tune_bucket(n_q), LIST_M=block_m, LIST_N=block_n, EVEN_N=n_k % block_n == 0, MASK_ALL=_MASK_EVERY_TILE,
-        untuned=dict(BLOCK_M=fixed[0], BLOCK_N=fixed[1]), tuned=tile is None, USE_TMA=use_tma, **meta,
+        untuned=dict(BLOCK_M=fixed[0], BLOCK_N=fixed[1]), tuned=tile is None, USE_TMA=use_tma, SOFTMAX_MODE=mode,
+        **meta,
     )
     return out, lse
 

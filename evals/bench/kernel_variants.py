@@ -11,7 +11,10 @@ Rows (Llama-3-8B attention shapes, bf16, as in prefill.py):
   (`triton_estimators.ANTIDIAG_SCRATCH_BYTES`);
 * with `--tables ...,tma`: the block-sparse kernel (autotuned tile) with pointer loads vs TMA
   tensor-descriptor loads (`triton_attention.TMA`), random lists at each density and every
-  causal block, with the TFLOP/s of the computed pairs.
+  causal block, with the TFLOP/s of the computed pairs;
+* with `--tables ...,softmax`: the block-sparse kernel's softmax modes (`block_sparse_attention`'s
+  `softmax=`): exact, lazy rescaling, and the two timing diagnostics no_exp / mma_only (wrong
+  outputs), which show how much of the tile loop the softmax costs. Each mode is autotuned.
 Each row also records the max |difference| between the variants' outputs (same math, other
 order of work: expected at rounding level).
 """
@@ -34,7 +37,8 @@ from patchattn.kernels import triton_estimators as te
 
 ORDERS = {"kv_major": True, "heads_fastest": False}
 LOADS = {"pointer": False, "tma": True}
-TABLES = ("orders", "antidiagonal", "tma")
+TABLES = ("orders", "antidiagonal", "tma", "softmax")
+SOFTMAX_ROWS = ("exact", "lazy", "no_exp", "mma_only")
 
 
 def _max_diff(a, b):
@@ -151,6 +155,35 @@ def bench_tma(n, densities, block, sdpa_ms):
     return rows
 
 
+def bench_softmax(n, densities, block, sdpa_ms):
+    """Per list (random at each density, and every causal block): ms and TFLOP/s of each softmax
+    mode, autotuned per mode; lazy's max |difference| from exact (the diagnostics' outputs are
+    wrong by design and not compared)."""
+    q, k, v = random_inputs(n)
+    scale = D ** -0.5
+    causal = causal_pairs(n)
+    lists = [random_block_lists(n, density, seed=int(density * 1000), block=block) for density in densities]
+    lists.append((*every_causal_block(n, block, q.shape[1]), causal))
+    rows = []
+    for index, count, pairs in lists:
+        row = {"row": "block_sparse all blocks" if pairs == causal else f"block_sparse density {pairs / causal:.3f}",
+               "density": pairs / causal, "reference_ms": pairs / causal * sdpa_ms}
+        outputs = {}
+        for mode in SOFTMAX_ROWS:
+            fn = lambda: ta.block_sparse_attention(q, k, v, index, count, scale=scale, block_m=block,  # noqa: E731
+                                                   block_n=block, softmax=mode)[0]
+            outputs[mode] = fn()
+            ms = cuda_time(fn)
+            row[mode] = {"ms": ms, "tflops": 4 * D * pairs / 1e12 / (ms / 1e3),
+                         "config": str(getattr(ta._block_sparse_tuned, "best_config", None))}
+        row["lazy_vs_exact_max_abs_diff"] = _max_diff(outputs["lazy"], outputs["exact"])
+        rows.append(row)
+        del outputs
+    del lists, q, k, v
+    torch.cuda.empty_cache()
+    return rows
+
+
 def bench_antidiagonal(n, sdpa_ms, strides):
     q, k, _ = structured_inputs(n)
     scale = D ** -0.5
@@ -209,6 +242,12 @@ def print_table(report):
                 f"{row['pointer_tflops']:.0f} / {row['tma_tflops']:.0f}", f"{row['tma_ms'] / row['reference_ms']:.2f}",
                 f"{row['max_abs_diff']:.1e}", row["tma_config"]]
                for r in report["results"] for row in r.get("tma", [])))
+    _markdown(["N", "softmax modes", *(f"{m} ms (TFLOP/s)" for m in SOFTMAX_ROWS),
+               "exact / (density x SDPA)", "lazy / (density x SDPA)", "lazy vs exact max diff"],
+              ([str(r["n"]), row["row"], *(f"{row[m]['ms']:.2f} ({row[m]['tflops']:.0f})" for m in SOFTMAX_ROWS),
+                f"{row['exact']['ms'] / row['reference_ms']:.2f}", f"{row['lazy']['ms'] / row['reference_ms']:.2f}",
+                f"{row['lazy_vs_exact_max_abs_diff']:.1e}"]
+               for r in report["results"] for row in r.get("softmax", [])))
 
 
 def main(argv=None):
@@ -248,6 +287,9 @@ def main(argv=None):
             out.write_text(json.dumps(report, indent=1))
         if "tma" in tables:
             result["tma"] = bench_tma(n, densities, args.block, result["sdpa_ms"])
+            out.write_text(json.dumps(report, indent=1))
+        if "softmax" in tables:
+            result["softmax"] = bench_softmax(n, densities, args.block, result["sdpa_ms"])
         result["wall_s"] = time.time() - t0
         out.write_text(json.dumps(report, indent=1))
         print(f"N={n} done in {time.time() - t0:.0f}s", flush=True)
