@@ -41,20 +41,14 @@ KV_MAJOR = os.environ.get("PATCHATTN_KV_MAJOR", "1") != "0"
 # per-element pointers, where _tma_usable allows it (PATCHATTN_TMA=1; off until timed faster;
 # benchmarks and tests flip this module flag).
 TMA = os.environ.get("PATCHATTN_TMA", "0") == "1"
-# Block-sparse kernel's online softmax (module flag; benchmarks flip it):
-# * "exact": rescale the running sum and output on every tile (the default);
-# * "lazy": rescale only when some row's max grew by more than RESCALE_SLACK (log2 units) since
-#   the last rescale (FlashAttention-4's trick). Exact too: the exponents stay relative to one
-#   stale max per row, so unnormalised terms are at most 2**RESCALE_SLACK, far inside fp32 / bf16
-#   range; the final division uses the same max. Saves the accumulator multiply on most tiles.
-# * "no_exp", "mma_only": timing diagnostics with WRONG outputs, which measure how much of the
-#   tile loop the softmax costs: no_exp drops the exponentials (p = shifted scores), mma_only
-#   keeps only the two matrix products. Only an explicit `softmax=` argument of
-#   block_sparse_attention selects them (kernel_variants --tables softmax); this flag refuses them.
-SOFTMAX = os.environ.get("PATCHATTN_SOFTMAX", "exact")
-SOFTMAX_MODES = {"exact": 0, "lazy": 1, "no_exp": 2, "mma_only": 3}
-_DIAGNOSTIC_SOFTMAX = ("no_exp", "mma_only")
-RESCALE_SLACK = tl.constexpr(8.0)
+# Block-sparse kernel's softmax: "exact" is the kernel. "no_exp" and "mma_only" are timing
+# diagnostics with WRONG outputs that measure how much of the tile loop the softmax costs:
+# no_exp drops the exponentials (p = shifted scores), mma_only keeps only the two matrix
+# products. Only an explicit `softmax=` argument of block_sparse_attention selects them
+# (kernel_variants --tables softmax). Measured and dropped (H200, 2026-12-02): FlashAttention-4's
+# lazy rescaling (rescale only when a row max grows past 8 log2 units) ran 0.87-0.94x of exact:
+# its block-wide max and branch per tile cost more than the accumulator multiply it saves.
+SOFTMAX_MODES = {"exact": 0, "no_exp": 1, "mma_only": 2}
 
 # Hopper-oriented search space; BLOCK_M / BLOCK_N are fixed by the caller's block layout.
 _ATTN_CONFIGS = [
@@ -139,27 +133,16 @@ def _base_valid(pos, cols, kv_start, n_keys, window, HAS_WINDOW: tl.constexpr):
 @triton.jit
 def _online_step(s, c, v, m_i, l_i, acc, SOFTMAX_MODE: tl.constexpr):
     """Fold one score tile into the running softmax state: s * c (c > 0) are the scores in log2
-    units, masked entries -inf. SOFTMAX_MODE: see SOFTMAX_MODES (0 exact, 1 lazy rescale; 2 and
-    3 are timing diagnostics with wrong outputs)."""
+    units, masked entries -inf. SOFTMAX_MODE: see SOFTMAX_MODES (0 exact; 1 and 2 are timing
+    diagnostics with wrong outputs)."""
     if SOFTMAX_MODE == 1:
-        m_tile = tl.max(s, 1) * c
-        if tl.max(m_tile - m_i, 0) > RESCALE_SLACK:
-            m_new = tl.maximum(m_i, m_tile)
-            alpha = tl.exp2(m_i - m_new)
-            l_i = l_i * alpha
-            acc = acc * alpha[:, None]
-            m_i = m_new
-        p = tl.exp2(s * c - m_i[:, None])
-        l_i = l_i + tl.sum(p, 1)
-        acc = acc + tl.dot(p.to(v.dtype), v)
-    elif SOFTMAX_MODE == 2:
         m_new = tl.maximum(m_i, tl.max(s, 1) * c)
         alpha = tl.exp2(m_i - m_new)
         p = s * c - m_new[:, None]
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
-    elif SOFTMAX_MODE == 3:
+    elif SOFTMAX_MODE == 2:
         acc = acc + tl.dot(s.to(v.dtype), v)
         l_i = l_i + 1.0
     else:
@@ -560,12 +543,7 @@ def _launch(kernel_tuned, kernel_raw, grid, q, *args, untuned: dict, tuned: bool
     kernel_raw[grid if not callable(grid) else grid(meta)](q, *args, **meta, num_warps=warps, num_stages=stages)
 
 
-def _softmax_mode(name: Optional[str]) -> int:
-    if name is None:
-        if SOFTMAX not in SOFTMAX_MODES or SOFTMAX in _DIAGNOSTIC_SOFTMAX:
-            raise ValueError(f"PATCHATTN_SOFTMAX={SOFTMAX!r}: expected 'exact' or 'lazy' (the diagnostic modes "
-                             f"{', '.join(_DIAGNOSTIC_SOFTMAX)} give wrong outputs; pass softmax= to time them)")
-        name = SOFTMAX
+def _softmax_mode(name: str) -> int:
     if name not in SOFTMAX_MODES:
         raise ValueError(f"softmax={name!r}: expected one of {', '.join(SOFTMAX_MODES)}")
     return SOFTMAX_MODES[name]
@@ -583,7 +561,7 @@ def block_sparse_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_index: torch.Tensor, block_count: torch.Tensor, *,
     scale: float, q_offset: int = 0, kv_start: Optional[torch.Tensor] = None, sliding_window: Optional[int] = None,
     softcap: Optional[float] = None, block_m: int = 64, block_n: int = 64, out: Optional[torch.Tensor] = None,
-    tile: Optional[Tuple[int, int]] = None, softmax: Optional[str] = None,
+    tile: Optional[Tuple[int, int]] = None, softmax: str = "exact",
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Attention over listed key blocks per query block.
 
@@ -592,8 +570,7 @@ def block_sparse_attention(
     (per-head lists) or Hkv (one list shared by each GQA group). Returns (out, lse fp32).
     tile: the kernel's (rows, keys) per step, dividing (block_m, block_n); autotuned when None on
     long prompts, else the lists' blocks.
-    softmax: a SOFTMAX_MODES name (default: the module flag SOFTMAX, "exact" or "lazy"); the
-    diagnostic modes return wrong outputs and exist for timing the softmax's share.
+    softmax: "exact", or a timing diagnostic of SOFTMAX_MODES (wrong outputs; benchmarks only).
     """
     mode = _softmax_mode(softmax)
     q, k, v = _check_qkv(q, k, v)
