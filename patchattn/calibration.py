@@ -422,12 +422,12 @@ def layer_sensitivity(model, prompt_ids, probe: dict, length: int, rcp, seed: in
     return kl
 
 
-def sensitivity_weights(e2e_kl: torch.Tensor, local_loss: torch.Tensor) -> torch.Tensor:
+def sensitivity_weights(e2e_kl: torch.Tensor, local_loss: torch.Tensor, temper: float = 1.0) -> torch.Tensor:
     """[layers] end-to-end damage per unit of summed per-head loss (local_loss [layers]: the
-    probe's summed head losses), normalised to mean 1; layers the probe leaves intact (zero local
-    loss) get the mean."""
+    probe's summed head losses), raised to `temper` and normalised to mean 1; layers the probe
+    leaves intact (zero local loss) get the mean."""
     ok = local_loss > 1e-12
-    w = torch.where(ok, e2e_kl.clamp_min(0) / local_loss.clamp_min(1e-12), torch.zeros_like(e2e_kl))
+    w = torch.where(ok, e2e_kl.clamp_min(0) / local_loss.clamp_min(1e-12), torch.zeros_like(e2e_kl)) ** temper
     mean = w[ok].mean() if bool(ok.any()) else torch.tensor(1.0, dtype=w.dtype)
     w = torch.where(ok, w, mean)
     return w / w.mean().clamp_min(1e-30)
@@ -545,9 +545,10 @@ def calibrate(model, tokenizer, prompts: PromptSource = None, recipe: Union[str,
         e2e = _cached(sens_file, lambda: layer_sensitivity(model, prompt_ids, specs[probe], sens_len, rcp, seed,
                                                            progress))
         t_sens = time.perf_counter() - t_sens
-        weight = sensitivity_weights(e2e, local[:, :, probe].sum(1))
+        weight = sensitivity_weights(e2e, local[:, :, probe].sum(1), rcp.sensitivity.temper)
         loss = loss * weight.repeat_interleave(n_heads)[:, None]
         sensitivity = {"length": sens_len, "prompts": min(rcp.sensitivity.prompts, len(prompt_ids)),
+                       "temper": rcp.sensitivity.temper,
                        "probe": specs[probe], "kl": [_r(x, 6) for x in e2e.tolist()],
                        "weight": [_r(x) for x in weight.tolist()]}
     recall_min = recall_cal.min(0).values

@@ -156,6 +156,9 @@ class Sensitivity(_Strict):
     prompts: int = Field(default=2, ge=1, description="calibration prompts the per-layer forwards run on")
     length: Optional[int] = Field(default=None, ge=16, description=(
         "one of the calibration lengths (its profile gives the per-head losses); default: the shortest"))
+    temper: float = Field(default=1.0, gt=0, le=1, description=(
+        "exponent on the weights before they are normalised: 1 uses the measured damage ratios, smaller "
+        "values shrink their spread (a few noisy layers then take less of the budget)"))
 
 
 class Recipe(_Strict):
@@ -201,6 +204,8 @@ class Recipe(_Strict):
             del data["profiling"]["last_weight"]
         if data["sensitivity"] is None:
             del data["sensitivity"]
+        elif data["sensitivity"]["temper"] == 1.0:  # unset: the hash before the option
+            del data["sensitivity"]["temper"]
         text = json.dumps(data, sort_keys=True)
         return "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -377,6 +377,8 @@ def test_last_weight_reallocates_from_one_profile(stories, tmp_path, monkeypatch
 def test_sensitivity_recipe_errors_name_the_key():
     with pytest.raises(RecipeError, match=r"sensitivity\.prompts"):
         load_recipe(dict(TINY, sensitivity={"prompts": 0}))
+    with pytest.raises(RecipeError, match=r"sensitivity\.temper"):
+        load_recipe(dict(TINY, sensitivity={"temper": 1.5}))
     with pytest.raises(RecipeError, match="sensitivity: weights the objective of budget recipes"):
         load_recipe(dict(TINY, kind="target_recall", target_recall=0.9, sensitivity={}))
     no_vs = {k: v for k, v in TINY["candidates"].items() if k != "vertical_slash"}
@@ -397,6 +399,12 @@ def test_sensitivity_weights():
     raw = torch.tensor([0.1, 0.4, (0.1 + 0.4 + 0.05) / 3, 0.05], dtype=torch.float64)
     torch.testing.assert_close(w, raw / raw.mean())
     assert abs(float(w.mean()) - 1.0) < 1e-12
+    # temper t: the ratios raised to t before normalising (0.5: the spread shrinks to its root)
+    half = sensitivity_weights(e2e, local, temper=0.5)
+    root = raw[[0, 1, 3]].sqrt()
+    root = torch.tensor([root[0], root[1], root.mean(), root[2]], dtype=torch.float64)
+    torch.testing.assert_close(half, root / root.mean())
+    assert float(half.max() / half.min()) < float(w.max() / w.min())
 
 
 @needs(STORIES)
