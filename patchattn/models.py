@@ -44,17 +44,26 @@ def resolve(spec: str, gguf_file: Optional[str] = None) -> Tuple[str, Optional[s
     return spec, gguf_file
 
 
+def load_tokenizer(spec: str, gguf_file: Optional[str] = None):
+    """The tokenizer of `spec` (as `load`), with a pad token (eos where the model has none)."""
+    from transformers import AutoTokenizer
+
+    source, gguf = resolve(spec, gguf_file)
+    tokenizer = AutoTokenizer.from_pretrained(source, **({"gguf_file": gguf} if gguf else {}))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load(spec: str, dtype: torch.dtype = torch.float32, device=None, gguf_file: Optional[str] = None,
          attn_implementation: str = "sdpa"):
     """Return (model, tokenizer) in eval mode. `spec`: folder, hub id, .gguf path, or an alias."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     source, gguf = resolve(spec, gguf_file)
     extra = {"gguf_file": gguf} if gguf else {}
-    tokenizer = AutoTokenizer.from_pretrained(source, **extra)
+    tokenizer = load_tokenizer(spec, gguf_file)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn_implementation, **extra)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     model = model.eval()
     if device is not None:
         model = model.to(device)

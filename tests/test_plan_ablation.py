@@ -39,3 +39,35 @@ def test_bad_variant_strings_name_the_problem(model_and_plan, bad):
     model, plan = model_and_plan
     with pytest.raises(ValueError, match="expected"):
         build_variant(model, plan, bad)
+
+
+def test_accuracy_by_depth_quarters():
+    """Scores are grouped by the needle's depth quarter; depth 1.0 falls in the last quarter and a
+    quarter without samples reads None."""
+    from types import SimpleNamespace
+
+    from patchattn.evals.bench.calibration_quality import accuracy_by_depth
+
+    samples = [SimpleNamespace(depth=d) for d in (0.0, 0.1, 0.3, 0.8, 1.0, None)]
+    scores = [1.0, 0.0, 1.0, 0.0, 1.0, 1.0]
+    assert accuracy_by_depth(samples, scores) == [0.5, 1.0, None, 0.5]
+
+
+def test_rescore_saved_completions(tmp_path):
+    """--rescore rebuilds the samples from a result file's seed / lengths / count and scores its
+    completions per depth quarter, without a model forward."""
+    import json
+
+    from patchattn.evals import synthetic
+    from patchattn.evals.bench.plan_ablation import rescore
+    from test_synthetic import WordTokenizer
+
+    tok = WordTokenizer()
+    samples = synthetic.generate_samples("passkey", tok, 400, 8, seed=5)
+    # right answers for the first four (shallow) needles, wrong for the rest
+    completions = [s.answers[0] if i < 4 else "no idea" for i, s in enumerate(samples)]
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"seed": 5, "samples": 8, "lengths": [400],
+                                "rows": {"plan": {"completions": {"400": completions}}}}))
+    table = rescore([str(path)], tok)
+    assert "| run.json | `plan` | 400 | 0.50 | 1.00 / 1.00 / 0.00 / 0.00 |" in table, table

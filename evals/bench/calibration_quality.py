@@ -89,6 +89,19 @@ def match_density(model, family: str, target: float, inputs: List[List[int]], to
     return best
 
 
+DEPTH_QUARTERS = ((0.0, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.0))
+
+
+def accuracy_by_depth(samples: list, scores: List[float]) -> List[Optional[float]]:
+    """Mean score per quarter of needle depth (DEPTH_QUARTERS; the last quarter includes 1.0;
+    None for a quarter without samples): where in the context retrieval fails."""
+    out = []
+    for lo, hi in DEPTH_QUARTERS:
+        picked = [x for s, x in zip(samples, scores) if s.depth is not None and lo <= s.depth < hi + (hi == 1.0)]
+        out.append(sum(picked) / len(picked) if picked else None)
+    return out
+
+
 @torch.inference_mode()
 def evaluate(model, tokenizer, plan: Optional[Plan], text: str, tokens: int, window: int,
              passkey: Dict[int, list], batch_size: int, progress: bool) -> dict:
@@ -100,7 +113,7 @@ def evaluate(model, tokenizer, plan: Optional[Plan], text: str, tokens: int, win
         _sync(device)
         start = time.perf_counter()
         ppl = perplexity(model, tokenizer, text, tokens, window, progress=progress) if tokens else {"ppl": None, "tokens": 0}
-        acc, completions = {}, {}
+        acc, completions, by_depth = {}, {}, {}
         for length, samples in passkey.items():
             scores, outs = [], []
             for i in range(0, len(samples), batch_size):
@@ -111,10 +124,11 @@ def evaluate(model, tokenizer, plan: Optional[Plan], text: str, tokens: int, win
                 outs += texts
             acc[str(length)] = sum(scores) / len(scores)
             completions[str(length)] = outs
+            by_depth[str(length)] = accuracy_by_depth(samples, scores)
         _sync(device)
         density = float(stats(model).density) if plan is not None else 1.0
         return {"density": density, "ppl": ppl["ppl"], "ppl_tokens": ppl["tokens"], "passkey": acc,
-                "completions": completions, "seconds": time.perf_counter() - start}
+                "passkey_by_depth": by_depth, "completions": completions, "seconds": time.perf_counter() - start}
     finally:
         if plan is not None:
             unpatch_model(model)

@@ -12,8 +12,10 @@ A variant is a base plan followed by edits, `BASE|SELECTOR->REPLACEMENT|...`:
   (layers A..B-1), `retrieval` (the plan's calibration.retrieval_heads), `heads:L.H,L.H`;
 * REPLACEMENT: `dense`, `vs@S`, `stream@S`, or `plan` (the --plan file's spec for that head).
 
-Per variant: realized density, passkey accuracy per length (greedy, batched), and wikitext
-perplexity when --tokens > 0. Use a passkey --seed other than the one reported in
+Per variant: realized density, passkey accuracy per length (greedy, batched) and per quarter
+of needle depth, and wikitext perplexity when --tokens > 0. `--rescore FILE...` re-scores the
+completions saved in earlier result files per depth quarter (no model forward; the samples are
+rebuilt from each file's seed, lengths and sample count). Use a passkey --seed other than the one reported in
 calibration_quality.py, so that exploring variants does not tune on the held-out samples.
 """
 
@@ -33,9 +35,9 @@ from patchattn import Plan
 from patchattn.calibration import build_plan
 from patchattn.evals import synthetic
 from patchattn.evals.perplexity import read_text
-from patchattn.models import load
+from patchattn.models import load, load_tokenizer
 
-from .calibration_quality import DEFAULT_PLAN, DEFAULT_TEXT, UNIFORM, evaluate
+from .calibration_quality import DEFAULT_PLAN, DEFAULT_TEXT, DEPTH_QUARTERS, UNIFORM, accuracy_by_depth, evaluate
 
 HeadTable = List[List[dict]]  # [layer][q_head] -> {"method", "params"}
 
@@ -101,11 +103,37 @@ def build_variant(model, plan: Plan, text: str) -> Plan:
     return build_plan(model, table, {"variant": text})
 
 
+def _quarters(values) -> str:
+    return " / ".join("–" if v is None else f"{v:.2f}" for v in values)
+
+
+def rescore(files: List[str], tokenizer) -> str:
+    """Markdown table: per saved variant and length, accuracy per needle-depth quarter, from the
+    completions in `files` (plan_ablation JSON). tokenizer: the one the runs used, or a model
+    spec to load it from."""
+    if isinstance(tokenizer, str):
+        tokenizer = load_tokenizer(tokenizer)
+    header = " / ".join(f"{lo:.2f}-{hi:.2f}" for lo, hi in DEPTH_QUARTERS)
+    lines = [f"| file | variant | length | passkey | by needle depth ({header}) |", "|---|---|---|---|---|"]
+    for f in files:
+        data = json.loads(Path(f).read_text())
+        seed, n = data["seed"], data["samples"]
+        for length in data["lengths"]:
+            samples = synthetic.generate_samples("passkey", tokenizer, int(length), n, seed=seed)
+            for name, row in data["rows"].items():
+                outs = row["completions"][str(length)]
+                scores = [synthetic.score(s.task, s, t) for s, t in zip(samples, outs)]
+                lines.append(f"| {Path(f).name} | `{name}` | {length} | {sum(scores) / len(scores):.2f} | "
+                             f"{_quarters(accuracy_by_depth(samples, scores))} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--plan", default=str(DEFAULT_PLAN))
-    p.add_argument("--variants", required=True, help="';'-separated variant strings")
+    p.add_argument("--variants", help="';'-separated variant strings")
+    p.add_argument("--rescore", nargs="+", metavar="JSON", help="re-score saved completions per depth quarter, exit")
     p.add_argument("--lengths", default="4096,8192")
     p.add_argument("--samples", type=int, default=20)
     p.add_argument("--seed", type=int, default=77, help="passkey seed (keep it apart from the reported eval seed)")
@@ -117,6 +145,11 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--out")
     args = p.parse_args(argv)
+    if args.rescore:
+        print(rescore(args.rescore, args.model))
+        return 0
+    if not args.variants:
+        p.error("--variants is required (or --rescore FILE...)")
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     model, tokenizer = load(args.model, dtype=getattr(torch, args.dtype), device=device)
@@ -131,12 +164,13 @@ def main(argv=None) -> int:
     started = time.perf_counter()
 
     def table() -> str:
-        lines = ["| variant | density | " + " | ".join(f"passkey@{n}" for n in lengths) + " | ppl |",
-                 "|" + "---|" * (3 + len(lengths))]
+        lines = ["| variant | density | " + " | ".join(f"passkey@{n} (by depth quarter)" for n in lengths)
+                 + " | ppl |", "|" + "---|" * (3 + len(lengths))]
         for v, r in rows.items():
             ppl = f"{r['ppl']:.3f}" if r["ppl"] is not None else "–"
             lines.append(f"| `{v}` | {r['density']:.4f} | "
-                         + " | ".join(f"{r['passkey'][str(n)]:.2f}" for n in lengths) + f" | {ppl} |")
+                         + " | ".join(f"{r['passkey'][str(n)]:.2f} ({_quarters(r['passkey_by_depth'][str(n)])})"
+                                      for n in lengths) + f" | {ppl} |")
         return "\n".join(lines)
 
     def save() -> None:  # after every variant, so a time limit keeps the finished rows
