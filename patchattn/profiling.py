@@ -451,12 +451,13 @@ def retrieval_scores(model, tokenizer, samples) -> torch.Tensor:
 @torch.inference_mode()
 def verify_plan(model, plan: Plan, ids: Sequence[int], rows: torch.Tensor) -> Dict[str, torch.Tensor]:
     """Run every head's planned method on a dense forward's q/k/v (the real `select`), and score
-    the sampled rows: recall [layers,H] and output fidelity = ||o_sparse - o_dense|| / ||o_dense||
-    averaged over rows."""
+    the sampled rows: recall [layers,H], kl (mean -log kept mass, as the profile's) and output
+    fidelity = ||o_sparse - o_dense|| / ||o_dense||, each averaged over rows."""
     info = plan.model
     device = next(model.parameters()).device
     recall = torch.zeros(info.num_layers, info.num_q_heads, dtype=torch.float64)
     error = torch.zeros_like(recall)
+    kl = torch.zeros_like(recall)
     rows = rows.to(device)
 
     def hook(layer, query, key, value, scale, softcap):
@@ -482,11 +483,12 @@ def verify_plan(model, plan: Plan, ids: Sequence[int], rows: torch.Tensor) -> Di
             out = (kept @ v[idx].float()) / mass.clamp_min(1e-30)[..., None]
             rel = (out - dense_out[idx]).norm(dim=-1) / dense_out[idx].norm(dim=-1).clamp_min(1e-12)
             recall[layer, heads] = mass.double().mean(-1).cpu()
+            kl[layer, heads] = -torch.log(mass.double().clamp(1e-6, 1.0)).mean(-1).cpu()
             error[layer, heads] = rel.double().mean(-1).cpu()
 
     with capture(model, hook):
         model(input_ids=torch.tensor([list(ids)], device=device), use_cache=False, logits_to_keep=1)
-    return {"recall": recall, "fidelity_error": error}
+    return {"recall": recall, "kl": kl, "fidelity_error": error}
 
 
 __all__ = ["IMPLEMENTATION", "OptionSpace", "capture", "dense_rows", "layer_option_stats", "profile_prompt",

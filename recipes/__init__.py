@@ -150,12 +150,14 @@ class Sensitivity(_Strict):
     moves them a lot. For each layer, every head of that layer runs the `probe` option (the
     vertical_slash candidate closest to the target density) with all other layers dense; the
     next-token KL against the dense model on the sampled rows, divided by that layer's summed
-    per-head loss under the same probe, converts the layer's local loss into end-to-end damage.
-    Costs layers x prompts extra forwards at `length`."""
+    per-head loss under the same probe on the same rows, converts the layer's local loss into
+    end-to-end damage. Costs about (layers / 2 + 2) x prompts forwards at `length` (the dense
+    layers before the probed one are replayed, not recomputed)."""
 
     prompts: int = Field(default=2, ge=1, description="calibration prompts the per-layer forwards run on")
     length: Optional[int] = Field(default=None, ge=16, description=(
-        "one of the calibration lengths (its profile gives the per-head losses); default: the shortest"))
+        "tokens per prompt for the per-layer forwards (prompts are cut to it; at most the longest "
+        "calibration length); default: the shortest calibration length"))
     temper: float = Field(default=1.0, gt=0, le=1, description=(
         "exponent on the weights before they are normalised: 1 uses the measured damage ratios, smaller "
         "values shrink their spread (a few noisy layers then take less of the budget)"))
@@ -187,6 +189,8 @@ class Recipe(_Strict):
                 raise ValueError(f"{key}: required for kind={self.kind!r}")
         if self.sensitivity is not None and self.kind != "budget":
             raise ValueError(f"sensitivity: weights the objective of budget recipes, not kind={self.kind!r}")
+        if self.sensitivity is not None and self.objective == "output":
+            raise ValueError("sensitivity: converts the kl or recall objective's per-head loss, not objective='output'")
         if self.sensitivity is not None and not (self.candidates and self.candidates.vertical_slash):
             raise ValueError("sensitivity: its probe is a vertical_slash candidate; give candidates.vertical_slash")
         if self.profiling.last_weight is not None and self.objective != "kl":

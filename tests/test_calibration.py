@@ -379,6 +379,8 @@ def test_sensitivity_recipe_errors_name_the_key():
         load_recipe(dict(TINY, sensitivity={"prompts": 0}))
     with pytest.raises(RecipeError, match=r"sensitivity\.temper"):
         load_recipe(dict(TINY, sensitivity={"temper": 1.5}))
+    with pytest.raises(RecipeError, match="sensitivity: converts the kl or recall objective"):
+        load_recipe(dict(TINY, objective="output", sensitivity={}))
     with pytest.raises(RecipeError, match="sensitivity: weights the objective of budget recipes"):
         load_recipe(dict(TINY, kind="target_recall", target_recall=0.9, sensitivity={}))
     no_vs = {k: v for k, v in TINY["candidates"].items() if k != "vertical_slash"}
@@ -410,22 +412,35 @@ def test_sensitivity_weights():
 @needs(STORIES)
 def test_layer_sensitivity_measures_end_to_end_kl(stories):
     """The per-layer KL is zero for a probe that keeps every pair, equals the KL of patching that
-    one layer by hand for a sparse probe, and is positive somewhere."""
-    from patchattn.calibration import build_plan, layer_sensitivity
+    one layer by hand (a full forward: the replayed dense prefix changes nothing) for a sparse
+    probe, and is positive somewhere; the local losses are the probe's per-head kl / lost mass on
+    the same rows; the layers' own forwards are back afterwards."""
+    from patchattn.calibration import build_plan, decoder_layers, layer_sensitivity
     from patchattn.patching import patched
+    from patchattn.profiling import verify_plan
 
     model, tok = stories
     rcp = load_recipe(dict(TINY, sensitivity={"prompts": 1}))
     ids = [tok(t)["input_ids"] for t in story_prompts(1)]
     n_layers, n_heads = model.config.num_hidden_layers, model.config.num_attention_heads
     keep_all = {"method": "streaming", "params": {"sink": 4, "window": {"scale": 4.0, "power": 1.0, "min": 0}}}
-    assert float(layer_sensitivity(model, ids, keep_all, 96, rcp, 0, False).abs().max()) < 1e-9
+    e2e, local_kl, local_lost = layer_sensitivity(model, ids, keep_all, 96, rcp, 0, False)
+    assert float(e2e.abs().max()) < 1e-9  # fp32 sums of the kept mass: 1 to ~1e-7
+    assert float(local_kl.abs().max()) < 1e-6 and float(local_lost.abs().max()) < 1e-6
     probe = {"method": "vertical_slash", "params": {"vertical": {"scale": 0.05}, "slash": {"scale": 0.05},
                                                     "last_q": 16, "window": 8}}
-    kl = layer_sensitivity(model, ids, probe, 96, rcp, 0, False)
+    kl, local_kl, local_lost = layer_sensitivity(model, ids, probe, 96, rcp, 0, False)
     assert bool((kl > 0).any()) and bool((kl >= -1e-12).all())
+    layers = decoder_layers(model)
+    assert len(layers) == n_layers and all("forward" not in layer.__dict__ for layer in layers)
     layer = int(kl.argmax())
+    assert layer > 0  # a probed layer with a replayed prefix
     rows = sample_rows(96, 24, 6, torch.Generator().manual_seed(0 * 7919 + 0 + 0x5E45))
+    everywhere = build_plan(model, [[probe] * n_heads for _ in range(n_layers)], {})
+    probed = verify_plan(model, everywhere, ids[0][:96], rows)
+    torch.testing.assert_close(local_kl, probed["kl"])
+    torch.testing.assert_close(local_lost, 1 - probed["recall"])
+    assert float(local_kl.min()) >= 0 and float(local_kl.max()) > 0
     x = torch.tensor([ids[0][:96]])
     with torch.no_grad():
         ref = torch.log_softmax(model(input_ids=x, use_cache=False).logits[0, rows].double(), -1)
