@@ -119,7 +119,8 @@ def rescore(files: List[str], tokenizer) -> str:
         data = json.loads(Path(f).read_text())
         seed, n = data["seed"], data["samples"]
         for length in data["lengths"]:
-            samples = synthetic.generate_samples("passkey", tokenizer, int(length), n, seed=seed)
+            samples = synthetic.generate_samples("passkey", tokenizer, int(length), n, seed=seed,
+                                                 haystack=data.get("haystack"))
             for name, row in data["rows"].items():
                 outs = row["completions"][str(length)]
                 scores = [synthetic.score(s.task, s, t) for s, t in zip(samples, outs)]
@@ -137,6 +138,7 @@ def main(argv=None) -> int:
     p.add_argument("--lengths", default="4096,8192")
     p.add_argument("--samples", type=int, default=20)
     p.add_argument("--seed", type=int, default=77, help="passkey seed (keep it apart from the reported eval seed)")
+    p.add_argument("--haystack", help="passkey haystack .txt file or folder (default: the built-in filler sentences)")
     p.add_argument("--text", default=str(DEFAULT_TEXT))
     p.add_argument("--tokens", type=int, default=0, help="perplexity on the first N tokens of --text (0: skip)")
     p.add_argument("--window", type=int, default=4096)
@@ -158,7 +160,8 @@ def main(argv=None) -> int:
     variants = [v.strip() for v in args.variants.split(";") if v.strip()]
     built = {v: build_variant(model, plan, v) for v in variants}  # parse everything before the long work
     lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
-    passkey = {n: synthetic.generate_samples("passkey", tokenizer, n, args.samples, seed=args.seed) for n in lengths}
+    passkey = {n: synthetic.generate_samples("passkey", tokenizer, n, args.samples, seed=args.seed,
+                                             haystack=args.haystack) for n in lengths}
     text = read_text(args.text) if args.tokens else ""
     rows = {}
     started = time.perf_counter()
@@ -178,7 +181,8 @@ def main(argv=None) -> int:
             result = {"model": args.model, "plan": str(args.plan), "device": device, "dtype": args.dtype,
                       "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
                       "torch": torch.__version__, "machine": platform.machine(), "lengths": lengths,
-                      "samples": args.samples, "seed": args.seed, "tokens": args.tokens, "rows": rows,
+                      "samples": args.samples, "seed": args.seed, "haystack": args.haystack, "tokens": args.tokens,
+                      "rows": rows,
                       "table": table(), "seconds": time.perf_counter() - started}
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
