@@ -41,6 +41,10 @@ KV_MAJOR = os.environ.get("PATCHATTN_KV_MAJOR", "1") != "0"
 # per-element pointers, where _tma_usable allows it (PATCHATTN_TMA=1; off until timed faster;
 # benchmarks and tests flip this module flag).
 TMA = os.environ.get("PATCHATTN_TMA", "0") == "1"
+# Block-sparse attention on Hopper through the Gluon kernel (kernels/gluon_attention.py: the next
+# tile's q.K^T overlaps this tile's softmax) where `sm90_usable` accepts the inputs
+# (PATCHATTN_GLUON=1; off until timed faster on a GPU; benchmarks and tests flip this flag).
+GLUON = os.environ.get("PATCHATTN_GLUON", "0") == "1"
 # Block-sparse kernel's softmax: "exact" is the kernel. "no_exp" and "mma_only" are timing
 # diagnostics with WRONG outputs that measure how much of the tile loop the softmax costs:
 # no_exp drops the exponentials (p = shifted scores), mma_only keeps only the two matrix
@@ -591,6 +595,13 @@ def block_sparse_attention(
     kvs = kv_start_tensor(kv_start, bsz, q.device)
     if tile is not None and (block_m % tile[0] or block_n % tile[1]):
         raise ValueError(f"tile {tile} must divide the list blocks ({block_m}, {block_n})")
+    if GLUON and tile is None and softmax == "exact":
+        from . import gluon_attention
+
+        if gluon_attention.sm90_usable(q, block_m, block_n, softcap, sliding_window):
+            gluon_attention.block_sparse_attention_sm90(q, k, v, block_index, block_count, kvs, out, lse, scale=scale,
+                                                        q_offset=q_offset, block_m=block_m, block_n=block_n)
+            return out, lse
     fixed = tile or (block_m, block_n)
     meta = _common_meta(d, block_m, softcap, sliding_window)
     del meta["BLOCK_M"]  # a tuned (or given) tile; the lists' blocks are LIST_M x LIST_N

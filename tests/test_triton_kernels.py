@@ -123,12 +123,20 @@ def _tma_loads(tma):
     return _module_flag(triton_attention, "TMA", tma)
 
 
+def _gluon_kernel(gluon):
+    from patchattn.kernels import triton_attention
+
+    return _module_flag(triton_attention, "GLUON", gluon)
+
+
 def check_block_sparse(bsz, hq, hkv, n_q, n_k, d, bm, bn, q_offset, kv_start, window, softcap, dtype,
-                       density=0.4, device="cpu", shared_lists=False, kv_major=None, tile=None, tma=None):
+                       density=0.4, device="cpu", shared_lists=False, kv_major=None, tile=None, tma=None,
+                       gluon=None):
     """tile: the kernel's (rows, keys) per step, a fraction of the lists' (bm, bn) blocks.
     tma=True: tiles loaded by tensor descriptor where the layout allows (`tma_used`), also
-    compared with the pointer loads on the same inputs."""
-    with _program_order(kv_major), _tma_loads(tma):
+    compared with the pointer loads on the same inputs. gluon=True: the Gluon sm_90 kernel where
+    `sm90_usable` takes the inputs (`gluon_used`)."""
+    with _program_order(kv_major), _tma_loads(tma), _gluon_kernel(gluon):
         return _check_block_sparse(bsz, hq, hkv, n_q, n_k, d, bm, bn, q_offset, kv_start, window, softcap, dtype,
                                    density, device, shared_lists, tile, bool(tma))
 
@@ -152,6 +160,10 @@ def _check_block_sparse(bsz, hq, hkv, n_q, n_k, d, bm, bn, q_offset, kv_start, w
         softcap=softcap, block_m=bm, block_n=bn, out=out, tile=tile)
     o, lse = run(out)
     extra = {}
+    if triton_attention.GLUON:
+        from patchattn.kernels.gluon_attention import sm90_usable
+
+        extra["gluon_used"] = sm90_usable(q, bm, bn, softcap, window) and tile is None
     if tma:
         extra["tma_used"] = triton_attention._tma_usable(q, k, v)
         with _tma_loads(False):
@@ -553,6 +565,34 @@ def test_tma_only_where_descriptors_can_address_the_tensors(monkeypatch):
     assert not ta._tma_usable(x, x[..., ::2], x)
 
 
+def test_gluon_kernel_compiles_for_hopper():
+    """The Gluon sm_90 kernel compiles on a CPU machine, with the overlap intact: the next tile's
+    q.K^T is waited with one product still outstanding (pendings = 1), and ptxas keeps the wgmma
+    pipeline (no C7514 serialisation) without spills."""
+    pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
+    from patchattn.evals.bench.ttgir_probe import compile_gluon_block_sparse, ptxas_report
+
+    kernel = compile_gluon_block_sparse(128, 128, 128)
+    ir = kernel.asm["ttgir"]
+    assert ir.count("ttng.warp_group_dot ") == 4  # S(0), S(t+1), P.V(t), last tile's P.V
+    assert "pendings = 1" in ir
+    report = ptxas_report(kernel)
+    assert report["ok"] and not report["wgmma_serialized"] and report["spill_bytes"] == 0, report
+
+
+def test_gluon_kernel_takes_only_what_it_supports():
+    pytest.importorskip("triton")
+    from patchattn.kernels.gluon_attention import sm90_usable
+
+    cpu = torch.zeros(1, 1, 8, 128, dtype=torch.bfloat16)
+    assert not sm90_usable(cpu, 128, 128, None, None)  # not CUDA
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0):
+        gpu = cpu.cuda()
+        assert sm90_usable(gpu, 128, 128, None, None)
+        assert not sm90_usable(gpu, 128, 128, 30.0, None) and not sm90_usable(gpu, 128, 128, None, 512)
+        assert not sm90_usable(gpu.float(), 128, 128, None, None) and not sm90_usable(gpu, 32, 32, None, None)
+
+
 def test_softmax_mode_is_validated():
     """An unknown softmax mode is refused with the list of modes (the diagnostic ones exist for
     kernel_variants and must be asked for by name)."""
@@ -658,6 +698,29 @@ def test_block_sparse_gpu(one_config, d, variant):
     elif variant == "subtiles":  # 128-blocks walked in 64 x 64 tiles (an autotuning choice)
         kw.update(bm=128, bn=128, tile=(64, 64), kv_start=[0, 77])
     res = check_block_sparse(**kw)
+    assert not res["nan"] and res["same"] and res["out"] <= 1e-2 and res["lse"] <= 2e-2, res
+
+
+@pytest.mark.parametrize("variant", ["plain", "pad_offset", "d64_shared_lists", "blocks64_ragged", "gqa_batch_pad"])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                    reason="needs a Hopper (sm_90) GPU")
+def test_block_sparse_gluon_gpu(one_config, variant):
+    """PATCHATTN_GLUON=1: the Gluon sm_90 kernel against the fp32 oracle (poisoned output, lse)."""
+    pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
+    torch.manual_seed(0)
+    kw = dict(bsz=1, hq=8, hkv=2, n_q=4096, n_k=4096, d=128, bm=128, bn=128, q_offset=0, kv_start=[0],
+              window=None, softcap=None, dtype=BF16, density=0.3, device="cuda", gluon=True)
+    if variant == "pad_offset":  # left padding, a prefill after a cache, n_k not a multiple of the blocks
+        kw.update(bsz=2, n_q=1800, n_k=3000, q_offset=1200, kv_start=[0, 333])
+    elif variant == "d64_shared_lists":
+        kw.update(d=64, shared_lists=True, dtype=torch.float16)
+    elif variant == "blocks64_ragged":
+        kw.update(bm=64, bn=64, n_q=1000, n_k=1000, kv_start=[17])
+    elif variant == "gqa_batch_pad":
+        kw.update(bsz=2, hq=8, hkv=1, n_q=2500, n_k=2500, kv_start=[0, 700])
+    res = check_block_sparse(**kw)
+    assert res["gluon_used"], res
     assert not res["nan"] and res["same"] and res["out"] <= 1e-2 and res["lse"] <= 2e-2, res
 
 

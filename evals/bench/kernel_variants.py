@@ -14,7 +14,10 @@ Rows (Llama-3-8B attention shapes, bf16, as in prefill.py):
   causal block, with the TFLOP/s of the computed pairs;
 * with `--tables ...,softmax`: the block-sparse kernel's softmax modes (`block_sparse_attention`'s
   `softmax=`): exact and the two timing diagnostics no_exp / mma_only (wrong outputs), which show
-  how much of the tile loop the softmax costs. Each mode is autotuned.
+  how much of the tile loop the softmax costs. Each mode is autotuned;
+* with `--tables ...,gluon`: the Triton block-sparse kernel (autotuned) vs the Gluon sm_90 kernel
+  (`triton_attention.GLUON`, kernels/gluon_attention.py), random lists at each density and every
+  causal block, with TFLOP/s and the max |difference| of their outputs.
 Each row also records the max |difference| between the variants' outputs (same math, other
 order of work: expected at rounding level).
 """
@@ -37,7 +40,8 @@ from patchattn.kernels import triton_estimators as te
 
 ORDERS = {"kv_major": True, "heads_fastest": False}
 LOADS = {"pointer": False, "tma": True}
-TABLES = ("orders", "antidiagonal", "tma", "softmax")
+TABLES = ("orders", "antidiagonal", "tma", "softmax", "gluon")
+KERNELS = {"triton": False, "gluon": True}
 SOFTMAX_ROWS = ("exact", "no_exp", "mma_only")
 # Columns a saved report may hold: "lazy" (lazy rescaling) was timed on 2026-12-02 and dropped.
 _SOFTMAX_COLUMNS = ("exact", "lazy", "no_exp", "mma_only")
@@ -182,6 +186,31 @@ def bench_softmax(n, densities, block, sdpa_ms):
     return rows
 
 
+def bench_gluon(n, densities, block, sdpa_ms):
+    """The Triton kernel vs the Gluon sm_90 kernel on the same lists."""
+    from patchattn.kernels.gluon_attention import sm90_usable
+
+    q, k, v = random_inputs(n)
+    scale = D ** -0.5
+    causal = causal_pairs(n)
+    used = sm90_usable(q, block, block, None, None)  # else both variants run the Triton kernel
+    lists = [random_block_lists(n, density, seed=int(density * 1000), block=block) for density in densities]
+    lists.append((*every_causal_block(n, block, q.shape[1]), causal))
+    rows = []
+    for index, count, pairs in lists:
+        timed = _per_flag(lambda: ta.block_sparse_attention(q, k, v, index, count, scale=scale, block_m=block,
+                                                            block_n=block)[0], "GLUON", KERNELS)
+        (a, out_a, _), (b, out_b, _) = timed["triton"], timed["gluon"]
+        tflop = 4 * D * pairs / 1e12
+        rows.append({"row": "block_sparse all blocks" if pairs == causal else f"block_sparse density {pairs / causal:.3f}",
+                     "density": pairs / causal, "reference_ms": pairs / causal * sdpa_ms, "triton_ms": a,
+                     "gluon_ms": b, "speedup": a / b, "triton_tflops": tflop / (a / 1e3),
+                     "gluon_tflops": tflop / (b / 1e3), "max_abs_diff": _max_diff(out_a, out_b), "gluon_used": used})
+    del lists, q, k, v
+    torch.cuda.empty_cache()
+    return rows
+
+
 def bench_antidiagonal(n, sdpa_ms, strides):
     q, k, _ = structured_inputs(n)
     scale = D ** -0.5
@@ -240,6 +269,13 @@ def print_table(report):
                 f"{row['pointer_tflops']:.0f} / {row['tma_tflops']:.0f}", f"{row['tma_ms'] / row['reference_ms']:.2f}",
                 f"{row['max_abs_diff']:.1e}", row["tma_config"]]
                for r in report["results"] for row in r.get("tma", [])))
+    _markdown(["N", "Triton vs Gluon (sm_90)", "Triton ms", "Gluon ms", "speedup", "TFLOP/s Triton / Gluon",
+               "ratio vs density x SDPA (Gluon)", "max diff"],
+              ([str(r["n"]), row["row"] + ("" if row["gluon_used"] else " (Gluon not usable: both Triton)"),
+                f"{row['triton_ms']:.2f}", f"{row['gluon_ms']:.2f}", f"{row['speedup']:.2f}",
+                f"{row['triton_tflops']:.0f} / {row['gluon_tflops']:.0f}",
+                f"{row['gluon_ms'] / row['reference_ms']:.2f}", f"{row['max_abs_diff']:.1e}"]
+               for r in report["results"] for row in r.get("gluon", [])))
     softmax = [(r["n"], row) for r in report["results"] for row in r.get("softmax", [])]
     modes = [m for m in _SOFTMAX_COLUMNS if any(m in row for _, row in softmax)]
     _markdown(["N", "softmax modes", *(f"{m} ms (TFLOP/s)" for m in modes), "exact / (density x SDPA)",
@@ -294,6 +330,9 @@ def main(argv=None):
             out.write_text(json.dumps(report, indent=1))
         if "softmax" in tables:
             result["softmax"] = bench_softmax(n, densities, args.block, result["sdpa_ms"])
+            out.write_text(json.dumps(report, indent=1))
+        if "gluon" in tables:
+            result["gluon"] = bench_gluon(n, densities, args.block, result["sdpa_ms"])
         result["wall_s"] = time.time() - t0
         out.write_text(json.dumps(report, indent=1))
         print(f"N={n} done in {time.time() - t0:.0f}s", flush=True)

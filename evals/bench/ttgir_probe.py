@@ -2,6 +2,7 @@
 wgmma (warp_group_dot), TMA copies, cp.async copies, shared-to-register loads.
 
     python -m patchattn.evals.bench.ttgir_probe            # pointer loads and TMA side by side
+    python -m patchattn.evals.bench.ttgir_probe --gluon    # the Gluon sm_90 kernel: IR + ptxas report
 
 Why: whether descriptor loads feed wgmma straight from shared memory (no register staging) is a
 property of the compiled IR, checkable on a CPU machine before spending GPU time."""
@@ -33,6 +34,44 @@ def compile_block_sparse(use_tma: bool, block: int = 128, head_dim: int = 128, w
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
 
 
+def compile_gluon_block_sparse(head_dim: int = 128, block_m: int = 128, block_n: int = 128):
+    """The Gluon sm_90 kernel (kernels/gluon_attention.py) compiled for Hopper."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from patchattn.kernels import gluon_attention as ga
+
+    fn = ga._block_sparse_fwd_sm90
+    params = list(inspect.signature(fn.fn).parameters)
+    const = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=8 if block_m == 128 else 4)
+    sig = {p: "constexpr" if p in const else _POINTERS.get(p, "fp32" if p == "qk_scale" else "i32") for p in params}
+    src = GluonASTSource(fn, sig, constexprs={(params.index(k),): v for k, v in const.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=const["num_warps"]))
+
+
+def ptxas_report(kernel) -> dict:
+    """ptxas -v on the kernel's PTX (triton's own ptxas): registers, spills, and whether it
+    serialises the wgmma pipeline (warning C7514)."""
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    ptxas = get_ptxas(90)
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = f"{tmp}/k.ptx"
+        with open(ptx, "w") as f:
+            f.write(kernel.asm["ptx"])
+        res = subprocess.run([getattr(ptxas, "path", ptxas), "-v", "--gpu-name", "sm_90a", ptx, "-o", f"{tmp}/k.cubin"],
+                             capture_output=True, text=True)
+    text = res.stdout + res.stderr
+    regs = re.findall(r"Used (\d+) registers", text)
+    spills = re.findall(r"(\d+) bytes spill stores", text)
+    return {"ok": res.returncode == 0, "registers": int(regs[-1]) if regs else None,
+            "spill_bytes": int(spills[-1]) if spills else None, "wgmma_serialized": "C7514" in text,
+            **({} if res.returncode == 0 else {"error": text[-300:]})}
+
+
 def counts(kernel) -> dict:
     ir = kernel.asm["ttgir"]
     return {"wgmma": ir.count("ttng.warp_group_dot "), "tma_copy": ir.count("async_tma_copy"),
@@ -44,7 +83,14 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--stages", type=int, default=2)
     p.add_argument("--softmax", default="exact", help=f"comma list of {', '.join(ta.SOFTMAX_MODES)}")
+    p.add_argument("--gluon", action="store_true", help="the Gluon sm_90 kernel instead (IR counts + ptxas report)")
     args = p.parse_args(argv)
+    if args.gluon:
+        for d, bm, bn in ((128, 128, 128), (64, 128, 128), (128, 64, 64)):
+            kernel = compile_gluon_block_sparse(d, bm, bn)
+            print(f"gluon head_dim {d}, tile {bm}x{bn}:", counts(kernel), ptxas_report(kernel),
+                  f"shared {kernel.metadata.shared} B")
+        return
     for mode in args.softmax.split(","):
         for use_tma in (False, True):
             print(f"softmax {mode}, {'TMA' if use_tma else 'pointer'} loads:",
