@@ -62,6 +62,20 @@ if gluon is not None:
         return p, alpha, m_new, l_i * alpha + gl.sum(p, 1)
 
     @gluon.jit
+    def _softmax_and_pv(s, m_i, l_i, acc, kb, t, v_smem, v_bar, qk_scale, pos, offs_n, first_pos, kv_start, n_k,
+                        BLOCK_N: gl.constexpr, p_layout: gl.constexpr, row_o: gl.constexpr):
+        """Tile t (key block kb): softmax of its scores s (masked only where the tile crosses the
+        diagonal, n_k or kv_start), acc rescaled, then P.V issued asynchronously on V stage t % 3.
+        Returns (the in-flight P.V, m, l)."""
+        n0 = kb * BLOCK_N
+        masked = (n0 + BLOCK_N - 1 > first_pos) | (n0 + BLOCK_N > n_k) | (n0 < kv_start)
+        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, qk_scale, pos, n0 + offs_n, kv_start, n_k, masked)
+        p_op = gl.convert_layout(p.to(v_smem.dtype), p_layout)
+        acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+        mbarrier.wait(v_bar.index(t % 3), (t // 3) & 1)
+        return warpgroup_mma(p_op, v_smem.index(t % 3), acc, is_async=True), m_i, l_i
+
+    @gluon.jit
     def _block_sparse_fwd_sm90(
         Q, K, V, Out, Lse, BlockIdx, BlockCnt, KvStart,
         si_b, si_h, si_q, sc_b, sc_h,
@@ -159,26 +173,15 @@ if gluon is not None:
             mbarrier.wait(k_bar.index((t + 1) % 2), ((t + 1) // 2) & 1)
             s_next = warpgroup_mma(q_smem, k_smem.index((t + 1) % 2).permute((1, 0)), zero_s, use_acc=False,
                                    is_async=True)
-            n0 = kb * BLOCK_N
-            masked = (n0 + BLOCK_N - 1 > first_pos) | (n0 + BLOCK_N > n_k) | (n0 < kv_start)
-            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, qk_scale, pos, n0 + offs_n, kv_start, n_k, masked)
-            p_op = gl.convert_layout(p.to(dtype), p_layout)
-            acc = acc * gl.convert_layout(alpha, row_o)[:, None]
-            mbarrier.wait(v_bar.index(t % 3), (t // 3) & 1)
-            pv = warpgroup_mma(p_op, v_smem.index(t % 3), acc, is_async=True)
+            pv, m_i, l_i = _softmax_and_pv(s, m_i, l_i, acc, kb, t, v_smem, v_bar, qk_scale, pos, offs_n, first_pos,
+                                           kv_start, n_k, BLOCK_N, p_layout, row_o)
             s = warpgroup_mma_wait(num_outstanding=1, deps=(s_next, ))  # S(t+1), issued first
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(pv, ))
             kb = kb_next
             kb_next = kb_far
         if count > 0:  # the last tile
-            t = count - 1
-            n0 = kb * BLOCK_N
-            masked = (n0 + BLOCK_N - 1 > first_pos) | (n0 + BLOCK_N > n_k) | (n0 < kv_start)
-            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, qk_scale, pos, n0 + offs_n, kv_start, n_k, masked)
-            p_op = gl.convert_layout(p.to(dtype), p_layout)
-            acc = acc * gl.convert_layout(alpha, row_o)[:, None]
-            mbarrier.wait(v_bar.index(t % 3), (t // 3) & 1)
-            pv = warpgroup_mma(p_op, v_smem.index(t % 3), acc, is_async=True)
+            pv, m_i, l_i = _softmax_and_pv(s, m_i, l_i, acc, kb, count - 1, v_smem, v_bar, qk_scale, pos, offs_n,
+                                           first_pos, kv_start, n_k, BLOCK_N, p_layout, row_o)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(pv, ))
 
         mbarrier.invalidate(q_bar)
