@@ -139,20 +139,16 @@ def _online_step(s, c, v, m_i, l_i, acc, SOFTMAX_MODE: tl.constexpr):
     """Fold one score tile into the running softmax state: s * c (c > 0) are the scores in log2
     units, masked entries -inf. SOFTMAX_MODE: see SOFTMAX_MODES (0 exact; 1 and 2 are timing
     diagnostics with wrong outputs)."""
-    if SOFTMAX_MODE == 1:
-        m_new = tl.maximum(m_i, tl.max(s, 1) * c)
-        alpha = tl.exp2(m_i - m_new)
-        p = s * c - m_new[:, None]
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
-    elif SOFTMAX_MODE == 2:
+    if SOFTMAX_MODE == 2:
         acc = acc + tl.dot(s.to(v.dtype), v)
         l_i = l_i + 1.0
     else:
         m_new = tl.maximum(m_i, tl.max(s, 1) * c)
         alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s * c - m_new[:, None])
+        if SOFTMAX_MODE == 1:
+            p = s * c - m_new[:, None]
+        else:
+            p = tl.exp2(s * c - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
