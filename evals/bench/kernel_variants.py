@@ -138,6 +138,17 @@ def _tma_row(label, timed, pairs, reference_ms):
             "pointer_config": cfg_a, "tma_config": cfg_b}
 
 
+def timed_lists(n, densities, block, heads):
+    """(label, index, count, pairs) for a random list at each density, then every causal block;
+    made one at a time, so only one set of lists is alive (at 128k each takes ~128 MB)."""
+    causal = causal_pairs(n)
+    for density in densities:
+        index, count, pairs = random_block_lists(n, density, seed=int(density * 1000), block=block)
+        yield f"block_sparse density {pairs / causal:.3f}", index, count, pairs
+        del index, count  # before the next set is made
+    yield ("block_sparse all blocks", *every_causal_block(n, block, heads), causal)
+
+
 def bench_tma(n, densities, block, sdpa_ms):
     """Pointer loads vs TMA descriptors in the block-sparse kernel, each autotuned."""
     q, k, v = random_inputs(n)
@@ -145,18 +156,13 @@ def bench_tma(n, densities, block, sdpa_ms):
     causal = causal_pairs(n)
     used = ta._tma_usable(q, k, v)  # else both variants run the pointer loads
     rows = []
-    for density in densities:
-        index, count, pairs = random_block_lists(n, density, seed=int(density * 1000), block=block)
+    for label, index, count, pairs in timed_lists(n, densities, block, q.shape[1]):
         timed = _per_flag(lambda: ta.block_sparse_attention(q, k, v, index, count, scale=scale, block_m=block,
                                                             block_n=block)[0], "TMA", LOADS)
-        rows.append({**_tma_row(f"block_sparse density {pairs / causal:.3f}", timed, pairs, pairs / causal * sdpa_ms),
-                     "density": pairs / causal, "tma_used": used})
+        rows.append({**_tma_row(label, timed, pairs, pairs / causal * sdpa_ms), "density": pairs / causal,
+                     "tma_used": used})
         del index, count
-    full_index, full_count = every_causal_block(n, block, q.shape[1])
-    timed = _per_flag(lambda: ta.block_sparse_attention(q, k, v, full_index, full_count, scale=scale, block_m=block,
-                                                        block_n=block)[0], "TMA", LOADS)
-    rows.append({**_tma_row("block_sparse all blocks", timed, causal, sdpa_ms), "density": 1.0, "tma_used": used})
-    del full_index, full_count, q, k, v
+    del q, k, v
     torch.cuda.empty_cache()
     return rows
 
@@ -167,12 +173,9 @@ def bench_softmax(n, densities, block, sdpa_ms):
     q, k, v = random_inputs(n)
     scale = D ** -0.5
     causal = causal_pairs(n)
-    lists = [random_block_lists(n, density, seed=int(density * 1000), block=block) for density in densities]
-    lists.append((*every_causal_block(n, block, q.shape[1]), causal))
     rows = []
-    for index, count, pairs in lists:
-        row = {"row": "block_sparse all blocks" if pairs == causal else f"block_sparse density {pairs / causal:.3f}",
-               "density": pairs / causal, "reference_ms": pairs / causal * sdpa_ms}
+    for label, index, count, pairs in timed_lists(n, densities, block, q.shape[1]):
+        row = {"row": label, "density": pairs / causal, "reference_ms": pairs / causal * sdpa_ms}
         for mode in SOFTMAX_ROWS:
             fn = lambda: ta.block_sparse_attention(q, k, v, index, count, scale=scale, block_m=block,  # noqa: E731
                                                    block_n=block, softmax=mode)[0]
@@ -181,7 +184,8 @@ def bench_softmax(n, densities, block, sdpa_ms):
             row[mode] = {"ms": ms, "tflops": 4 * D * pairs / 1e12 / (ms / 1e3),
                          "config": str(getattr(ta._block_sparse_tuned, "best_config", None))}
         rows.append(row)
-    del lists, q, k, v
+        del index, count
+    del q, k, v
     torch.cuda.empty_cache()
     return rows
 
@@ -194,19 +198,17 @@ def bench_gluon(n, densities, block, sdpa_ms):
     scale = D ** -0.5
     causal = causal_pairs(n)
     used = sm90_usable(q, block, block, None, None)  # else both variants run the Triton kernel
-    lists = [random_block_lists(n, density, seed=int(density * 1000), block=block) for density in densities]
-    lists.append((*every_causal_block(n, block, q.shape[1]), causal))
     rows = []
-    for index, count, pairs in lists:
+    for label, index, count, pairs in timed_lists(n, densities, block, q.shape[1]):
         timed = _per_flag(lambda: ta.block_sparse_attention(q, k, v, index, count, scale=scale, block_m=block,
                                                             block_n=block)[0], "GLUON", KERNELS)
         (a, out_a, _), (b, out_b, _) = timed["triton"], timed["gluon"]
         tflop = 4 * D * pairs / 1e12
-        rows.append({"row": "block_sparse all blocks" if pairs == causal else f"block_sparse density {pairs / causal:.3f}",
-                     "density": pairs / causal, "reference_ms": pairs / causal * sdpa_ms, "triton_ms": a,
-                     "gluon_ms": b, "speedup": a / b, "triton_tflops": tflop / (a / 1e3),
+        rows.append({"row": label, "density": pairs / causal, "reference_ms": pairs / causal * sdpa_ms,
+                     "triton_ms": a, "gluon_ms": b, "speedup": a / b, "triton_tflops": tflop / (a / 1e3),
                      "gluon_tflops": tflop / (b / 1e3), "max_abs_diff": _max_diff(out_a, out_b), "gluon_used": used})
-    del lists, q, k, v
+        del index, count
+    del q, k, v
     torch.cuda.empty_cache()
     return rows
 

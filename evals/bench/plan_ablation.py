@@ -15,8 +15,9 @@ A variant is a base plan followed by edits, `BASE|SELECTOR->REPLACEMENT|...`:
 Per variant: realized density, passkey accuracy per length (greedy, batched) and per quarter
 of needle depth, and wikitext perplexity when --tokens > 0. `--rescore FILE...` re-scores the
 completions saved in earlier result files per depth quarter (no model forward; the samples are
-rebuilt from each file's seed, lengths and sample count). Use a passkey --seed other than the one reported in
-calibration_quality.py, so that exploring variants does not tune on the held-out samples.
+rebuilt from each file's seed, lengths, sample count and haystack). Use a passkey --seed other
+than the one reported in calibration_quality.py, so that exploring variants does not tune on
+the held-out samples.
 """
 
 from __future__ import annotations
