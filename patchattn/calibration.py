@@ -443,10 +443,10 @@ def layer_sensitivity(model, prompt_ids, probe: dict, length: int, rcp, seed: in
     kl = torch.zeros(n_layers, dtype=torch.float64)
     local_kl = torch.zeros(n_layers, n_heads, dtype=torch.float64)
     local_lost = torch.zeros_like(local_kl)
-    bar = tqdm(total=len(prompts) * (n_layers + 2), desc="calibrate: layer sensitivity", disable=not progress)
+    bar = tqdm(total=len(prompts) * (n_layers + 1), desc="calibrate: layer sensitivity", disable=not progress)
 
     def log_probs(ids, rows):
-        with torch.no_grad():
+        with torch.inference_mode():
             out = model(input_ids=ids, use_cache=False, logits_to_keep=rows)
         return torch.log_softmax(out.logits[0].double(), -1)
 
@@ -455,18 +455,19 @@ def layer_sensitivity(model, prompt_ids, probe: dict, length: int, rcp, seed: in
         g = torch.Generator().manual_seed(seed * 7919 + i + 0x5E45)
         rows = sample_rows(length, rcp.profiling.rows, rcp.profiling.last_rows, g).to(device)
         ids = torch.tensor([list(full[:length])], device=device)
-        probed = verify_plan(model, everywhere, full[:length], rows)
-        local_kl += probed["kl"] / len(prompts)
-        local_lost += (1 - probed["recall"]) / len(prompts)
-        bar.update(1)
+        # One dense forward gives the probe's local losses (verify_plan), the reference
+        # log-probabilities and the layer outputs to replay.
         outputs: List = [None] * n_layers
         hooks = [layer.register_forward_hook(lambda mod, args, out, j=j: outputs.__setitem__(j, out))
                  for j, layer in enumerate(layers or [])]
         try:
-            ref = log_probs(ids, rows)
+            probed = verify_plan(model, everywhere, full[:length], rows, logits_rows=rows)
         finally:
             for h in hooks:
                 h.remove()
+        local_kl += probed["kl"] / len(prompts)
+        local_lost += (1 - probed["recall"]) / len(prompts)
+        ref = probed["log_probs"]
         bar.update(1)
         for layer in range(n_layers):
             specs = [[probe if l == layer else dense] * n_heads for l in range(n_layers)]

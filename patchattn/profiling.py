@@ -449,10 +449,12 @@ def retrieval_scores(model, tokenizer, samples) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- verification
 @torch.inference_mode()
-def verify_plan(model, plan: Plan, ids: Sequence[int], rows: torch.Tensor) -> Dict[str, torch.Tensor]:
+def verify_plan(model, plan: Plan, ids: Sequence[int], rows: torch.Tensor,
+                logits_rows: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
     """Run every head's planned method on a dense forward's q/k/v (the real `select`), and score
     the sampled rows: recall [layers,H], kl (mean -log kept mass, as the profile's) and output
-    fidelity = ||o_sparse - o_dense|| / ||o_dense||, each averaged over rows."""
+    fidelity = ||o_sparse - o_dense|| / ||o_dense||, each averaged over rows. With `logits_rows`,
+    also the dense forward's float64 log-probabilities at those positions ("log_probs" [R, V])."""
     info = plan.model
     device = next(model.parameters()).device
     recall = torch.zeros(info.num_layers, info.num_q_heads, dtype=torch.float64)
@@ -486,9 +488,13 @@ def verify_plan(model, plan: Plan, ids: Sequence[int], rows: torch.Tensor) -> Di
             kl[layer, heads] = -torch.log(mass.double().clamp(1e-6, 1.0)).mean(-1).cpu()
             error[layer, heads] = rel.double().mean(-1).cpu()
 
+    keep = 1 if logits_rows is None else logits_rows.to(device)
     with capture(model, hook):
-        model(input_ids=torch.tensor([list(ids)], device=device), use_cache=False, logits_to_keep=1)
-    return {"recall": recall, "kl": kl, "fidelity_error": error}
+        out = model(input_ids=torch.tensor([list(ids)], device=device), use_cache=False, logits_to_keep=keep)
+    result = {"recall": recall, "kl": kl, "fidelity_error": error}
+    if logits_rows is not None:
+        result["log_probs"] = torch.log_softmax(out.logits[0].double(), -1)
+    return result
 
 
 __all__ = ["IMPLEMENTATION", "OptionSpace", "capture", "dense_rows", "layer_option_stats", "profile_prompt",

@@ -151,7 +151,7 @@ class Sensitivity(_Strict):
     vertical_slash candidate closest to the target density) with all other layers dense; the
     next-token KL against the dense model on the sampled rows, divided by that layer's summed
     per-head loss under the same probe on the same rows, converts the layer's local loss into
-    end-to-end damage. Costs about (layers / 2 + 2) x prompts forwards at `length` (the dense
+    end-to-end damage. Costs about (layers / 2 + 1) x prompts forwards at `length` (the dense
     layers before the probed one are replayed, not recomputed)."""
 
     prompts: int = Field(default=2, ge=1, description="calibration prompts the per-layer forwards run on")
