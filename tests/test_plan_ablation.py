@@ -34,6 +34,20 @@ def test_bases_and_selectors(model_and_plan):
     assert vs.params["vertical"]["scale"] == 0.25 and vs.params["slash"]["scale"] == 0.25
 
 
+def test_another_plan_file_as_base_or_replacement(model_and_plan, tmp_path):
+    """plan=PATH takes the specs of another plan file; a file for another model is refused."""
+    model, plan = model_and_plan
+    other = tmp_path / "other.json"
+    Plan.uniform(model, "block_topk", {"block_size": 8, "top_k": 2}).save(other)
+    assert {m for row in _methods(build_variant(model, plan, f"plan={other}")) for m in row} == {"block_topk"}
+    mixed = _methods(build_variant(model, plan, f"plan|layers:2-3->plan={other}"))
+    assert mixed[0] == ["streaming"] * 4 and mixed[2] == ["block_topk"] * 4
+    foreign = tmp_path / "foreign.json"
+    Plan.uniform(tiny_model("qwen2"), "dense", {}).save(foreign)
+    with pytest.raises(ValueError):
+        build_variant(model, plan, f"plan={foreign}")
+
+
 @pytest.mark.parametrize("bad", ["sparse@0.1", "plan|layers:0-1", "plan|nowhere->dense", "plan|all->vs"])
 def test_bad_variant_strings_name_the_problem(model_and_plan, bad):
     model, plan = model_and_plan

@@ -6,11 +6,13 @@
 
 A variant is a base plan followed by edits, `BASE|SELECTOR->REPLACEMENT|...`:
 
-* BASE: `dense`, `plan` (the --plan file), `vs@S` (uniform vertical_slash, vertical = slash =
-  S*N) or `stream@S` (uniform streaming, window S*N);
+* BASE: `dense`, `plan` (the --plan file), `plan=PATH` (another plan file for the same model),
+  `vs@S` (uniform vertical_slash, vertical = slash = S*N) or `stream@S` (uniform streaming,
+  window S*N);
 * SELECTOR: `all`, `method:NAME` (heads the current variant runs with NAME), `layers:A-B`
   (layers A..B-1), `retrieval` (the plan's calibration.retrieval_heads), `heads:L.H,L.H`;
-* REPLACEMENT: `dense`, `vs@S`, `stream@S`, or `plan` (the --plan file's spec for that head).
+* REPLACEMENT: `dense`, `vs@S`, `stream@S`, `plan` (the --plan file's spec for that head) or
+  `plan=PATH`.
 
 Per variant: realized density, passkey accuracy per length (greedy, batched) and per quarter
 of needle depth, and wikitext perplexity when --tokens > 0. `--rescore FILE...` re-scores the
@@ -77,10 +79,16 @@ def _selector(text: str, plan: Plan) -> Callable[[int, int, dict], bool]:
     raise ValueError(f"unknown selector {text!r}: expected all, method:NAME, layers:A-B, retrieval or heads:L.H,...")
 
 
-def _spec_source(token: str, planned: HeadTable) -> Callable[[int, int], dict]:
-    """(layer, q_head) -> spec for a BASE / REPLACEMENT token: plan, dense, vs@S or stream@S."""
+def _spec_source(token: str, planned: HeadTable, model) -> Callable[[int, int], dict]:
+    """(layer, q_head) -> spec for a BASE / REPLACEMENT token: plan, plan=PATH, dense, vs@S or
+    stream@S."""
     if token == "plan":
         return lambda l, h: planned[l][h]
+    if token.startswith("plan="):
+        other = Plan.load(token[len("plan="):])
+        other.check_model(model)  # a plan for another model is refused, naming the mismatch
+        table = _table(other)
+        return lambda l, h: table[l][h]
     spec = {"method": "dense", "params": {}} if token == "dense" else _uniform_spec(token)
     return lambda l, h: spec
 
@@ -90,13 +98,13 @@ def build_variant(model, plan: Plan, text: str) -> Plan:
     base, *edits = text.split("|")
     planned = _table(plan)
     n_layers, n_heads = len(planned), len(planned[0])
-    source = _spec_source(base, planned)
+    source = _spec_source(base, planned, model)
     table = [[source(l, h) for h in range(n_heads)] for l in range(n_layers)]
     for edit in edits:
         sel_text, arrow, repl = edit.partition("->")
         if not arrow:
             raise ValueError(f"edit {edit!r}: expected SELECTOR->REPLACEMENT")
-        selected, source = _selector(sel_text, plan), _spec_source(repl, planned)
+        selected, source = _selector(sel_text, plan), _spec_source(repl, planned, model)
         for l in range(n_layers):
             for h in range(n_heads):
                 if selected(l, h, table[l][h]):

@@ -568,6 +568,7 @@ def main(argv=None):
               "methods_params": {m: METHODS[m] for m in args.methods},
               "vs_block_m": backends.VS_BLOCK_M,  # the method path's vertical_slash kernel rows per program
               "vs_flat_slash": backends.VS_FLAT_SLASH,
+              "block_sparse_kernel": "gluon_sm90" if ta.GLUON else "triton",  # PATCHATTN_GLUON=1
               "timing": "median of CUDA-event timings after warm-up", "notes": [], "results": []}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
