@@ -19,7 +19,8 @@ the product's pipeline stage), checked by compiling for sm_90 (`ttgir_probe --gl
 Same contract as `triton_attention.block_sparse_attention` for the cases `sm90_usable` accepts
 (bf16/fp16, head_dim 64 or 128, list blocks of 64 or 128, no softcap, no sliding window);
 GQA, batch > 1, left padding (kv_start) and q_offset are handled. Other cases stay on the
-Triton kernel. Opt-in (`PATCHATTN_GLUON=1`, module flag `triton_attention.GLUON`).
+Triton kernel. On by default on sm_90; `PATCHATTN_GLUON=0` (module flag
+`triton_attention.GLUON`) keeps the Triton kernel.
 """
 
 from __future__ import annotations

@@ -131,11 +131,11 @@ def _gluon_kernel(gluon):
 
 def check_block_sparse(bsz, hq, hkv, n_q, n_k, d, bm, bn, q_offset, kv_start, window, softcap, dtype,
                        density=0.4, device="cpu", shared_lists=False, kv_major=None, tile=None, tma=None,
-                       gluon=None):
+                       gluon=False):
     """tile: the kernel's (rows, keys) per step, a fraction of the lists' (bm, bn) blocks.
     tma=True: tiles loaded by tensor descriptor where the layout allows (`tma_used`), also
     compared with the pointer loads on the same inputs. gluon=True: the Gluon sm_90 kernel where
-    `sm90_usable` takes the inputs (`gluon_used`)."""
+    `sm90_usable` takes the inputs (`gluon_used`); the default tests the Triton kernel on every GPU."""
     with _program_order(kv_major), _tma_loads(tma), _gluon_kernel(gluon):
         return _check_block_sparse(bsz, hq, hkv, n_q, n_k, d, bm, bn, q_offset, kv_start, window, softcap, dtype,
                                    density, device, shared_lists, tile, bool(tma))
