@@ -16,8 +16,9 @@ Rows (Llama-3-8B attention shapes, bf16, as in prefill.py):
   `softmax=`): exact and the two timing diagnostics no_exp / mma_only (wrong outputs), which show
   how much of the tile loop the softmax costs. Each mode is autotuned;
 * with `--tables ...,gluon`: the Triton block-sparse kernel (autotuned) vs the Gluon sm_90 kernel
-  (`triton_attention.GLUON`, kernels/gluon_attention.py), random lists at each density and every
-  causal block, with TFLOP/s and the max |difference| of their outputs.
+  (`triton_attention.GLUON`, kernels/gluon_attention.py) and its persistent variant
+  (`gluon_attention.PERSISTENT`), random lists at each density and every causal block, with
+  TFLOP/s and the max |difference| of their outputs from the Triton kernel's.
 Each row also records the max |difference| between the variants' outputs (same math, other
 order of work: expected at rounding level).
 """
@@ -191,7 +192,8 @@ def bench_softmax(n, densities, block, sdpa_ms):
 
 
 def bench_gluon(n, densities, block, sdpa_ms):
-    """The Triton kernel vs the Gluon sm_90 kernel on the same lists."""
+    """The Triton kernel vs the Gluon sm_90 kernel and its persistent variant on the same lists."""
+    from patchattn.kernels import gluon_attention as ga
     from patchattn.kernels.gluon_attention import sm90_usable
 
     q, k, v = random_inputs(n)
@@ -200,13 +202,21 @@ def bench_gluon(n, densities, block, sdpa_ms):
     used = sm90_usable(q, block, block, None, None)  # else both variants run the Triton kernel
     rows = []
     for label, index, count, pairs in timed_lists(n, densities, block, q.shape[1]):
-        timed = _per_flag(lambda: ta.block_sparse_attention(q, k, v, index, count, scale=scale, block_m=block,
-                                                            block_n=block)[0], "GLUON", KERNELS)
-        (a, out_a, _), (b, out_b, _) = timed["triton"], timed["gluon"]
+        run = lambda: ta.block_sparse_attention(q, k, v, index, count, scale=scale, block_m=block,  # noqa: E731
+                                                block_n=block)[0]
+        timed = _per_flag(run, "GLUON", KERNELS)
+        saved, ga.PERSISTENT = ga.PERSISTENT, True
+        try:
+            timed.update(_per_flag(run, "GLUON", {"gluon_persistent": True}))
+        finally:
+            ga.PERSISTENT = saved
+        (a, out_a, _), (b, out_b, _), (c, out_c, _) = timed["triton"], timed["gluon"], timed["gluon_persistent"]
         tflop = 4 * D * pairs / 1e12
         rows.append({"row": label, "density": pairs / causal, "reference_ms": pairs / causal * sdpa_ms,
                      "triton_ms": a, "gluon_ms": b, "speedup": a / b, "triton_tflops": tflop / (a / 1e3),
-                     "gluon_tflops": tflop / (b / 1e3), "max_abs_diff": _max_diff(out_a, out_b), "gluon_used": used})
+                     "gluon_tflops": tflop / (b / 1e3), "max_abs_diff": _max_diff(out_a, out_b), "gluon_used": used,
+                     "persistent_ms": c, "persistent_speedup": a / c, "persistent_tflops": tflop / (c / 1e3),
+                     "persistent_max_abs_diff": _max_diff(out_a, out_c)})
         del index, count
     del q, k, v
     torch.cuda.empty_cache()
@@ -272,11 +282,15 @@ def print_table(report):
                 f"{row['max_abs_diff']:.1e}", row["tma_config"]]
                for r in report["results"] for row in r.get("tma", [])))
     _markdown(["N", "Triton vs Gluon (sm_90)", "Triton ms", "Gluon ms", "speedup", "TFLOP/s Triton / Gluon",
-               "ratio vs density x SDPA (Gluon)", "max diff"],
+               "ratio vs density x SDPA (Gluon)", "max diff", "persistent ms", "speedup", "ratio (persistent)",
+               "max diff"],
               ([str(r["n"]), row["row"] + ("" if row["gluon_used"] else " (Gluon not usable: both Triton)"),
                 f"{row['triton_ms']:.2f}", f"{row['gluon_ms']:.2f}", f"{row['speedup']:.2f}",
                 f"{row['triton_tflops']:.0f} / {row['gluon_tflops']:.0f}",
-                f"{row['gluon_ms'] / row['reference_ms']:.2f}", f"{row['max_abs_diff']:.1e}"]
+                f"{row['gluon_ms'] / row['reference_ms']:.2f}", f"{row['max_abs_diff']:.1e}",
+                *((f"{row['persistent_ms']:.2f}", f"{row['persistent_speedup']:.2f}",
+                   f"{row['persistent_ms'] / row['reference_ms']:.2f}", f"{row['persistent_max_abs_diff']:.1e}")
+                  if "persistent_ms" in row else ("",) * 4)]
                for r in report["results"] for row in r.get("gluon", [])))
     softmax = [(r["n"], row) for r in report["results"] for row in r.get("softmax", [])]
     modes = [m for m in _SOFTMAX_COLUMNS if any(m in row for _, row in softmax)]
