@@ -29,7 +29,11 @@ import torch
 
 import os
 
-try:  # Gluon ships with triton >= 3.5; its Hopper module is what this kernel needs
+try:  # Gluon's Hopper API as used here: run on the GPU with triton 3.6, compiled with 3.6 and 3.9
+    import triton
+
+    if tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 6):
+        raise ImportError(f"triton {triton.__version__} < 3.6")
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (
@@ -40,8 +44,11 @@ except ImportError:  # pragma: no cover - older triton: the Triton kernel is the
 
 LOG2E = 1.4426950408889634
 # The persistent variant (`_block_sparse_fwd_sm90_persistent`: one program per SM, rings and q
-# tile prefetched across work items, host-side descriptors). PATCHATTN_GLUON_PERSISTENT=1; off
-# until timed faster on a GPU; benchmarks and tests flip this module flag.
+# tile prefetched across work items, host-side descriptors). PATCHATTN_GLUON_PERSISTENT=1. Off:
+# correct on H200 but 0.82-0.93x of the Triton kernel and slower than the per-item Gluon kernel
+# (kernel_variants_gluon_persistent_h200.json). Its per-call fixed cost did not drop (2.38 vs
+# 2.04 ms at 128k), so the per-item prologue is not that cost; its per-pair cost rose to 1.35x
+# SDPA (1.14x per-item) from the cursor's per-tile integer work and register spills.
 PERSISTENT = os.environ.get("PATCHATTN_GLUON_PERSISTENT", "0") == "1"
 
 if gluon is not None:
