@@ -18,7 +18,11 @@ Rows (Llama-3-8B attention shapes, bf16, as in prefill.py):
 * with `--tables ...,gluon`: the Triton block-sparse kernel (autotuned) vs the Gluon sm_90 kernel
   (`triton_attention.GLUON`, kernels/gluon_attention.py) and its persistent variant
   (`gluon_attention.PERSISTENT`), random lists at each density and every causal block, with
-  TFLOP/s and the max |difference| of their outputs from the Triton kernel's.
+  TFLOP/s and the max |difference| of their outputs from the Triton kernel's;
+* with `--tables ...,fixed`: where a call's fixed cost goes. Both kernels on lists of one block
+  per query block (the masked diagonal, or the unmasked block 0: the per-program cost with one
+  tile), and on the random lists of each density against lists with the same count per query
+  block but contiguous, ending at the diagonal (scattered vs sequential K/V tiles).
 Each row also records the max |difference| between the variants' outputs (same math, other
 order of work: expected at rounding level).
 """
@@ -41,7 +45,7 @@ from patchattn.kernels import triton_estimators as te
 
 ORDERS = {"kv_major": True, "heads_fastest": False}
 LOADS = {"pointer": False, "tma": True}
-TABLES = ("orders", "antidiagonal", "tma", "softmax", "gluon")
+TABLES = ("orders", "antidiagonal", "tma", "softmax", "gluon", "fixed")
 KERNELS = {"triton": False, "gluon": True}
 SOFTMAX_ROWS = ("exact", "no_exp", "mma_only")
 # Columns a saved report may hold: "lazy" (lazy rescaling) was timed on 2026-12-02 and dropped.
@@ -223,6 +227,52 @@ def bench_gluon(n, densities, block, sdpa_ms):
     return rows
 
 
+def structure_lists(n, densities, block, heads):
+    """(label, index, count, pairs) for the fixed-cost table: one block per query block (its
+    diagonal, then block 0), then per density the random lists and the same counts as one
+    contiguous run of blocks ending at the diagonal."""
+    nb = n // block
+    qb = torch.arange(nb, device="cuda", dtype=torch.int32)
+    one = torch.ones(1, heads, nb, device="cuda", dtype=torch.int32)
+    diag_pairs = heads * nb * block * (block + 1) // 2
+    yield "diagonal block only", qb.expand(1, heads, nb)[..., None].contiguous(), one, diag_pairs
+    first = torch.zeros(1, heads, nb, 1, device="cuda", dtype=torch.int32)
+    yield "block 0 only", first, one, heads * (nb - 1) * block * block + heads * block * (block + 1) // 2
+    for label, index, count, pairs in timed_lists(n, densities, block, heads):
+        if "all blocks" in label:
+            break
+        yield f"{label} random", index, count, pairs
+        run = torch.arange(index.shape[-1], device="cuda", dtype=torch.int32)
+        start = (qb[:, None] - count[..., None] + 1)  # [1, H, nb, 1]
+        contiguous = (start + run).clamp(0, nb - 1).to(torch.int32).contiguous()
+        yield f"{label} contiguous", contiguous, count, pairs
+        del run, start, contiguous
+
+
+def bench_fixed(n, densities, block, sdpa_ms):
+    """Triton and Gluon kernels on the lists of `structure_lists`; per program: the call's time
+    spread over the programs one SM runs."""
+    q, k, v = random_inputs(n)
+    scale = D ** -0.5
+    causal = causal_pairs(n)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    programs = q.shape[1] * (n // block)
+    rows = []
+    for label, index, count, pairs in structure_lists(n, densities, block, q.shape[1]):
+        run = lambda: ta.block_sparse_attention(q, k, v, index, count, scale=scale, block_m=block,  # noqa: E731
+                                                block_n=block)[0]
+        timed = _per_flag(run, "GLUON", KERNELS)
+        row = {"row": label, "density": pairs / causal, "reference_ms": pairs / causal * sdpa_ms,
+               "tiles": int(count.sum()), "programs": programs}
+        for name, (ms, _, _) in timed.items():
+            row[f"{name}_ms"] = ms
+            row[f"{name}_us_per_program"] = ms * 1e3 * sms / programs
+        rows.append(row)
+    del q, k, v
+    torch.cuda.empty_cache()
+    return rows
+
+
 def bench_antidiagonal(n, sdpa_ms, strides):
     q, k, _ = structured_inputs(n)
     scale = D ** -0.5
@@ -292,6 +342,12 @@ def print_table(report):
                    f"{row['persistent_ms'] / row['reference_ms']:.2f}", f"{row['persistent_max_abs_diff']:.1e}")
                   if "persistent_ms" in row else ("",) * 4)]
                for r in report["results"] for row in r.get("gluon", [])))
+    _markdown(["N", "lists (fixed cost)", "density", "tiles", "Triton ms", "Gluon ms", "us per program Triton / Gluon",
+               "Gluon / (density x SDPA)"],
+              ([str(r["n"]), row["row"], f"{row['density']:.3f}", str(row["tiles"]), f"{row['triton_ms']:.2f}",
+                f"{row['gluon_ms']:.2f}", f"{row['triton_us_per_program']:.2f} / {row['gluon_us_per_program']:.2f}",
+                f"{row['gluon_ms'] / row['reference_ms']:.2f}"]
+               for r in report["results"] for row in r.get("fixed", [])))
     softmax = [(r["n"], row) for r in report["results"] for row in r.get("softmax", [])]
     modes = [m for m in _SOFTMAX_COLUMNS if any(m in row for _, row in softmax)]
     _markdown(["N", "softmax modes", *(f"{m} ms (TFLOP/s)" for m in modes), "exact / (density x SDPA)",
@@ -349,6 +405,9 @@ def main(argv=None):
             out.write_text(json.dumps(report, indent=1))
         if "gluon" in tables:
             result["gluon"] = bench_gluon(n, densities, args.block, result["sdpa_ms"])
+            out.write_text(json.dumps(report, indent=1))
+        if "fixed" in tables:
+            result["fixed"] = bench_fixed(n, densities, args.block, result["sdpa_ms"])
         result["wall_s"] = time.time() - t0
         out.write_text(json.dumps(report, indent=1))
         print(f"N={n} done in {time.time() - t0:.0f}s", flush=True)
