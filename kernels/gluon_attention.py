@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import torch
 
-import os
-
 try:  # Gluon's Hopper API as used here: run on the GPU with triton 3.6, compiled with 3.6 and 3.9
     import triton
 
@@ -38,18 +36,10 @@ try:  # Gluon's Hopper API as used here: run on the GPU with triton 3.6, compile
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (
         mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 except ImportError:  # pragma: no cover - older triton: the Triton kernel is the only path
     gluon = None
 
 LOG2E = 1.4426950408889634
-# The persistent variant (`_block_sparse_fwd_sm90_persistent`: one program per SM, rings and q
-# tile prefetched across work items, host-side descriptors). PATCHATTN_GLUON_PERSISTENT=1. Off:
-# correct on H200 but 0.82-0.93x of the Triton kernel and slower than the per-item Gluon kernel
-# (kernel_variants_gluon_persistent_h200.json). Its per-call fixed cost did not drop (2.38 vs
-# 2.04 ms at 128k), so the per-item prologue is not that cost; its per-pair cost rose to 1.35x
-# SDPA (1.14x per-item) from the cursor's per-tile integer work and register spills.
-PERSISTENT = os.environ.get("PATCHATTN_GLUON_PERSISTENT", "0") == "1"
 
 if gluon is not None:
     # The TMA load builtin was renamed (triton 3.6: async_copy_global_to_shared; later: async_load).
@@ -77,19 +67,18 @@ if gluon is not None:
         return p, alpha, m_new, l_i * alpha + gl.sum(p, 1)
 
     @gluon.jit
-    def _softmax_and_pv(s, m_i, l_i, acc, kb, v_tile, v_ready, v_phase, qk_scale, pos, offs_n, first_pos, kv_start,
-                        n_k, BLOCK_N: gl.constexpr, p_layout: gl.constexpr, row_o: gl.constexpr):
-        """A tile (key block kb): softmax of its scores s (masked only where the tile crosses the
-        diagonal, n_k or kv_start), acc rescaled, then P.V issued asynchronously on the V tile in
-        shared memory `v_tile` (ready when barrier `v_ready` completes phase `v_phase`).
+    def _softmax_and_pv(s, m_i, l_i, acc, kb, t, v_smem, v_bar, qk_scale, pos, offs_n, first_pos, kv_start, n_k,
+                        BLOCK_N: gl.constexpr, p_layout: gl.constexpr, row_o: gl.constexpr):
+        """Tile t (key block kb): softmax of its scores s (masked only where the tile crosses the
+        diagonal, n_k or kv_start), acc rescaled, then P.V issued asynchronously on V stage t % 3.
         Returns (the in-flight P.V, m, l)."""
         n0 = kb * BLOCK_N
         masked = (n0 + BLOCK_N - 1 > first_pos) | (n0 + BLOCK_N > n_k) | (n0 < kv_start)
         p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, qk_scale, pos, n0 + offs_n, kv_start, n_k, masked)
-        p_op = gl.convert_layout(p.to(v_tile.dtype), p_layout)
+        p_op = gl.convert_layout(p.to(v_smem.dtype), p_layout)
         acc = acc * gl.convert_layout(alpha, row_o)[:, None]
-        mbarrier.wait(v_ready, v_phase)
-        return warpgroup_mma(p_op, v_tile, acc, is_async=True), m_i, l_i
+        mbarrier.wait(v_bar.index(t % 3), (t // 3) & 1)
+        return warpgroup_mma(p_op, v_smem.index(t % 3), acc, is_async=True), m_i, l_i
 
     @gluon.jit
     def _block_sparse_fwd_sm90(
@@ -189,18 +178,15 @@ if gluon is not None:
             mbarrier.wait(k_bar.index((t + 1) % 2), ((t + 1) // 2) & 1)
             s_next = warpgroup_mma(q_smem, k_smem.index((t + 1) % 2).permute((1, 0)), zero_s, use_acc=False,
                                    is_async=True)
-            pv, m_i, l_i = _softmax_and_pv(s, m_i, l_i, acc, kb, v_smem.index(t % 3), v_bar.index(t % 3),
-                                           (t // 3) & 1, qk_scale, pos, offs_n, first_pos, kv_start, n_k, BLOCK_N,
-                                           p_layout, row_o)
+            pv, m_i, l_i = _softmax_and_pv(s, m_i, l_i, acc, kb, t, v_smem, v_bar, qk_scale, pos, offs_n, first_pos,
+                                           kv_start, n_k, BLOCK_N, p_layout, row_o)
             s = warpgroup_mma_wait(num_outstanding=1, deps=(s_next, ))  # S(t+1), issued first
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(pv, ))
             kb = kb_next
             kb_next = kb_far
         if count > 0:  # the last tile
-            last = count - 1
-            pv, m_i, l_i = _softmax_and_pv(s, m_i, l_i, acc, kb, v_smem.index(last % 3), v_bar.index(last % 3),
-                                           (last // 3) & 1, qk_scale, pos, offs_n, first_pos, kv_start, n_k, BLOCK_N,
-                                           p_layout, row_o)
+            pv, m_i, l_i = _softmax_and_pv(s, m_i, l_i, acc, kb, count - 1, v_smem, v_bar, qk_scale, pos, offs_n,
+                                           first_pos, kv_start, n_k, BLOCK_N, p_layout, row_o)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(pv, ))
 
         mbarrier.invalidate(q_bar)
@@ -221,191 +207,6 @@ if gluon is not None:
         gl.store(Out + (base + rows[:, None]) * HEAD_DIM + dims[None, :], out.to(dtype), mask=row_ok[:, None])
         lse = gl.where(has, (m_o + gl.log2(gl.where(has, l_o, 1.0))) * 0.6931471805599453, float("-inf"))  # ln 2
         gl.store(Lse + base + rows, lse, mask=row_ok)
-
-    @gluon.jit
-    def _item_coords(item, n_qb, group, n_heads):
-        """Work item -> (batch, q head, kv head, query block): kv-head-major, longest blocks first
-        (the order of the one-program-per-item kernel's programs)."""
-        qb = n_qb - 1 - (item // group) % n_qb
-        bk = item // group // n_qb
-        n_kv = n_heads // group
-        return bk // n_kv, (bk % n_kv) * group + item % group, bk % n_kv, qb
-
-    @gluon.jit
-    def _item_list(item, BlockIdx, BlockCnt, si_b, si_h, si_q, sc_b, sc_h, n_qb, group, idx_group, n_heads, n_k):
-        """(pointer to the item's block list, pointer to its length, its first K/V row)."""
-        b, h, kvh, qb = _item_coords(item, n_qb, group, n_heads)
-        idx_h = h // idx_group  # block lists may be per kv head (shared by the group)
-        base = BlockIdx + b.to(gl.int64) * si_b + idx_h.to(gl.int64) * si_h + qb.to(gl.int64) * si_q
-        return base, BlockCnt + b * sc_b + idx_h * sc_h + qb, (b * (n_heads // group) + kvh) * n_k
-
-    @gluon.jit
-    def _item_count(item, n_items, lists):
-        """Length of the item's block list; 0 past the last item."""
-        _, count_ptr, _ = _item_list(item, *lists)
-        return gl.load(count_ptr, mask=item < n_items, other=0)
-
-    @gluon.jit
-    def _next_tile(item, t, count, n_items, step, lists):
-        """Advance a cursor (item, tile t of its `count`) over the program's stream of tiles (its
-        items' lists, one after the other) by one tile, skipping items with empty lists. Past the
-        end, item >= n_items. The cursor is three integers: list pointers are recomputed where a
-        tile is issued, which keeps the persistent kernel within its registers."""
-        t += 1
-        while (t >= count) & (item < n_items):
-            item += step
-            t = 0
-            count = _item_count(item, n_items, lists)
-        return item, t, count
-
-    @gluon.jit
-    def _cursor_row(item, t, n_items, lists, BLOCK_N: gl.constexpr):
-        """First K/V row of the cursor's tile; -1 past the end of the stream."""
-        base, _, kv_row = _item_list(item, *lists)
-        kb = gl.load(base + t, mask=item < n_items, other=0)
-        return gl.where(item < n_items, kv_row + kb * BLOCK_N, -1)
-
-    @gluon.jit
-    def _refill(k_desc, k_smem, k_bar, v_desc, v_smem, v_bar, pos, k_item, k_t, k_cnt, v_row, n_items, step, lists,
-                BLOCK_N: gl.constexpr):
-        """At the tile of stream position `pos`: issue V(pos + 1) (the row K(pos + 1) was read
-        from, `v_row`) and K(pos + 2) from the K cursor, then advance the cursor. Returns the
-        cursor and the row of K(pos + 2), which is V's next row. One cursor instead of one per
-        ring saves the registers the persistent kernel is short of."""
-        _issue_tile(v_desc, v_smem.index((pos + 1) % 2), v_bar.index((pos + 1) % 2), v_row, v_row >= 0)
-        row = _cursor_row(k_item, k_t, n_items, lists, BLOCK_N)
-        _issue_tile(k_desc, k_smem.index(pos % 2), k_bar.index(pos % 2), row, row >= 0)
-        k_item, k_t, k_cnt = _next_tile(k_item, k_t, k_cnt, n_items, step, lists)
-        return k_item, k_t, k_cnt, row
-
-    @gluon.jit
-    def _block_sparse_fwd_sm90_persistent(
-        q_desc, k_desc, v_desc, Out, Lse, BlockIdx, BlockCnt, KvStart,
-        si_b, si_h, si_q, sc_b, sc_h,
-        n_q, n_k, n_heads, group, idx_group, q_offset, qk_scale, n_qb, n_items,
-        HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, num_warps: gl.constexpr,
-    ):
-        """Persistent variant: one program per SM walks items pid, pid + G, ... (G programs), as
-        one stream of K/V tiles. The rings run across items, so the next item's first K / V
-        tiles and its q tile (double-buffered) are in flight while this item finishes: the
-        per-item prologue (q load, first tiles' latency) and epilogue no longer leave the SM
-        idle. Host-side TMA descriptors (no per-program descriptor creation). Same tile
-        schedule as `_block_sparse_fwd_sm90`; V needs only 2 stages since each P.V is waited
-        within its tile."""
-        dtype: gl.constexpr = q_desc.dtype
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                           instr_shape=[16, BLOCK_N, 16])
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                           instr_shape=[16, HEAD_DIM, 16])
-        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
-        col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
-        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-        col_o: gl.constexpr = gl.SliceLayout(0, o_layout)
-
-        q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, HEAD_DIM], q_desc.layout)
-        k_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, HEAD_DIM], k_desc.layout)
-        v_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, HEAD_DIM], v_desc.layout)
-        q_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        k_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        v_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(2):
-            mbarrier.init(q_bar.index(i), count=1)
-            mbarrier.init(k_bar.index(i), count=1)
-            mbarrier.init(v_bar.index(i), count=1)
-
-        pid = gl.program_id(0)
-        step = gl.num_programs(0)
-        lists = (BlockIdx, BlockCnt, si_b, si_h, si_q, sc_b, sc_h, n_qb, group, idx_group, n_heads, n_k)
-
-        # Producer cursors, K two tiles and V one tile ahead of the tile being finished.
-        k_item, k_t, k_cnt = _next_tile(pid, -1, _item_count(pid, n_items, lists), n_items, step, lists)
-        row0 = _cursor_row(k_item, k_t, n_items, lists, BLOCK_N)
-        _issue_tile(k_desc, k_smem.index(0), k_bar.index(0), row0, row0 >= 0)
-        _issue_tile(v_desc, v_smem.index(0), v_bar.index(0), row0, row0 >= 0)
-        k_item, k_t, k_cnt = _next_tile(k_item, k_t, k_cnt, n_items, step, lists)
-        v_row = _cursor_row(k_item, k_t, n_items, lists, BLOCK_N)  # K(1) now, V(1) at the first tile
-        _issue_tile(k_desc, k_smem.index(1), k_bar.index(1), v_row, v_row >= 0)
-        k_item, k_t, k_cnt = _next_tile(k_item, k_t, k_cnt, n_items, step, lists)
-        b0, h0, _, qb0 = _item_coords(pid, n_qb, group, n_heads)
-        mbarrier.expect(q_bar.index(0), q_desc.block_type.nbytes, pred=pid < n_items)
-        _tma_load(q_desc, [(b0 * n_heads + h0) * n_q + qb0 * BLOCK_M, 0], q_bar.index(0), q_smem.index(0),
-                  pred=pid < n_items)
-
-        offs_n = gl.arange(0, BLOCK_N, layout=col_s)
-        zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
-        dims = gl.arange(0, HEAD_DIM, layout=col_o)
-        g = 0  # stream position of the item's first tile
-        j = 0  # the program's item number (q buffer j % 2)
-        for item in range(pid, n_items, step):
-            b, h, kvh, qb = _item_coords(item, n_qb, group, n_heads)
-            base, count_ptr, _ = _item_list(item, *lists)
-            count = gl.load(count_ptr)
-            kv_start = gl.load(KvStart + b)
-            first_pos = qb * BLOCK_M + q_offset
-            # Every warp is done with item j-1, so its q buffer takes item j+1's q tile.
-            _cta_barrier()
-            nxt = item + step
-            bn, hn, _, qbn = _item_coords(nxt, n_qb, group, n_heads)
-            mbarrier.expect(q_bar.index((j + 1) % 2), q_desc.block_type.nbytes, pred=nxt < n_items)
-            _tma_load(q_desc, [(bn * n_heads + hn) * n_q + qbn * BLOCK_M, 0], q_bar.index((j + 1) % 2),
-                      q_smem.index((j + 1) % 2), pred=nxt < n_items)
-            q_tile = q_smem.index(j % 2)
-            mbarrier.wait(q_bar.index(j % 2), (j // 2) & 1)
-
-            pos = qb * BLOCK_M + gl.arange(0, BLOCK_M, layout=row_s) + q_offset
-            m_i = gl.full([BLOCK_M], -1.0e30, gl.float32, layout=row_s)
-            l_i = gl.zeros([BLOCK_M], gl.float32, layout=row_s)
-            acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
-            # Scores of tile 0 (an empty list computes them from whatever the stage holds and
-            # never uses them).
-            mbarrier.wait(k_bar.index(g % 2), (g // 2) & 1, pred=count > 0)
-            s = warpgroup_mma(q_tile, k_smem.index(g % 2).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-            s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
-            for t in range(0, count - 1):
-                gt = g + t
-                _cta_barrier()  # S(gt) and P.V(gt - 1) are done in every warp: their stages refill
-                k_item, k_t, k_cnt, v_row = _refill(k_desc, k_smem, k_bar, v_desc, v_smem, v_bar, gt, k_item, k_t,
-                                                    k_cnt, v_row, n_items, step, lists, BLOCK_N)
-                mbarrier.wait(k_bar.index((gt + 1) % 2), ((gt + 1) // 2) & 1)
-                s_next = warpgroup_mma(q_tile, k_smem.index((gt + 1) % 2).permute((1, 0)), zero_s, use_acc=False,
-                                       is_async=True)
-                kb = gl.load(base + t)
-                pv, m_i, l_i = _softmax_and_pv(s, m_i, l_i, acc, kb, v_smem.index(gt % 2), v_bar.index(gt % 2),
-                                               (gt // 2) & 1, qk_scale, pos, offs_n, first_pos, kv_start, n_k,
-                                               BLOCK_N, p_layout, row_o)
-                s = warpgroup_mma_wait(num_outstanding=1, deps=(s_next, ))
-                acc = warpgroup_mma_wait(num_outstanding=0, deps=(pv, ))
-            if count > 0:  # the last tile; its refills already belong to the next items
-                gt = g + count - 1
-                _cta_barrier()
-                k_item, k_t, k_cnt, v_row = _refill(k_desc, k_smem, k_bar, v_desc, v_smem, v_bar, gt, k_item, k_t,
-                                                    k_cnt, v_row, n_items, step, lists, BLOCK_N)
-                kb = gl.load(base + count - 1)
-                pv, m_i, l_i = _softmax_and_pv(s, m_i, l_i, acc, kb, v_smem.index(gt % 2), v_bar.index(gt % 2),
-                                               (gt // 2) & 1, qk_scale, pos, offs_n, first_pos, kv_start, n_k,
-                                               BLOCK_N, p_layout, row_o)
-                acc = warpgroup_mma_wait(num_outstanding=0, deps=(pv, ))
-            g += count
-            j += 1
-
-            # Normalise and store (under the next item's loads); rows without a kept key get
-            # out = 0, lse = -inf.
-            l_o = gl.convert_layout(l_i, row_o)
-            m_o = gl.convert_layout(m_i, row_o)
-            has = l_o > 0.0
-            out = acc / gl.where(has, l_o, 1.0)[:, None]
-            rows = qb * BLOCK_M + gl.arange(0, BLOCK_M, layout=row_o)
-            row_ok = rows < n_q
-            obase = (b * n_heads + h).to(gl.int64) * n_q
-            gl.store(Out + (obase + rows[:, None]) * HEAD_DIM + dims[None, :], out.to(dtype), mask=row_ok[:, None])
-            lse = gl.where(has, (m_o + gl.log2(gl.where(has, l_o, 1.0))) * 0.6931471805599453, float("-inf"))
-            gl.store(Lse + obase + rows, lse, mask=row_ok)
-
-        for i in gl.static_range(2):
-            mbarrier.invalidate(q_bar.index(i))
-            mbarrier.invalidate(k_bar.index(i))
-            mbarrier.invalidate(v_bar.index(i))
 
 
 def sm90_usable(q: torch.Tensor, block_m: int, block_n: int, softcap, sliding_window) -> bool:
@@ -431,27 +232,8 @@ def block_sparse_attention_sm90(
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     result = out if out.is_contiguous() else torch.empty_like(q)
     hb = block_index.shape[1]
-    n_qb = -(-n_q // block_m)
-    if PERSISTENT:
-        n_items = bsz * hq * n_qb
-        sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-        gl_dtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
-
-        def desc(t: torch.Tensor, rows: int) -> "TensorDescriptor":  # a 2-D [B * H * N, D] view
-            layout = gl.NVMMASharedLayout.get_default_for([rows, d], gl_dtype)
-            return TensorDescriptor(t, [t.shape[0] * t.shape[1] * t.shape[2], d], [d, 1], [rows, d], layout)
-
-        _block_sparse_fwd_sm90_persistent[(min(n_items, sms), )](
-            desc(q, block_m), desc(k, block_n), desc(v, block_n), result, lse, block_index, block_count, kv_start,
-            *block_index.stride()[:3], *block_count.stride()[:2],
-            n_q, n_k, hq, hq // hkv, hq // hb, q_offset, scale * LOG2E, n_qb, n_items,
-            HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=8 if block_m == 128 else 4,
-        )
-        if result is not out:
-            out.copy_(result)
-        return
     _ensure_tma_allocator()
-    grid = (bsz * hq, n_qb)
+    grid = (bsz * hq, -(-n_q // block_m))
     _block_sparse_fwd_sm90[grid](
         q, k, v, result, lse, block_index, block_count, kv_start,
         *block_index.stride()[:3], *block_count.stride()[:2],

@@ -16,9 +16,9 @@ Rows (Llama-3-8B attention shapes, bf16, as in prefill.py):
   `softmax=`): exact and the two timing diagnostics no_exp / mma_only (wrong outputs), which show
   how much of the tile loop the softmax costs. Each mode is autotuned;
 * with `--tables ...,gluon`: the Triton block-sparse kernel (autotuned) vs the Gluon sm_90 kernel
-  (`triton_attention.GLUON`, kernels/gluon_attention.py) and its persistent variant
-  (`gluon_attention.PERSISTENT`), random lists at each density and every causal block, with
-  TFLOP/s and the max |difference| of their outputs from the Triton kernel's;
+  (`triton_attention.GLUON`, kernels/gluon_attention.py), random lists at each density and every
+  causal block, with TFLOP/s and the max |difference| of their outputs (saved runs of 2026-12-02
+  also hold the persistent variant of commit c8f7f4c, removed: 0.82-0.93x of the Triton kernel);
 * with `--tables ...,fixed`: where a call's fixed cost goes. Both kernels on lists of one block
   per query block (the masked diagonal, or the unmasked block 0: the per-program cost with one
   tile), and on the random lists of each density against lists with the same count per query
@@ -196,8 +196,7 @@ def bench_softmax(n, densities, block, sdpa_ms):
 
 
 def bench_gluon(n, densities, block, sdpa_ms):
-    """The Triton kernel vs the Gluon sm_90 kernel and its persistent variant on the same lists."""
-    from patchattn.kernels import gluon_attention as ga
+    """The Triton kernel vs the Gluon sm_90 kernel on the same lists."""
     from patchattn.kernels.gluon_attention import sm90_usable
 
     q, k, v = random_inputs(n)
@@ -209,18 +208,11 @@ def bench_gluon(n, densities, block, sdpa_ms):
         run = lambda: ta.block_sparse_attention(q, k, v, index, count, scale=scale, block_m=block,  # noqa: E731
                                                 block_n=block)[0]
         timed = _per_flag(run, "GLUON", KERNELS)
-        saved, ga.PERSISTENT = ga.PERSISTENT, True
-        try:
-            timed.update(_per_flag(run, "GLUON", {"gluon_persistent": True}))
-        finally:
-            ga.PERSISTENT = saved
-        (a, out_a, _), (b, out_b, _), (c, out_c, _) = timed["triton"], timed["gluon"], timed["gluon_persistent"]
+        (a, out_a, _), (b, out_b, _) = timed["triton"], timed["gluon"]
         tflop = 4 * D * pairs / 1e12
         rows.append({"row": label, "density": pairs / causal, "reference_ms": pairs / causal * sdpa_ms,
                      "triton_ms": a, "gluon_ms": b, "speedup": a / b, "triton_tflops": tflop / (a / 1e3),
-                     "gluon_tflops": tflop / (b / 1e3), "max_abs_diff": _max_diff(out_a, out_b), "gluon_used": used,
-                     "persistent_ms": c, "persistent_speedup": a / c, "persistent_tflops": tflop / (c / 1e3),
-                     "persistent_max_abs_diff": _max_diff(out_a, out_c)})
+                     "gluon_tflops": tflop / (b / 1e3), "max_abs_diff": _max_diff(out_a, out_b), "gluon_used": used})
         del index, count
     del q, k, v
     torch.cuda.empty_cache()

@@ -27,7 +27,6 @@ import torch
 import torch.nn.functional as F
 
 from patchattn import backends
-from patchattn.kernels import gluon_attention
 from patchattn.kernels import triton_attention as ta
 from patchattn.kernels.triton_estimators import antidiagonal_block_scores, last_q_scores, pooled_block_scores
 
@@ -569,8 +568,7 @@ def main(argv=None):
               "methods_params": {m: METHODS[m] for m in args.methods},
               "vs_block_m": backends.VS_BLOCK_M,  # the method path's vertical_slash kernel rows per program
               "vs_flat_slash": backends.VS_FLAT_SLASH,
-              "block_sparse_kernel": (("gluon_sm90_persistent" if gluon_attention.PERSISTENT else "gluon_sm90")
-                                      if ta.GLUON else "triton"),  # PATCHATTN_GLUON / _GLUON_PERSISTENT
+              "block_sparse_kernel": "gluon_sm90" if ta.GLUON else "triton",  # PATCHATTN_GLUON
               "timing": "median of CUDA-event timings after warm-up", "notes": [], "results": []}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
