@@ -559,6 +559,18 @@ def _common_meta(d: int, block_m: int, softcap, sliding_window):
 # ----------------------------------------------------------------------------- public API
 
 
+def block_sparse_kernel(q: torch.Tensor, block_m: int, block_n: int, softcap=None, sliding_window=None, tile=None,
+                        softmax: str = "exact") -> str:
+    """Which kernel `block_sparse_attention` runs for these arguments: "gluon_block_sparse" (the
+    sm_90 Gluon kernel, when GLUON is on and it takes the inputs) or "triton_block_sparse"."""
+    if GLUON and tile is None and softmax == "exact":
+        from .gluon_attention import sm90_usable
+
+        if sm90_usable(q, block_m, block_n, softcap, sliding_window):
+            return "gluon_block_sparse"
+    return "triton_block_sparse"
+
+
 def block_sparse_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_index: torch.Tensor, block_count: torch.Tensor, *,
     scale: float, q_offset: int = 0, kv_start: Optional[torch.Tensor] = None, sliding_window: Optional[int] = None,
@@ -593,13 +605,12 @@ def block_sparse_attention(
     kvs = kv_start_tensor(kv_start, bsz, q.device)
     if tile is not None and (block_m % tile[0] or block_n % tile[1]):
         raise ValueError(f"tile {tile} must divide the list blocks ({block_m}, {block_n})")
-    if GLUON and tile is None and softmax == "exact":
+    if block_sparse_kernel(q, block_m, block_n, softcap, sliding_window, tile, softmax) == "gluon_block_sparse":
         from . import gluon_attention
 
-        if gluon_attention.sm90_usable(q, block_m, block_n, softcap, sliding_window):
-            gluon_attention.block_sparse_attention_sm90(q, k, v, block_index, block_count, kvs, out, lse, scale=scale,
-                                                        q_offset=q_offset, block_m=block_m, block_n=block_n)
-            return out, lse
+        gluon_attention.block_sparse_attention_sm90(q, k, v, block_index, block_count, kvs, out, lse, scale=scale,
+                                                    q_offset=q_offset, block_m=block_m, block_n=block_n)
+        return out, lse
     fixed = tile or (block_m, block_n)
     meta = _common_meta(d, block_m, softcap, sliding_window)
     del meta["BLOCK_M"]  # a tuned (or given) tile; the lists' blocks are LIST_M x LIST_N

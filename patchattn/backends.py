@@ -270,8 +270,9 @@ def _heads_for_kernel(query, key, value, heads: torch.Tensor):
 
 def run_group(selection: Selection, query, key, value, heads: torch.Tensor, layout: KernelLayout, q_pos0: int, *,
               scale: float, softcap: Optional[float], out: Optional[torch.Tensor] = None):
-    """Attention for one head group on the kernels. Returns (out [B,h,M,D], kept pairs [B,h]) or
-    None when this selection has no kernel form (the caller then runs the reference)."""
+    """Attention for one head group on the kernels. Returns (out [B,h,M,D], kept pairs [B,h],
+    the kernel's telemetry name) or None when this selection has no kernel form (the caller then
+    runs the reference)."""
     from .kernels import triton_attention as ta
 
     q, k, v = _heads_for_kernel(query, key, value, heads)
@@ -297,7 +298,7 @@ def run_group(selection: Selection, query, key, value, heads: torch.Tensor, layo
         kernel_calls["vertical_slash"] += 1
         kept = ta.vertical_slash_pair_counts(cols, diags, n_q=layout.n_q, q_offset=layout.q_offset,
                                              kv_start=layout.kv_start, sliding_window=layout.sliding_window)["kept"]
-        return o, kept
+        return o, kept, "triton_vertical_slash"
     else:
         return None
     if tiles is None:
@@ -309,4 +310,5 @@ def run_group(selection: Selection, query, key, value, heads: torch.Tensor, layo
         return None
     o, _ = ta.block_sparse_attention(q, k, v, index, count, block_m=bm, block_n=bn, out=out, **opts)
     kernel_calls["block"] += 1
-    return o, _kept_block_pairs(keep, tile_pairs, h)
+    kernel = ta.block_sparse_kernel(q, bm, bn, softcap, layout.sliding_window)
+    return o, _kept_block_pairs(keep, tile_pairs, h), kernel

@@ -292,8 +292,10 @@ def sparse_attention(state: LayerState, query, key, value, attention_mask, *, sc
                     return base_rows(start, end) & selection.rows(q_pos[start:end], k_pos)
             k = key[:, kv_heads] if gqa_keys else k
             o, _, kept_pairs = chunked_attention(q, k, value[:, kv_heads], row_mask, scale, softcap)
+            state.stats.kernels["reference"] += 1
         else:
-            o, kept_pairs = result
+            o, kept_pairs, kernel = result
+            state.stats.kernels[kernel] += 1
         if o is not out:
             out[:, heads] = o
         kept[:, heads] = kept_pairs.to(kept.dtype)

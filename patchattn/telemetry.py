@@ -4,7 +4,9 @@ Realized density = computed query-key pairs / pairs the unpatched model computes
 padding and sliding window applied), accumulated over prefill calls. Calls that ran the
 original dense implementation are counted by reason: ``decode`` (one-query steps),
 ``short_prompt`` (shorter than the plan's dense_below) and ``dense_plan`` (every head of the
-layer is dense in the plan; these count as density 1 in the totals).
+layer is dense in the plan; these count as density 1 in the totals). ``kernels`` counts, per
+head group of a sparse prefill, the implementation that ran it: ``reference`` (chunked torch),
+``triton_block_sparse``, ``gluon_block_sparse`` (the sm_90 kernel) or ``triton_vertical_slash``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ class LayerStats:
     valid: List[int] = field(default_factory=list)
     sparse_calls: int = 0
     fallbacks: Counter = field(default_factory=Counter)
+    kernels: Counter = field(default_factory=Counter)
 
     def __post_init__(self):
         heads = len(self.methods)
@@ -74,6 +77,13 @@ class Stats:
         return total
 
     @property
+    def kernels(self) -> Counter:
+        total = Counter()
+        for layer in self.layers:
+            total.update(layer.kernels)
+        return total
+
+    @property
     def sparse_calls(self) -> int:
         return sum(layer.sparse_calls for layer in self.layers)
 
@@ -85,9 +95,10 @@ class Stats:
             "density": self.density,
             "sparse_calls": self.sparse_calls,
             "fallbacks": dict(self.fallbacks),
+            "kernels": dict(self.kernels),
             "layers": [
                 {"layer": l.layer, "methods": l.methods, "density": l.head_density(),
-                 "sparse_calls": l.sparse_calls, "fallbacks": dict(l.fallbacks)}
+                 "sparse_calls": l.sparse_calls, "fallbacks": dict(l.fallbacks), "kernels": dict(l.kernels)}
                 for l in self.layers
             ],
         }
@@ -101,10 +112,13 @@ class Stats:
             lines.append(f"layer {l.layer:3d} | {cells} | {fb}")
         density = self.density
         head = f"realized density: {density:.4f}" if density is not None else "realized density: - (no prefill ran the plan)"
+        if self.kernels:
+            head += "; ran on " + ", ".join(f"{k}={v}" for k, v in sorted(self.kernels.items()))
         return "\n".join([head] + lines)
 
     def __repr__(self) -> str:
-        return f"Stats(density={self.density}, sparse_calls={self.sparse_calls}, fallbacks={dict(self.fallbacks)})"
+        return (f"Stats(density={self.density}, sparse_calls={self.sparse_calls}, fallbacks={dict(self.fallbacks)}, "
+                f"kernels={dict(self.kernels)})")
 
 
 def stats(model) -> Stats:

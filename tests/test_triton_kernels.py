@@ -383,13 +383,14 @@ def check_patched_llama(dtype=torch.float32):
             calls = sum(backends.kernel_calls.values())
             with torch.no_grad():
                 logits = model(input_ids=ids, attention_mask=am).logits
-            res[choice] = (logits, stats(model).density, sum(backends.kernel_calls.values()) - calls)
+            res[choice] = (logits, stats(model).density, sum(backends.kernel_calls.values()) - calls,
+                           dict(stats(model).kernels))
     finally:
         os.environ.pop(backends.BACKEND_ENV) if old is None else os.environ.__setitem__(backends.BACKEND_ENV, old)
-    (lk, dk, ck), (lr, dr, cr) = res["triton"], res["reference"]
+    (lk, dk, ck, kk), (lr, dr, cr, kr) = res["triton"], res["reference"]
     valid = am.bool()
     return dict(err=rel_err(lk[valid], lr[valid]), density_equal=dk == dr, sparse=dk < 0.95, kernel_calls=ck,
-                reference_calls=cr)
+                reference_calls=cr, telemetry_kernels=kk, telemetry_reference=kr)
 
 
 # Small CPU cases: (check, kwargs). Shapes cover GQA, batch > 1, ragged tails, left padding,
@@ -508,6 +509,10 @@ def _assert_result(name, res):
     if check is check_patched_llama:
         assert res["err"] <= 1e-5 and res["density_equal"] and res["sparse"], res
         assert res["kernel_calls"] == 2 and res["reference_calls"] == 0, res
+        # telemetry names what ran: layer 0 vertical_slash, layer 1 xattention's block lists (head_dim
+        # 32: never the Gluon kernel)
+        assert res["telemetry_kernels"] == {"triton_vertical_slash": 1, "triton_block_sparse": 1}, res
+        assert res["telemetry_reference"] == {"reference": 2}, res
     elif check is check_patching_kernel_path:
         assert res["layout_ok"] and not res["nan"] and res["out"] <= tol, res
         assert res["kept_ok"] and res["skips"] and res["ref_agrees"], res
