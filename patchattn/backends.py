@@ -67,13 +67,14 @@ def kernels_enabled(device: torch.device) -> bool:
 # prefill_vs_slash_group_h100.json); with single diagonals it computes 0.455 and loses (0.70x).
 # Re-measured on an H200 (evals/bench/results/h200/prefill_h200.json): at 16k vertical_slash
 # (slash_group 64) runs 0.71x and block_topk 0.94x of SDPA, at 32k 2.48x and 2.40x: 32k stays.
+# With the Gluon block kernel (h200/prefill_gluon_h200.json): 16k 0.98x / 0.72x, 32k 2.43x / 2.68x.
 # The plan's own dense_below applies on top. PATCHATTN_DENSE_BELOW=<int> overrides every entry.
 # Query rows per program of the vertical_slash kernel. Taller tiles share each gathered column
 # tile and each slash band between more rows, but compute more pairs off a band's diagonals.
 VS_BLOCK_M = int(os.environ.get("PATCHATTN_VS_BLOCK_M", 64))
 # PATCHATTN_VS_FLAT_SLASH=1: walk each query block's slash tiles in one loop over a precomputed
-# tile list (the compiler can prefetch across segments) instead of a loop per segment. Off until
-# timed on a GPU (evals/bench/prefill.py rows *_flat).
+# tile list (the compiler can prefetch across segments) instead of a loop per segment. Off: slower
+# on H200 end to end, 62.6 vs 40.8 ms at 128k, 8.8 vs 6.5 ms at 32k (h200/prefill_gluon_h200.json).
 VS_FLAT_SLASH = os.environ.get("PATCHATTN_VS_FLAT_SLASH", "0") == "1"
 
 KERNEL_BREAK_EVEN = {
