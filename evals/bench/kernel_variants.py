@@ -36,8 +36,9 @@ from pathlib import Path
 
 import torch
 
+from patchattn.evals.bench import prefill
 from patchattn.evals.bench.prefill import (
-    D, causal_pairs, cuda_time, parse_lengths, random_block_lists, random_inputs, sdpa, structured_inputs,
+    D, TIMING, causal_pairs, cuda_time, parse_lengths, random_block_lists, random_inputs, sdpa, structured_inputs,
     vertical_slash_pipeline,
 )
 from patchattn.kernels import triton_attention as ta
@@ -357,6 +358,7 @@ def main(argv=None):
     parser.add_argument("--strides", default="16,8")
     parser.add_argument("--tiles", default="128x128,64x64", help="kernel tiles also timed forced (untuned)")
     parser.add_argument("--tables", default="orders,antidiagonal", help=f"which to time, of {','.join(TABLES)}")
+    parser.add_argument("--timing", choices=sorted(TIMING), default="synced", help="see prefill.TIMING")
     parser.add_argument("--out", default="evals/bench/results/kernel_variants.json")
     parser.add_argument("--print", dest="print_json", metavar="JSON", help="print the tables of a saved run and exit")
     args = parser.parse_args(argv)
@@ -366,10 +368,11 @@ def main(argv=None):
         return report
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA device")
+    prefill.TIMING_MODE = args.timing
     import triton
 
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-              "timing": "median of CUDA-event timings after warm-up", "results": []}
+              "timing": TIMING[args.timing], "results": []}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tiles = [tuple(int(x) for x in t.split("x")) for t in args.tiles.split(",") if t]

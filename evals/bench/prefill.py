@@ -38,8 +38,17 @@ DEV = "cuda"
 # ----------------------------------------------------------------------------- timing
 
 
+# How cuda_time measures (prefill / kernel_variants --timing): "synced" waits for each repetition
+# before the next, so a call's host work (argument checks, allocations, the Triton launcher) is
+# inside its time whenever the GPU waits for it; "queued" enqueues all repetitions first, so the
+# host runs ahead and the events time the GPU work (what triton.testing.do_bench measures).
+TIMING = {"synced": "median of CUDA-event timings after warm-up, each repetition synchronised",
+          "queued": "median of CUDA-event timings after warm-up, repetitions enqueued back to back"}
+TIMING_MODE = "synced"
+
+
 def cuda_time(fn, budget_ms: float = 800.0, min_reps: int = 3, max_reps: int = 40, warmup: int = 2) -> float:
-    """Median milliseconds of fn() over enough repetitions to fill about budget_ms."""
+    """Median milliseconds of fn() over enough repetitions to fill about budget_ms (TIMING_MODE)."""
     for _ in range(warmup):
         fn()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -53,7 +62,15 @@ def cuda_time(fn, budget_ms: float = 800.0, min_reps: int = 3, max_reps: int = 4
 
     first = once()
     reps = max(min_reps, min(max_reps, int(budget_ms / max(first, 1e-3))))
-    return statistics.median([once() for _ in range(reps)])
+    if TIMING_MODE == "synced":
+        return statistics.median([once() for _ in range(reps)])
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for a, b in events:
+        a.record()
+        fn()
+        b.record()
+    torch.cuda.synchronize()
+    return statistics.median([a.elapsed_time(b) for a, b in events])
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -542,6 +559,7 @@ def main(argv=None):
     parser.add_argument("--flex-max-n", type=int, default=128 * 1024)
     parser.add_argument("--diagnostics-n", type=int, default=32 * 1024,
                         help="length at which to also time the mask-every-tile variant")
+    parser.add_argument("--timing", choices=sorted(TIMING), default="synced", help="see TIMING")
     parser.add_argument("--out", default="evals/bench/results/prefill_h100.json")
     parser.add_argument("--print", dest="print_json", metavar="JSON", help="print the tables of a saved run and exit")
     args = parser.parse_args(argv)
@@ -551,6 +569,8 @@ def main(argv=None):
         return report
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA device")
+    global TIMING_MODE
+    TIMING_MODE = args.timing
     lengths = parse_lengths("4k,8k" if args.quick else args.seqlens)
     densities = [0.1, 0.5] if args.quick else [float(x) for x in args.densities.split(",")]
     args.blocks = [int(b) for b in args.blocks.split(",")]
@@ -569,7 +589,7 @@ def main(argv=None):
               "vs_block_m": backends.VS_BLOCK_M,  # the method path's vertical_slash kernel rows per program
               "vs_flat_slash": backends.VS_FLAT_SLASH,
               "block_sparse_kernel": "gluon_sm90" if ta.GLUON else "triton",  # PATCHATTN_GLUON
-              "timing": "median of CUDA-event timings after warm-up", "notes": [], "results": []}
+              "timing": TIMING[args.timing], "notes": [], "results": []}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     save = lambda: out.write_text(json.dumps(report, indent=1))  # noqa: E731 - partial results survive a timeout
