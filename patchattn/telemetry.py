@@ -69,19 +69,19 @@ class Stats:
         valid = sum(sum(layer.valid) for layer in self.layers)
         return kept / valid if valid else None
 
-    @property
-    def fallbacks(self) -> Counter:
+    def _summed(self, counter: str) -> Counter:
         total = Counter()
         for layer in self.layers:
-            total.update(layer.fallbacks)
+            total.update(getattr(layer, counter))
         return total
 
     @property
+    def fallbacks(self) -> Counter:
+        return self._summed("fallbacks")
+
+    @property
     def kernels(self) -> Counter:
-        total = Counter()
-        for layer in self.layers:
-            total.update(layer.kernels)
-        return total
+        return self._summed("kernels")
 
     @property
     def sparse_calls(self) -> int:
