@@ -25,6 +25,8 @@ Triton kernel. On by default on sm_90; `PATCHATTN_GLUON=0` (module flag
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 try:  # Gluon's Hopper API as used here: run on the GPU with triton 3.6, compiled with 3.6 and 3.9
@@ -40,6 +42,11 @@ except ImportError:  # pragma: no cover - older triton: the Triton kernel is the
     gluon = None
 
 LOG2E = 1.4426950408889634
+# Warp-specialised variant (`_block_sparse_fwd_sm90_ws`), PATCHATTN_GLUON_WS=1: compiled for sm_90
+# on a CPU machine only, never run on a GPU, so off. Its partitions: 4 + 4 compute warps at 240
+# registers, 1 loader warp at 24; the kernel's register ceiling spreads that over its 12 warps.
+WARP_SPECIALIZED = os.environ.get("PATCHATTN_GLUON_WS", "0") == "1"
+WS_MAXNREG = 168
 
 if gluon is not None:
     # The TMA load builtin was renamed (triton 3.6: async_copy_global_to_shared; later: async_load).
@@ -68,17 +75,63 @@ if gluon is not None:
 
     @gluon.jit
     def _softmax_and_pv(s, m_i, l_i, acc, kb, t, v_smem, v_bar, qk_scale, pos, offs_n, first_pos, kv_start, n_k,
-                        BLOCK_N: gl.constexpr, p_layout: gl.constexpr, row_o: gl.constexpr):
+                        BLOCK_N: gl.constexpr, p_layout: gl.constexpr, row_o: gl.constexpr,
+                        V_STAGES: gl.constexpr = 3):
         """Tile t (key block kb): softmax of its scores s (masked only where the tile crosses the
-        diagonal, n_k or kv_start), acc rescaled, then P.V issued asynchronously on V stage t % 3.
-        Returns (the in-flight P.V, m, l)."""
+        diagonal, n_k or kv_start), acc rescaled, then P.V issued asynchronously on V stage
+        t % V_STAGES. Returns (the in-flight P.V, m, l)."""
         n0 = kb * BLOCK_N
         masked = (n0 + BLOCK_N - 1 > first_pos) | (n0 + BLOCK_N > n_k) | (n0 < kv_start)
         p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, qk_scale, pos, n0 + offs_n, kv_start, n_k, masked)
         p_op = gl.convert_layout(p.to(v_smem.dtype), p_layout)
         acc = acc * gl.convert_layout(alpha, row_o)[:, None]
-        mbarrier.wait(v_bar.index(t % 3), (t // 3) & 1)
-        return warpgroup_mma(p_op, v_smem.index(t % 3), acc, is_async=True), m_i, l_i
+        mbarrier.wait(v_bar.index(t % V_STAGES), (t // V_STAGES) & 1)
+        return warpgroup_mma(p_op, v_smem.index(t % V_STAGES), acc, is_async=True), m_i, l_i
+
+    @gluon.jit
+    def _program_coords(n_heads, group):
+        """This program -> (batch, q head, kv head, query block): kv-head-major, longest blocks
+        first (grid: (batch x q heads, query blocks))."""
+        n_kv = n_heads // group
+        n_qb = gl.num_programs(1)
+        lin = gl.program_id(1) * gl.num_programs(0) + gl.program_id(0)
+        bk = lin // group // n_qb
+        kvh = bk % n_kv
+        return bk // n_kv, kvh * group + lin % group, kvh, n_qb - 1 - (lin // group) % n_qb
+
+    @gluon.jit
+    def _online_state(ROWS: gl.constexpr, HEAD_DIM: gl.constexpr, row_layout: gl.constexpr,
+                      o_layout: gl.constexpr):
+        """Empty online-softmax state: (running max, running sum, output accumulator)."""
+        return (gl.full([ROWS], -1.0e30, gl.float32, layout=row_layout),
+                gl.zeros([ROWS], gl.float32, layout=row_layout),
+                gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout))
+
+    @gluon.jit
+    def _first_scores(q_tile, q_bar, k_tile, k_bar, count, zero_s):
+        """S(0) = q.K(0)^T once q and K(0) have landed (an empty list computes it from unfilled
+        memory and never uses it)."""
+        mbarrier.wait(q_bar, 0)
+        mbarrier.wait(k_bar, 0, pred=count > 0)
+        s = warpgroup_mma(q_tile, k_tile.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        return warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+
+    @gluon.jit
+    def _store_rows(acc, m_i, l_i, Out, Lse, base, row0, n_q, HEAD_DIM: gl.constexpr, ROWS: gl.constexpr,
+                    o_layout: gl.constexpr, row_o: gl.constexpr):
+        """Normalise and store query rows [row0, row0 + ROWS) of one (batch, head) whose output
+        rows start at `base`; rows without a kept key get out = 0, lse = -inf."""
+        l_o = gl.convert_layout(l_i, row_o)
+        m_o = gl.convert_layout(m_i, row_o)
+        has = l_o > 0.0
+        out = acc / gl.where(has, l_o, 1.0)[:, None]
+        rows = row0 + gl.arange(0, ROWS, layout=row_o)
+        dims = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+        row_ok = rows < n_q
+        gl.store(Out + (base + rows[:, None]) * HEAD_DIM + dims[None, :], out.to(Out.dtype.element_ty),
+                 mask=row_ok[:, None])
+        lse = gl.where(has, (m_o + gl.log2(gl.where(has, l_o, 1.0))) * 0.6931471805599453, float("-inf"))  # ln 2
+        gl.store(Lse + base + rows, lse, mask=row_ok)
 
     @gluon.jit
     def _block_sparse_fwd_sm90(
@@ -99,19 +152,11 @@ if gluon is not None:
         row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
         col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
         row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-        col_o: gl.constexpr = gl.SliceLayout(0, o_layout)
         q_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
         kv_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
 
-        # Program -> (batch, q head, kv head, query block): kv-head-major, longest blocks first.
+        b, h, kvh, qb = _program_coords(n_heads, group)
         n_kv = n_heads // group
-        n_qb = gl.num_programs(1)
-        lin = gl.program_id(1) * gl.num_programs(0) + gl.program_id(0)
-        qb = n_qb - 1 - (lin // group) % n_qb
-        bk = lin // group // n_qb
-        b = bk // n_kv
-        kvh = bk % n_kv
-        h = kvh * group + lin % group
         n_b = gl.num_programs(0) // n_heads
 
         q_desc = tma.make_tensor_descriptor(Q, [n_b * n_heads * n_q, HEAD_DIM], [HEAD_DIM, 1], [BLOCK_M, HEAD_DIM],
@@ -152,16 +197,9 @@ if gluon is not None:
         offs_m = qb * BLOCK_M + gl.arange(0, BLOCK_M, layout=row_s)
         pos = offs_m + q_offset
         offs_n = gl.arange(0, BLOCK_N, layout=col_s)
-        m_i = gl.full([BLOCK_M], -1.0e30, gl.float32, layout=row_s)
-        l_i = gl.zeros([BLOCK_M], gl.float32, layout=row_s)
-        acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
+        m_i, l_i, acc = _online_state(BLOCK_M, HEAD_DIM, row_s, o_layout)
         zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
-
-        # Scores of tile 0 (an empty list computes them from unfilled memory and never uses them).
-        mbarrier.wait(q_bar, 0)
-        mbarrier.wait(k_bar.index(0), 0, pred=count > 0)
-        s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+        s = _first_scores(q_smem, q_bar, k_smem.index(0), k_bar.index(0), count, zero_s)
         kb = kb0
         kb_next = kb1
 
@@ -195,18 +233,125 @@ if gluon is not None:
         for i in gl.static_range(3):
             mbarrier.invalidate(v_bar.index(i))
 
-        # Normalise and store; rows without a kept key get out = 0, lse = -inf.
-        l_o = gl.convert_layout(l_i, row_o)
-        m_o = gl.convert_layout(m_i, row_o)
-        has = l_o > 0.0
-        out = acc / gl.where(has, l_o, 1.0)[:, None]
-        rows = qb * BLOCK_M + gl.arange(0, BLOCK_M, layout=row_o)
-        dims = gl.arange(0, HEAD_DIM, layout=col_o)
-        row_ok = rows < n_q
-        base = (b * n_heads + h).to(gl.int64) * n_q
-        gl.store(Out + (base + rows[:, None]) * HEAD_DIM + dims[None, :], out.to(dtype), mask=row_ok[:, None])
-        lse = gl.where(has, (m_o + gl.log2(gl.where(has, l_o, 1.0))) * 0.6931471805599453, float("-inf"))  # ln 2
-        gl.store(Lse + base + rows, lse, mask=row_ok)
+        _store_rows(acc, m_i, l_i, Out, Lse, (b * n_heads + h).to(gl.int64) * n_q, qb * BLOCK_M, n_q, HEAD_DIM,
+                    BLOCK_M, o_layout, row_o)
+
+    # ------------------------------------------------------------------ warp-specialised variant
+    @gluon.jit
+    def _ws_loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
+                   idx_base, count, q_row, kv_row, BLOCK_N: gl.constexpr, HALF_M: gl.constexpr):
+        """1-warp load partition: the two 64-row halves of the q tile, then each listed K / V tile
+        into its ring stage once both compute partitions have released the stage."""
+        mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
+        _tma_load(q_desc, [q_row, 0], q_bar, q_smem.index(0))
+        _tma_load(q_desc, [q_row + HALF_M, 0], q_bar, q_smem.index(1))
+        for t in range(count):
+            stage = t % 2
+            free = ((t // 2) & 1) ^ 1  # a fresh barrier counts as released once (phase 1 complete)
+            row = kv_row + gl.load(idx_base + t) * BLOCK_N
+            mbarrier.wait(k_empty.index(stage), free)
+            _issue_tile(k_desc, k_smem.index(stage), k_ready.index(stage), row, True)
+            mbarrier.wait(v_empty.index(stage), free)
+            _issue_tile(v_desc, v_smem.index(stage), v_ready.index(stage), row, True)
+
+    @gluon.jit
+    def _ws_compute(q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, Out, Lse, idx_base, count,
+                    qb, first_row, kv_start, n_q, n_k, q_offset, qk_scale, out_base, HALF: gl.constexpr,
+                    HEAD_DIM: gl.constexpr, HALF_M: gl.constexpr, BLOCK_N: gl.constexpr):
+        """4-warp compute partition for query rows [first_row + HALF * HALF_M, + HALF_M): the
+        per-item kernel's tile loop (S(t+1) issued before softmax(t)) on 64 rows, releasing
+        each K / V stage to the loader once its product is done. The two halves share the K/V
+        tiles but not a CTA barrier, so one half's softmax can run under the other's wgmma."""
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BLOCK_N, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, HEAD_DIM, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+        q_tile = q_smem.index(HALF)
+        rows0 = first_row + HALF * HALF_M
+        pos = rows0 + gl.arange(0, HALF_M, layout=row_s) + q_offset
+        offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        first_pos = qb * (2 * HALF_M) + q_offset
+        m_i, l_i, acc = _online_state(HALF_M, HEAD_DIM, row_s, o_layout)
+        zero_s = gl.zeros([HALF_M, BLOCK_N], gl.float32, layout=s_layout)
+        s = _first_scores(q_tile, q_bar, k_smem.index(0), k_ready.index(0), count, zero_s)
+        mbarrier.arrive(k_empty.index(0), count=1, pred=count > 0)
+        kb = gl.load(idx_base, mask=count > 0, other=0)
+        for t in range(0, count - 1):
+            nxt = (t + 1) % 2
+            mbarrier.wait(k_ready.index(nxt), ((t + 1) // 2) & 1)
+            s_next = warpgroup_mma(q_tile, k_smem.index(nxt).permute((1, 0)), zero_s, use_acc=False,
+                                   is_async=True)
+            pv, m_i, l_i = _softmax_and_pv(s, m_i, l_i, acc, kb, t, v_smem, v_ready, qk_scale, pos, offs_n,
+                                           first_pos, kv_start, n_k, BLOCK_N, p_layout, row_o, 2)
+            s = warpgroup_mma_wait(num_outstanding=1, deps=(s_next, ))
+            mbarrier.arrive(k_empty.index(nxt), count=1)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(pv, ))
+            mbarrier.arrive(v_empty.index(t % 2), count=1)
+            kb = gl.load(idx_base + t + 1)
+        if count > 0:  # the last tile
+            pv, m_i, l_i = _softmax_and_pv(s, m_i, l_i, acc, kb, count - 1, v_smem, v_ready, qk_scale, pos, offs_n,
+                                           first_pos, kv_start, n_k, BLOCK_N, p_layout, row_o, 2)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(pv, ))
+            mbarrier.arrive(v_empty.index((count - 1) % 2), count=1)
+        _store_rows(acc, m_i, l_i, Out, Lse, out_base, rows0, n_q, HEAD_DIM, HALF_M, o_layout, row_o)
+
+    @gluon.jit
+    def _block_sparse_fwd_sm90_ws(
+        q_desc, k_desc, v_desc, Out, Lse, BlockIdx, BlockCnt, KvStart,
+        si_b, si_h, si_q, sc_b, sc_h,
+        n_q, n_k, n_heads, group, idx_group, q_offset, qk_scale,
+        HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, num_warps: gl.constexpr,
+    ):
+        """Warp-specialised variant (BLOCK_M = 128 as two 64-row halves): a 1-warp TMA loader and
+        two 4-warp compute partitions synchronised only through per-stage ready / released
+        mbarriers (released = both halves done with the stage). Host-side descriptors, q in
+        64-row blocks. Same program order and contract as `_block_sparse_fwd_sm90`."""
+        HALF_M: gl.constexpr = 64
+        dtype: gl.constexpr = q_desc.dtype
+        b, h, kvh, qb = _program_coords(n_heads, group)
+        n_kv = n_heads // group
+        idx_h = h // idx_group
+        idx_base = BlockIdx + b.to(gl.int64) * si_b + idx_h.to(gl.int64) * si_h + qb.to(gl.int64) * si_q
+        count = gl.load(BlockCnt + b * sc_b + idx_h * sc_h + qb)
+        kv_start = gl.load(KvStart + b)
+        q_row = (b * n_heads + h) * n_q + qb * (2 * HALF_M)
+        kv_row = (b * n_kv + kvh) * n_k
+        out_base = (b * n_heads + h).to(gl.int64) * n_q
+
+        q_smem = gl.allocate_shared_memory(dtype, [2, HALF_M, HEAD_DIM], q_desc.layout)
+        k_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, HEAD_DIM], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, HEAD_DIM], v_desc.layout)
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        k_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        k_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        v_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        for i in gl.static_range(2):
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(v_ready.index(i), count=1)
+            mbarrier.init(k_empty.index(i), count=2)  # one arrival per compute partition
+            mbarrier.init(v_empty.index(i), count=2)
+
+        first_row = qb * (2 * HALF_M)
+        gl.warp_specialize([
+            (_ws_compute, (q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, Out, Lse, idx_base,
+                           count, qb, first_row, kv_start, n_q, n_k, q_offset, qk_scale, out_base, 0, HEAD_DIM,
+                           HALF_M, BLOCK_N)),
+            (_ws_compute, (q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, Out, Lse, idx_base,
+                           count, qb, first_row, kv_start, n_q, n_k, q_offset, qk_scale, out_base, 1, HEAD_DIM,
+                           HALF_M, BLOCK_N)),
+            (_ws_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
+                          idx_base, count, q_row, kv_row, BLOCK_N, HALF_M)),
+        ], [4, 1], [240, 24])
+
+
+def ws_usable(block_m: int) -> bool:
+    """Whether the warp-specialised variant runs (PATCHATTN_GLUON_WS=1 and two 64-row halves)."""
+    return WARP_SPECIALIZED and block_m == 128
 
 
 def sm90_usable(q: torch.Tensor, block_m: int, block_n: int, softcap, sliding_window) -> bool:
@@ -232,6 +377,24 @@ def block_sparse_attention_sm90(
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     result = out if out.is_contiguous() else torch.empty_like(q)
     hb = block_index.shape[1]
+    if ws_usable(block_m):
+        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+        gl_dtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
+
+        def desc(t: torch.Tensor, rows: int):  # a 2-D [B * H * N, D] view
+            layout = gl.NVMMASharedLayout.get_default_for([rows, d], gl_dtype)
+            return TensorDescriptor(t, [t.shape[0] * t.shape[1] * t.shape[2], d], [d, 1], [rows, d], layout)
+
+        _block_sparse_fwd_sm90_ws[(bsz * hq, -(-n_q // block_m))](
+            desc(q, 64), desc(k, block_n), desc(v, block_n), result, lse, block_index, block_count, kv_start,
+            *block_index.stride()[:3], *block_count.stride()[:2],
+            n_q, n_k, hq, hq // hkv, hq // hb, q_offset, scale * LOG2E,
+            HEAD_DIM=d, BLOCK_N=block_n, num_warps=4, maxnreg=WS_MAXNREG,
+        )
+        if result is not out:
+            out.copy_(result)
+        return
     _ensure_tma_allocator()
     grid = (bsz * hq, -(-n_q // block_m))
     _block_sparse_fwd_sm90[grid](

@@ -562,12 +562,13 @@ def _common_meta(d: int, block_m: int, softcap, sliding_window):
 def block_sparse_kernel(q: torch.Tensor, block_m: int, block_n: int, softcap=None, sliding_window=None, tile=None,
                         softmax: str = "exact") -> str:
     """Which kernel `block_sparse_attention` runs for these arguments: "gluon_block_sparse" (the
-    sm_90 Gluon kernel, when GLUON is on and it takes the inputs) or "triton_block_sparse"."""
+    sm_90 Gluon kernel, when GLUON is on and it takes the inputs), "gluon_ws_block_sparse" (its
+    warp-specialised variant, PATCHATTN_GLUON_WS=1) or "triton_block_sparse"."""
     if GLUON and tile is None and softmax == "exact":
-        from .gluon_attention import sm90_usable
+        from .gluon_attention import sm90_usable, ws_usable
 
         if sm90_usable(q, block_m, block_n, softcap, sliding_window):
-            return "gluon_block_sparse"
+            return "gluon_ws_block_sparse" if ws_usable(block_m) else "gluon_block_sparse"
     return "triton_block_sparse"
 
 
@@ -605,7 +606,7 @@ def block_sparse_attention(
     kvs = kv_start_tensor(kv_start, bsz, q.device)
     if tile is not None and (block_m % tile[0] or block_n % tile[1]):
         raise ValueError(f"tile {tile} must divide the list blocks ({block_m}, {block_n})")
-    if block_sparse_kernel(q, block_m, block_n, softcap, sliding_window, tile, softmax) == "gluon_block_sparse":
+    if block_sparse_kernel(q, block_m, block_n, softcap, sliding_window, tile, softmax).startswith("gluon"):
         from . import gluon_attention
 
         gluon_attention.block_sparse_attention_sm90(q, k, v, block_index, block_count, kvs, out, lse, scale=scale,

@@ -6,7 +6,8 @@ original dense implementation are counted by reason: ``decode`` (one-query steps
 ``short_prompt`` (shorter than the plan's dense_below) and ``dense_plan`` (every head of the
 layer is dense in the plan; these count as density 1 in the totals). ``kernels`` counts, per
 head group of a sparse prefill, the implementation that ran it: ``reference`` (chunked torch),
-``triton_block_sparse``, ``gluon_block_sparse`` (the sm_90 kernel) or ``triton_vertical_slash``.
+``triton_block_sparse``, ``gluon_block_sparse`` (the sm_90 kernel), ``gluon_ws_block_sparse``
+(its warp-specialised variant) or ``triton_vertical_slash``.
 """
 
 from __future__ import annotations

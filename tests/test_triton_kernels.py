@@ -570,16 +570,19 @@ def test_tma_only_where_descriptors_can_address_the_tensors(monkeypatch):
     assert not ta._tma_usable(x, x[..., ::2], x)
 
 
-def test_gluon_kernel_compiles_for_hopper():
+@pytest.mark.parametrize("warp_specialized", [False, True], ids=["per_item", "warp_specialized"])
+def test_gluon_kernel_compiles_for_hopper(warp_specialized):
     """The Gluon sm_90 kernel compiles on a CPU machine, with the overlap intact: the next tile's
     q.K^T is waited with one product still outstanding (pendings = 1), and ptxas keeps the wgmma
-    pipeline (no C7514 serialisation) without spills."""
+    pipeline (no C7514 serialisation) without spills. The warp-specialised variant has these
+    products once per compute partition."""
     pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
     from patchattn.evals.bench.ttgir_probe import compile_gluon_block_sparse, ptxas_report
 
-    kernel = compile_gluon_block_sparse(128, 128, 128)
+    kernel = compile_gluon_block_sparse(128, 128, 128, warp_specialized)
     ir = kernel.asm["ttgir"]
-    assert ir.count("ttng.warp_group_dot ") == 4  # S(0), S(t+1), P.V(t), last tile's P.V
+    # S(0), S(t+1), P.V(t), last tile's P.V (per compute partition)
+    assert ir.count("ttng.warp_group_dot ") == (8 if warp_specialized else 4)
     assert "pendings = 1" in ir
     report = ptxas_report(kernel)
     assert report["ok"] and not report["wgmma_serialized"] and report["spill_bytes"] == 0, report
@@ -706,14 +709,18 @@ def test_block_sparse_gpu(one_config, d, variant):
     assert not res["nan"] and res["same"] and res["out"] <= 1e-2 and res["lse"] <= 2e-2, res
 
 
+@pytest.mark.parametrize("warp_specialized", [False, True], ids=["per_item", "warp_specialized"])
 @pytest.mark.parametrize("variant", ["plain", "pad_offset", "d64_shared_lists", "blocks64_ragged", "gqa_batch_pad",
                                      "many_programs"])
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
                     reason="needs a Hopper (sm_90) GPU")
-def test_block_sparse_gluon_gpu(one_config, variant):
-    """The Gluon sm_90 kernel against the fp32 oracle (poisoned output, lse)."""
+def test_block_sparse_gluon_gpu(one_config, variant, warp_specialized):
+    """The Gluon sm_90 kernel (and its warp-specialised variant, PATCHATTN_GLUON_WS=1) against the
+    fp32 oracle (poisoned output, lse)."""
     pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
+    from patchattn.kernels import gluon_attention
+
     torch.manual_seed(0)
     kw = dict(bsz=1, hq=8, hkv=2, n_q=4096, n_k=4096, d=128, bm=128, bn=128, q_offset=0, kv_start=[0],
               window=None, softcap=None, dtype=BF16, density=0.3, device="cuda", gluon=True)
@@ -727,7 +734,10 @@ def test_block_sparse_gluon_gpu(one_config, variant):
         kw.update(bsz=2, hq=8, hkv=1, n_q=2500, n_k=2500, kv_start=[0, 700])
     elif variant == "many_programs":  # the benchmark's head counts, ~16 programs per SM
         kw.update(hq=32, hkv=8, n_q=8192, n_k=8192, density=0.1)
-    res = check_block_sparse(**kw)
+    if warp_specialized and kw["bm"] != 128:
+        pytest.skip("the warp-specialised variant takes 128-row blocks")
+    with _module_flag(gluon_attention, "WARP_SPECIALIZED", warp_specialized):
+        res = check_block_sparse(**kw)
     assert res["gluon_used"], res
     assert not res["nan"] and res["same"] and res["out"] <= 1e-2 and res["lse"] <= 2e-2, res
 

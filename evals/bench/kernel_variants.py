@@ -16,9 +16,11 @@ Rows (Llama-3-8B attention shapes, bf16, as in prefill.py):
   `softmax=`): exact and the two timing diagnostics no_exp / mma_only (wrong outputs), which show
   how much of the tile loop the softmax costs. Each mode is autotuned;
 * with `--tables ...,gluon`: the Triton block-sparse kernel (autotuned) vs the Gluon sm_90 kernel
-  (`triton_attention.GLUON`, kernels/gluon_attention.py), random lists at each density and every
-  causal block, with TFLOP/s and the max |difference| of their outputs (saved runs of 2026-12-02
-  also hold the persistent variant of commit c8f7f4c, removed: 0.82-0.93x of the Triton kernel);
+  (`triton_attention.GLUON`, kernels/gluon_attention.py) and its warp-specialised variant
+  (`gluon_attention.WARP_SPECIALIZED`), random lists at each density and every causal block, with
+  TFLOP/s and the max |difference| of their outputs from the Triton kernel's (saved runs of
+  2026-12-02 hold the persistent variant of commit c8f7f4c instead, removed: 0.82-0.93x of the
+  Triton kernel);
 * with `--tables ...,fixed`: where a call's fixed cost goes. Both kernels on lists of one block
   per query block (the masked diagonal, or the unmasked block 0: the per-program cost with one
   tile), and on the random lists of each density against lists with the same count per query
@@ -197,7 +199,9 @@ def bench_softmax(n, densities, block, sdpa_ms):
 
 
 def bench_gluon(n, densities, block, sdpa_ms):
-    """The Triton kernel vs the Gluon sm_90 kernel on the same lists."""
+    """The Triton kernel vs the Gluon sm_90 kernel and its warp-specialised variant on the same
+    lists."""
+    from patchattn.kernels import gluon_attention as ga
     from patchattn.kernels.gluon_attention import sm90_usable
 
     q, k, v = random_inputs(n)
@@ -209,11 +213,18 @@ def bench_gluon(n, densities, block, sdpa_ms):
         run = lambda: ta.block_sparse_attention(q, k, v, index, count, scale=scale, block_m=block,  # noqa: E731
                                                 block_n=block)[0]
         timed = _per_flag(run, "GLUON", KERNELS)
-        (a, out_a, _), (b, out_b, _) = timed["triton"], timed["gluon"]
+        saved, ga.WARP_SPECIALIZED = ga.WARP_SPECIALIZED, True
+        try:
+            timed.update(_per_flag(run, "GLUON", {"gluon_ws": True}))
+        finally:
+            ga.WARP_SPECIALIZED = saved
+        (a, out_a, _), (b, out_b, _), (c, out_c, _) = timed["triton"], timed["gluon"], timed["gluon_ws"]
         tflop = 4 * D * pairs / 1e12
         rows.append({"row": label, "density": pairs / causal, "reference_ms": pairs / causal * sdpa_ms,
                      "triton_ms": a, "gluon_ms": b, "speedup": a / b, "triton_tflops": tflop / (a / 1e3),
-                     "gluon_tflops": tflop / (b / 1e3), "max_abs_diff": _max_diff(out_a, out_b), "gluon_used": used})
+                     "gluon_tflops": tflop / (b / 1e3), "max_abs_diff": _max_diff(out_a, out_b), "gluon_used": used,
+                     "ws_ms": c, "ws_speedup": a / c, "ws_max_abs_diff": _max_diff(out_a, out_c),
+                     "ws_used": used and block == 128})  # else the per-item Gluon kernel ran
         del index, count
     del q, k, v
     torch.cuda.empty_cache()
@@ -324,17 +335,21 @@ def print_table(report):
                 f"{row['pointer_tflops']:.0f} / {row['tma_tflops']:.0f}", f"{row['tma_ms'] / row['reference_ms']:.2f}",
                 f"{row['max_abs_diff']:.1e}", row["tma_config"]]
                for r in report["results"] for row in r.get("tma", [])))
+    gluon = [(r["n"], row) for r in report["results"] for row in r.get("gluon", [])]
+    # Third variant of a run: the warp-specialised kernel, or in runs of 2026-12-02 the removed
+    # persistent one (commit c8f7f4c).
+    extra = next((k for k in ("ws", "persistent") if any(f"{k}_ms" in row for _, row in gluon)), None)
     _markdown(["N", "Triton vs Gluon (sm_90)", "Triton ms", "Gluon ms", "speedup", "TFLOP/s Triton / Gluon",
-               "ratio vs density x SDPA (Gluon)", "max diff", "persistent ms", "speedup", "ratio (persistent)",
-               "max diff"],
-              ([str(r["n"]), row["row"] + ("" if row["gluon_used"] else " (Gluon not usable: both Triton)"),
+               "ratio vs density x SDPA (Gluon)", "max diff",
+               *((f"{extra} ms", "speedup", f"ratio ({extra})", "max diff") if extra else ())],
+              ([str(n), row["row"] + ("" if row["gluon_used"] else " (Gluon not usable: both Triton)"),
                 f"{row['triton_ms']:.2f}", f"{row['gluon_ms']:.2f}", f"{row['speedup']:.2f}",
                 f"{row['triton_tflops']:.0f} / {row['gluon_tflops']:.0f}",
                 f"{row['gluon_ms'] / row['reference_ms']:.2f}", f"{row['max_abs_diff']:.1e}",
-                *((f"{row['persistent_ms']:.2f}", f"{row['persistent_speedup']:.2f}",
-                   f"{row['persistent_ms'] / row['reference_ms']:.2f}", f"{row['persistent_max_abs_diff']:.1e}")
-                  if "persistent_ms" in row else ("",) * 4)]
-               for r in report["results"] for row in r.get("gluon", [])))
+                *((f"{row[extra + '_ms']:.2f}", f"{row[extra + '_speedup']:.2f}",
+                   f"{row[extra + '_ms'] / row['reference_ms']:.2f}", f"{row[extra + '_max_abs_diff']:.1e}")
+                  if extra else ())]
+               for n, row in gluon))
     _markdown(["N", "lists (fixed cost)", "density", "tiles", "Triton ms", "Gluon ms", "us per program Triton / Gluon",
                "Gluon / (density x SDPA)"],
               ([str(r["n"]), row["row"], f"{row['density']:.3f}", str(row["tiles"]), f"{row['triton_ms']:.2f}",

@@ -34,18 +34,31 @@ def compile_block_sparse(use_tma: bool, block: int = 128, head_dim: int = 128, w
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
 
 
-def compile_gluon_block_sparse(head_dim: int = 128, block_m: int = 128, block_n: int = 128):
-    """The Gluon sm_90 kernel (kernels/gluon_attention.py) compiled for Hopper."""
+def compile_gluon_block_sparse(head_dim: int = 128, block_m: int = 128, block_n: int = 128,
+                               warp_specialized: bool = False):
+    """The Gluon sm_90 kernel (kernels/gluon_attention.py) compiled for Hopper; warp_specialized:
+    its warp-specialised variant (host-side TMA descriptors for q / k / v, block_m 128)."""
+    from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
     from patchattn.kernels import gluon_attention as ga
 
-    fn = ga._block_sparse_fwd_sm90
+    fn = ga._block_sparse_fwd_sm90_ws if warp_specialized else ga._block_sparse_fwd_sm90
     params = list(inspect.signature(fn.fn).parameters)
     const = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=8 if block_m == 128 else 4)
-    sig = {p: "constexpr" if p in const else _POINTERS.get(p, "fp32" if p == "qk_scale" else "i32") for p in params}
+    if warp_specialized:
+        const = dict(HEAD_DIM=head_dim, BLOCK_N=block_n, num_warps=4)
+
+    def desc(rows: int) -> str:
+        layout = gl.NVMMASharedLayout.get_default_for([rows, head_dim], gl.bfloat16)
+        return f"tensordesc<bf16[{rows}, {head_dim}],{layout!r}>"
+
+    descs = {"q_desc": desc(64), "k_desc": desc(block_n), "v_desc": desc(block_n)}
+    sig = {p: "constexpr" if p in const else descs.get(p) or _POINTERS.get(p, "fp32" if p == "qk_scale" else "i32")
+           for p in params}
     src = GluonASTSource(fn, sig, constexprs={(params.index(k),): v for k, v in const.items()})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=const["num_warps"]))
+    options = dict(num_warps=const["num_warps"], **({"maxnreg": ga.WS_MAXNREG} if warp_specialized else {}))
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
 def ptxas_report(kernel) -> dict:
@@ -86,10 +99,11 @@ def main(argv=None):
     p.add_argument("--gluon", action="store_true", help="the Gluon sm_90 kernel instead (IR counts + ptxas report)")
     args = p.parse_args(argv)
     if args.gluon:
-        for d, bm, bn in ((128, 128, 128), (64, 128, 128), (128, 64, 64)):
-            kernel = compile_gluon_block_sparse(d, bm, bn)
-            print(f"gluon head_dim {d}, tile {bm}x{bn}:", counts(kernel), ptxas_report(kernel),
-                  f"shared {kernel.metadata.shared} B")
+        for ws, d, bm, bn in ((False, 128, 128, 128), (False, 64, 128, 128), (False, 128, 64, 64),
+                              (True, 128, 128, 128), (True, 64, 128, 128), (True, 128, 128, 64)):
+            kernel = compile_gluon_block_sparse(d, bm, bn, ws)
+            print(f"gluon{' warp-specialised' if ws else ''} head_dim {d}, tile {bm}x{bn}:", counts(kernel),
+                  ptxas_report(kernel), f"shared {kernel.metadata.shared} B")
         return
     for mode in args.softmax.split(","):
         for use_tma in (False, True):
