@@ -404,20 +404,15 @@ def main(argv=None):
             result = {"n": n, "sdpa_ms": sdpa_time(n)}
         report["results"].append(result)
         out.write_text(json.dumps(report, indent=1))
-        if "antidiagonal" in tables:
-            result["antidiagonal"] = bench_antidiagonal(n, result["sdpa_ms"], [int(s) for s in args.strides.split(",")])
-            out.write_text(json.dumps(report, indent=1))
-        if "tma" in tables:
-            result["tma"] = bench_tma(n, densities, args.block, result["sdpa_ms"])
-            out.write_text(json.dumps(report, indent=1))
-        if "softmax" in tables:
-            result["softmax"] = bench_softmax(n, densities, args.block, result["sdpa_ms"])
-            out.write_text(json.dumps(report, indent=1))
-        if "gluon" in tables:
-            result["gluon"] = bench_gluon(n, densities, args.block, result["sdpa_ms"])
-            out.write_text(json.dumps(report, indent=1))
-        if "fixed" in tables:
-            result["fixed"] = bench_fixed(n, densities, args.block, result["sdpa_ms"])
+        strides = [int(s) for s in args.strides.split(",")]
+        benches = {"antidiagonal": lambda: bench_antidiagonal(n, result["sdpa_ms"], strides),
+                   **{name: lambda fn=fn: fn(n, densities, args.block, result["sdpa_ms"])
+                      for name, fn in (("tma", bench_tma), ("softmax", bench_softmax), ("gluon", bench_gluon),
+                                       ("fixed", bench_fixed))}}
+        for name, bench in benches.items():  # in TABLES order; saved after each, so a time limit keeps them
+            if name in tables:
+                result[name] = bench()
+                out.write_text(json.dumps(report, indent=1))
         result["wall_s"] = time.time() - t0
         out.write_text(json.dumps(report, indent=1))
         print(f"N={n} done in {time.time() - t0:.0f}s", flush=True)
