@@ -207,6 +207,12 @@ def _rank(scores: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(order).scatter_(-1, order, ar)
 
 
+def row_kl(kept: torch.Tensor) -> torch.Tensor:
+    """Per-row KL(sparse || dense) of a mask that keeps softmax mass `kept`: -log(kept), with the
+    mass clamped to [1e-6, 1] (the kl objective; profiles and verify_plan both use it)."""
+    return -torch.log(kept.clamp(1e-6, 1.0))
+
+
 def _row_stats(kept: torch.Tensor, spread: Optional[torch.Tensor] = None, last: int = 0):
     """kept [H,R,K] mass per option -> (mean recall, mean KL, mean output error, mean KL of the
     last `last` rows) each [H,K] (the last one zeros when `last` is 0).
@@ -216,9 +222,9 @@ def _row_stats(kept: torch.Tensor, spread: Optional[torch.Tensor] = None, last: 
     (`spread` [H,R]), so the error estimate is (1 - R) * spread."""
     kept = kept.clamp(0, 1)
     err = ((1 - kept) * spread[..., None]).mean(1) if spread is not None else torch.zeros_like(kept[:, 0])
-    row_kl = -torch.log(kept.clamp_min(1e-6))
-    kl_last = row_kl[:, -last:].mean(1) if last > 0 else torch.zeros_like(kept[:, 0])
-    return kept.mean(1), row_kl.mean(1), err, kl_last
+    kl = row_kl(kept)
+    kl_last = kl[:, -last:].mean(1) if last > 0 else torch.zeros_like(kept[:, 0])
+    return kept.mean(1), kl.mean(1), err, kl_last
 
 
 def layer_option_stats(space: OptionSpace, q, k, rows, scale, softcap, layer: int = 0,
@@ -485,7 +491,7 @@ def verify_plan(model, plan: Plan, ids: Sequence[int], rows: torch.Tensor,
             out = (kept @ v[idx].float()) / mass.clamp_min(1e-30)[..., None]
             rel = (out - dense_out[idx]).norm(dim=-1) / dense_out[idx].norm(dim=-1).clamp_min(1e-12)
             recall[layer, heads] = mass.double().mean(-1).cpu()
-            kl[layer, heads] = -torch.log(mass.double().clamp(1e-6, 1.0)).mean(-1).cpu()
+            kl[layer, heads] = row_kl(mass.double()).mean(-1).cpu()
             error[layer, heads] = rel.double().mean(-1).cpu()
 
     keep = 1 if logits_rows is None else logits_rows.to(device)
