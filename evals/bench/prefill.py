@@ -588,7 +588,9 @@ def main(argv=None):
               "methods_params": {m: METHODS[m] for m in args.methods},
               "vs_block_m": backends.VS_BLOCK_M,  # the method path's vertical_slash kernel rows per program
               "vs_flat_slash": backends.VS_FLAT_SLASH,
-              "block_sparse_kernel": "gluon_sm90" if ta.GLUON else "triton",  # PATCHATTN_GLUON
+              # what block_sparse_attention dispatches to for the benchmark's bf16 / d128 / 128-blocks
+              "block_sparse_kernel": ta.block_sparse_kernel(torch.empty(1, 1, 1, D, dtype=torch.bfloat16, device=DEV),
+                                                            128, 128),
               "timing": TIMING[args.timing], "notes": [], "results": []}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
