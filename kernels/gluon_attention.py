@@ -256,7 +256,7 @@ if gluon is not None:
 
     @gluon.jit
     def _ws_compute(q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, Out, Lse, idx_base, count,
-                    qb, first_row, kv_start, n_q, n_k, q_offset, qk_scale, out_base, HALF: gl.constexpr,
+                    first_row, kv_start, n_q, n_k, q_offset, qk_scale, out_base, HALF: gl.constexpr,
                     HEAD_DIM: gl.constexpr, HALF_M: gl.constexpr, BLOCK_N: gl.constexpr):
         """4-warp compute partition for query rows [first_row + HALF * HALF_M, + HALF_M): the
         per-item kernel's tile loop (S(t+1) issued before softmax(t)) on 64 rows, releasing
@@ -273,7 +273,7 @@ if gluon is not None:
         rows0 = first_row + HALF * HALF_M
         pos = rows0 + gl.arange(0, HALF_M, layout=row_s) + q_offset
         offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-        first_pos = qb * (2 * HALF_M) + q_offset
+        first_pos = first_row + q_offset  # the tile's first row decides which tiles need the mask
         m_i, l_i, acc = _online_state(HALF_M, HEAD_DIM, row_s, o_layout)
         zero_s = gl.zeros([HALF_M, BLOCK_N], gl.float32, layout=s_layout)
         s = _first_scores(q_tile, q_bar, k_smem.index(0), k_ready.index(0), count, zero_s)
@@ -339,10 +339,10 @@ if gluon is not None:
         first_row = qb * (2 * HALF_M)
         gl.warp_specialize([
             (_ws_compute, (q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, Out, Lse, idx_base,
-                           count, qb, first_row, kv_start, n_q, n_k, q_offset, qk_scale, out_base, 0, HEAD_DIM,
+                           count, first_row, kv_start, n_q, n_k, q_offset, qk_scale, out_base, 0, HEAD_DIM,
                            HALF_M, BLOCK_N)),
             (_ws_compute, (q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, Out, Lse, idx_base,
-                           count, qb, first_row, kv_start, n_q, n_k, q_offset, qk_scale, out_base, 1, HEAD_DIM,
+                           count, first_row, kv_start, n_q, n_k, q_offset, qk_scale, out_base, 1, HEAD_DIM,
                            HALF_M, BLOCK_N)),
             (_ws_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
                           idx_base, count, q_row, kv_row, BLOCK_N, HALF_M)),
