@@ -212,9 +212,12 @@ def bench_gluon(n, densities, block, sdpa_ms):
     for label, index, count, pairs in timed_lists(n, densities, block, q.shape[1]):
         run = lambda: ta.block_sparse_attention(q, k, v, index, count, scale=scale, block_m=block,  # noqa: E731
                                                 block_n=block)[0]
-        timed = _per_flag(run, "GLUON", KERNELS)
-        saved, ga.WARP_SPECIALIZED = ga.WARP_SPECIALIZED, True
-        try:
+        timed = {}
+        saved = ga.WARP_SPECIALIZED
+        try:  # the per-item kernel with the variant off, then the variant (the default) on
+            ga.WARP_SPECIALIZED = False
+            timed.update(_per_flag(run, "GLUON", KERNELS))
+            ga.WARP_SPECIALIZED = True
             timed.update(_per_flag(run, "GLUON", {"gluon_ws": True}))
         finally:
             ga.WARP_SPECIALIZED = saved
