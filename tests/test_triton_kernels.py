@@ -131,18 +131,19 @@ def _gluon_kernel(gluon):
 
 def check_block_sparse(bsz, hq, hkv, n_q, n_k, d, bm, bn, q_offset, kv_start, window, softcap, dtype,
                        density=0.4, device="cpu", shared_lists=False, kv_major=None, tile=None, tma=None,
-                       gluon=False):
-    """tile: the kernel's (rows, keys) per step, a fraction of the lists' (bm, bn) blocks.
+                       gluon=False, empty_share=0.0):
+    """empty_share: the fraction of query blocks given an empty list (the first always is).
+    tile: the kernel's (rows, keys) per step, a fraction of the lists' (bm, bn) blocks.
     tma=True: tiles loaded by tensor descriptor where the layout allows (`tma_used`), also
     compared with the pointer loads on the same inputs. gluon=True: the Gluon sm_90 kernel where
     `sm90_usable` takes the inputs (`gluon_used`); the default tests the Triton kernel on every GPU."""
     with _program_order(kv_major), _tma_loads(tma), _gluon_kernel(gluon):
         return _check_block_sparse(bsz, hq, hkv, n_q, n_k, d, bm, bn, q_offset, kv_start, window, softcap, dtype,
-                                   density, device, shared_lists, tile, bool(tma))
+                                   density, device, shared_lists, tile, bool(tma), empty_share)
 
 
 def _check_block_sparse(bsz, hq, hkv, n_q, n_k, d, bm, bn, q_offset, kv_start, window, softcap, dtype,
-                        density, device, shared_lists, tile, tma):
+                        density, device, shared_lists, tile, tma, empty_share):
     from patchattn.kernels import triton_attention
     from patchattn.kernels.triton_attention import block_sparse_attention
 
@@ -150,8 +151,10 @@ def _check_block_sparse(bsz, hq, hkv, n_q, n_k, d, bm, bn, q_offset, kv_start, w
     kvs = torch.tensor(kv_start, dtype=torch.int32)
     hb = hkv if shared_lists else hq
     index, count, tokens = random_block_lists(bsz, hb, n_q, n_k, bm, bn, q_offset, density, device)
-    count[0, 0, 0] = 0  # an empty query block: zeros and -inf
-    tokens[0, 0, :bm] = False
+    empty = torch.rand(count.shape, device=count.device) < empty_share
+    empty[0, 0, 0] = True  # empty query blocks: zeros and -inf
+    count[empty] = 0
+    tokens[empty.repeat_interleave(bm, 2)[:, :, :n_q]] = False
     tokens = tokens.repeat_interleave(hq // hb, 1)
     keep = base_keep(bsz, n_q, n_k, q_offset, kvs, window, device) & tokens
     out = torch.full_like(q, float("nan"))
@@ -570,19 +573,19 @@ def test_tma_only_where_descriptors_can_address_the_tensors(monkeypatch):
     assert not ta._tma_usable(x, x[..., ::2], x)
 
 
-@pytest.mark.parametrize("warp_specialized", [False, True], ids=["per_item", "warp_specialized"])
-def test_gluon_kernel_compiles_for_hopper(warp_specialized):
+@pytest.mark.parametrize("form", ["per_item", "warp_specialized", "persistent"])
+def test_gluon_kernel_compiles_for_hopper(form):
     """The Gluon sm_90 kernel compiles on a CPU machine, with the overlap intact: the next tile's
     q.K^T is waited with one product still outstanding (pendings = 1), and ptxas keeps the wgmma
-    pipeline (no C7514 serialisation) without spills. The warp-specialised variant has these
-    products once per compute partition."""
+    pipeline (no C7514 serialisation) without spills. The warp-specialised variant and its
+    persistent form have these products once per compute partition."""
     pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
     from patchattn.evals.bench.ttgir_probe import compile_gluon_block_sparse, ptxas_report
 
-    kernel = compile_gluon_block_sparse(128, 128, 128, warp_specialized)
+    kernel = compile_gluon_block_sparse(128, 128, 128, form == "warp_specialized", form == "persistent")
     ir = kernel.asm["ttgir"]
     # S(0), S(t+1), P.V(t), last tile's P.V (per compute partition)
-    assert ir.count("ttng.warp_group_dot ") == (8 if warp_specialized else 4)
+    assert ir.count("ttng.warp_group_dot ") == (4 if form == "per_item" else 8)
     assert "pendings = 1" in ir
     report = ptxas_report(kernel)
     assert report["ok"] and not report["wgmma_serialized"] and report["spill_bytes"] == 0, report
@@ -709,15 +712,16 @@ def test_block_sparse_gpu(one_config, d, variant):
     assert not res["nan"] and res["same"] and res["out"] <= 1e-2 and res["lse"] <= 2e-2, res
 
 
-@pytest.mark.parametrize("warp_specialized", [False, True], ids=["per_item", "warp_specialized"])
+@pytest.mark.parametrize("form", ["per_item", "warp_specialized", "persistent"])
 @pytest.mark.parametrize("variant", ["plain", "pad_offset", "d64_shared_lists", "blocks64_ragged", "gqa_batch_pad",
-                                     "many_programs"])
+                                     "many_programs", "empty_lists"])
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
                     reason="needs a Hopper (sm_90) GPU")
-def test_block_sparse_gluon_gpu(one_config, variant, warp_specialized):
-    """The Gluon sm_90 kernel (and its warp-specialised variant, PATCHATTN_GLUON_WS=1) against the
-    fp32 oracle (poisoned output, lse)."""
+def test_block_sparse_gluon_gpu(one_config, variant, form):
+    """The Gluon sm_90 kernel, its warp-specialised variant (the default for 128-row blocks) and
+    that variant's persistent form (PATCHATTN_GLUON_PERSISTENT=1) against the fp32 oracle
+    (poisoned output, lse)."""
     pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
     from patchattn.kernels import gluon_attention
 
@@ -734,9 +738,12 @@ def test_block_sparse_gluon_gpu(one_config, variant, warp_specialized):
         kw.update(bsz=2, hq=8, hkv=1, n_q=2500, n_k=2500, kv_start=[0, 700])
     elif variant == "many_programs":  # the benchmark's head counts, ~16 programs per SM
         kw.update(hq=32, hkv=8, n_q=8192, n_k=8192, density=0.1)
-    if warp_specialized and kw["bm"] != 128:
+    elif variant == "empty_lists":  # many empty and short lists: a persistent program's items in quick turns
+        kw.update(hq=32, hkv=8, n_q=8192, n_k=8192, density=0.01, bsz=2, kv_start=[0, 1000], empty_share=0.3)
+    if form != "per_item" and kw["bm"] != 128:
         pytest.skip("the warp-specialised variant takes 128-row blocks")
-    with _module_flag(gluon_attention, "WARP_SPECIALIZED", warp_specialized):
+    with _module_flag(gluon_attention, "WARP_SPECIALIZED", form != "per_item"), \
+            _module_flag(gluon_attention, "PERSISTENT", form == "persistent"):
         res = check_block_sparse(**kw)
     assert res["gluon_used"], res
     assert not res["nan"] and res["same"] and res["out"] <= 1e-2 and res["lse"] <= 2e-2, res
