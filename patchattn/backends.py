@@ -68,6 +68,8 @@ def kernels_enabled(device: torch.device) -> bool:
 # Re-measured on an H200 (evals/bench/results/h200/prefill_h200.json): at 16k vertical_slash
 # (slash_group 64) runs 0.71x and block_topk 0.94x of SDPA, at 32k 2.48x and 2.40x: 32k stays.
 # With the Gluon block kernel (h200/prefill_gluon_h200.json): 16k 0.98x / 0.72x, 32k 2.43x / 2.68x.
+# With its warp-specialised variant (h200/prefill_gluon_ws_h200.json): 16k 1.00x / 1.06x, 32k
+# 2.60x / 2.78x. block_topk's 16k margin is one run and 6 %, after 0.72x in the run before: 32k stays.
 # The plan's own dense_below applies on top. PATCHATTN_DENSE_BELOW=<int> overrides every entry.
 # Query rows per program of the vertical_slash kernel. Taller tiles share each gathered column
 # tile and each slash band between more rows, but compute more pairs off a band's diagonals.
