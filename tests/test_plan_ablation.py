@@ -78,10 +78,11 @@ def test_rescore_saved_completions(tmp_path):
 
     tok = WordTokenizer()
     samples = synthetic.generate_samples("passkey", tok, 400, 8, seed=5)
-    # right answers for the first four (shallow) needles, wrong for the rest
-    completions = [s.answers[0] if i < 4 else "no idea" for i, s in enumerate(samples)]
+    # right answers for the first four (shallow) needles, then a wrong number, then words
+    completions = [s.answers[0] if i < 4 else "12" if i == 4 else "no idea" for i, s in enumerate(samples)]
     path = tmp_path / "run.json"
     path.write_text(json.dumps({"seed": 5, "samples": 8, "lengths": [400],
                                 "rows": {"plan": {"completions": {"400": completions}}}}))
     table = rescore([str(path)], tok)
-    assert "| run.json | `plan` | 400 | 0.50 | 1.00 / 1.00 / 0.00 / 0.00 |" in table, table
+    # 5 of 8 open with a number, 4 of those right
+    assert "| run.json | `plan` | 400 | 0.50 | 1.00 / 1.00 / 0.00 / 0.00 | 0.62 | 0.80 |" in table, table

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -116,14 +117,23 @@ def _quarters(values) -> str:
     return " / ".join("–" if v is None else f"{v:.2f}" for v in values)
 
 
+def answer_split(samples: list, completions: List[str]) -> tuple:
+    """(share of completions that open with a number, accuracy among those; None without any):
+    whether a miss is a wrong retrieval or an answer in words ("a special key that ...")."""
+    numeric = [synthetic.score(s.task, s, t) for s, t in zip(samples, completions) if re.match(r"\s*\d", t)]
+    return len(numeric) / len(completions), (sum(numeric) / len(numeric) if numeric else None)
+
+
 def rescore(files: List[str], tokenizer) -> str:
-    """Markdown table: per saved variant and length, accuracy per needle-depth quarter, from the
-    completions in `files` (plan_ablation JSON). tokenizer: the one the runs used, or a model
+    """Markdown table: per saved variant and length, accuracy per needle-depth quarter and the
+    share of answers that are numbers (with their accuracy), from the completions in `files`
+    (plan_ablation or calibration_quality JSON). tokenizer: the one the runs used, or a model
     spec to load it from."""
     if isinstance(tokenizer, str):
         tokenizer = load_tokenizer(tokenizer)
     header = " / ".join(f"{lo:.2f}-{hi:.2f}" for lo, hi in DEPTH_QUARTERS)
-    lines = [f"| file | variant | length | passkey | by needle depth ({header}) |", "|---|---|---|---|---|"]
+    lines = [f"| file | variant | length | passkey | by needle depth ({header}) | numeric answers | "
+             "accuracy of numeric answers |", "|---|---|---|---|---|---|---|"]
     for f in files:
         data = json.loads(Path(f).read_text())
         seed, n = data["seed"], data["samples"]
@@ -133,8 +143,10 @@ def rescore(files: List[str], tokenizer) -> str:
             for name, row in data["rows"].items():
                 outs = row["completions"][str(length)]
                 scores = [synthetic.score(s.task, s, t) for s, t in zip(samples, outs)]
+                numeric, numeric_acc = answer_split(samples, outs)
                 lines.append(f"| {Path(f).name} | `{name}` | {length} | {sum(scores) / len(scores):.2f} | "
-                             f"{_quarters(accuracy_by_depth(samples, scores))} |")
+                             f"{_quarters(accuracy_by_depth(samples, scores))} | {numeric:.2f} | "
+                             f"{_quarters([numeric_acc])} |")
     return "\n".join(lines)
 
 
