@@ -4,6 +4,7 @@ import pytest
 
 from patchattn.evals.bench.plan_ablation import build_variant
 from patchattn.plan import Plan
+from conftest import STORIES, needs
 from tiny_models import tiny_model
 
 
@@ -86,3 +87,21 @@ def test_rescore_saved_completions(tmp_path):
     table = rescore([str(path)], tok)
     # 5 of 8 open with a number, 4 of those right
     assert "| run.json | `plan` | 400 | 0.50 | 1.00 / 1.00 / 0.00 / 0.00 | 0.62 | 0.80 |" in table, table
+
+
+@needs(STORIES)
+def test_evaluate_records_numeric_answers():
+    """calibration_quality.evaluate reports, per length, the share of answers that open with a
+    number and their accuracy, consistent with the passkey accuracy."""
+    from patchattn import models
+    from patchattn.evals import synthetic
+    from patchattn.evals.bench.calibration_quality import evaluate
+
+    model, tok = models.load(str(STORIES))
+    samples = synthetic.generate_samples("passkey", tok, 200, 4, seed=3)
+    row = evaluate(model, tok, None, "", 0, 0, {200: samples}, batch_size=4, progress=False)
+    numeric = row["passkey_numeric_answers"]["200"]
+    opens = [t.strip()[:1].isdigit() for t in row["completions"]["200"]]
+    assert numeric["share"] == sum(opens) / 4
+    if numeric["accuracy"] is not None:  # every correct answer opens with the number
+        assert numeric["share"] * numeric["accuracy"] == pytest.approx(row["passkey"]["200"])

@@ -23,9 +23,10 @@ import argparse
 import json
 import math
 import platform
+import re
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -102,6 +103,13 @@ def accuracy_by_depth(samples: list, scores: List[float]) -> List[Optional[float
     return out
 
 
+def answer_split(samples: list, completions: List[str]) -> Tuple[float, Optional[float]]:
+    """(share of completions that open with a number, accuracy among those; None without any):
+    whether a miss is a wrong retrieval or an answer in words ("a special key that ...")."""
+    numeric = [synthetic.score(s.task, s, t) for s, t in zip(samples, completions) if re.match(r"\s*\d", t)]
+    return len(numeric) / len(completions), (sum(numeric) / len(numeric) if numeric else None)
+
+
 @torch.inference_mode()
 def evaluate(model, tokenizer, plan: Optional[Plan], text: str, tokens: int, window: int,
              passkey: Dict[int, list], batch_size: int, progress: bool) -> dict:
@@ -113,7 +121,7 @@ def evaluate(model, tokenizer, plan: Optional[Plan], text: str, tokens: int, win
         _sync(device)
         start = time.perf_counter()
         ppl = perplexity(model, tokenizer, text, tokens, window, progress=progress) if tokens else {"ppl": None, "tokens": 0}
-        acc, completions, by_depth = {}, {}, {}
+        acc, completions, by_depth, numeric = {}, {}, {}, {}
         for length, samples in passkey.items():
             scores, outs = [], []
             for i in range(0, len(samples), batch_size):
@@ -125,10 +133,12 @@ def evaluate(model, tokenizer, plan: Optional[Plan], text: str, tokens: int, win
             acc[str(length)] = sum(scores) / len(scores)
             completions[str(length)] = outs
             by_depth[str(length)] = accuracy_by_depth(samples, scores)
+            share, numeric_acc = answer_split(samples, outs)
+            numeric[str(length)] = {"share": share, "accuracy": numeric_acc}
         _sync(device)
         density = float(stats(model).density) if plan is not None else 1.0
         return {"density": density, "ppl": ppl["ppl"], "ppl_tokens": ppl["tokens"], "passkey": acc,
-                "passkey_by_depth": by_depth, "completions": completions, "seconds": time.perf_counter() - start}
+                "passkey_by_depth": by_depth, "passkey_numeric_answers": numeric, "completions": completions, "seconds": time.perf_counter() - start}
     finally:
         if plan is not None:
             unpatch_model(model)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -41,7 +40,8 @@ from patchattn.evals import synthetic
 from patchattn.evals.perplexity import read_text
 from patchattn.models import load, load_tokenizer
 
-from .calibration_quality import DEFAULT_PLAN, DEFAULT_TEXT, DEPTH_QUARTERS, UNIFORM, accuracy_by_depth, evaluate
+from .calibration_quality import (DEFAULT_PLAN, DEFAULT_TEXT, DEPTH_QUARTERS, UNIFORM, accuracy_by_depth, answer_split,
+                                  evaluate)
 
 HeadTable = List[List[dict]]  # [layer][q_head] -> {"method", "params"}
 
@@ -115,13 +115,6 @@ def build_variant(model, plan: Plan, text: str) -> Plan:
 
 def _quarters(values) -> str:
     return " / ".join("–" if v is None else f"{v:.2f}" for v in values)
-
-
-def answer_split(samples: list, completions: List[str]) -> tuple:
-    """(share of completions that open with a number, accuracy among those; None without any):
-    whether a miss is a wrong retrieval or an answer in words ("a special key that ...")."""
-    numeric = [synthetic.score(s.task, s, t) for s, t in zip(samples, completions) if re.match(r"\s*\d", t)]
-    return len(numeric) / len(completions), (sum(numeric) / len(numeric) if numeric else None)
 
 
 def rescore(files: List[str], tokenizer) -> str:
