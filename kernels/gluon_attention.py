@@ -43,8 +43,9 @@ except ImportError:  # pragma: no cover - older triton: the Triton kernel is the
 
 LOG2E = 1.4426950408889634
 # Warp-specialised variant (`_block_sparse_fwd_sm90_ws`), on by default for 128-row blocks
-# (PATCHATTN_GLUON_WS=0 keeps the per-item Gluon kernel): on the H200 it runs 1.18-1.23x faster
-# than the per-item kernel on sparse lists (evals/bench/results/h200/kernel_variants_gluon_ws_fixed_h200.json).
+# (PATCHATTN_GLUON_WS=0 keeps the per-item Gluon kernel): on the H200 it runs 1.14-1.31x faster
+# than the per-item kernel over two runs (evals/bench/results/h200/kernel_variants_gluon_ws_fixed_h200.json,
+# kernel_variants_gluon_wsp_h200.json).
 # Its partitions: 4 + 4 compute warps at 240 registers, 1 loader warp at 24; the kernel's register
 # ceiling spreads that over its 12 warps.
 WARP_SPECIALIZED = os.environ.get("PATCHATTN_GLUON_WS", "1") == "1"
