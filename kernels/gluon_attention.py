@@ -25,6 +25,7 @@ Triton kernel. On by default on sm_90; `PATCHATTN_GLUON=0` (module flag
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -50,6 +51,12 @@ LOG2E = 1.4426950408889634
 # ceiling spreads that over its 12 warps.
 WARP_SPECIALIZED = os.environ.get("PATCHATTN_GLUON_WS", "1") == "1"
 WS_MAXNREG = 168
+# Persistent form of the warp-specialised variant (`_block_sparse_fwd_sm90_wsp`),
+# PATCHATTN_GLUON_PERSISTENT=1: one program per SM, each claiming the next free work item from an
+# atomic counter, so that an item's q and first tiles load under the previous item's last tiles
+# while the items in flight stay consecutive. Its static-stride form (commit 786f9fc) was correct
+# on the H200 but slower per pair (L2 locality); this claiming form is compiled for sm_90 only.
+PERSISTENT = os.environ.get("PATCHATTN_GLUON_PERSISTENT", "0") == "1"
 
 if gluon is not None:
     # The TMA load builtin was renamed (triton 3.6: async_copy_global_to_shared; later: async_load).
@@ -92,15 +99,19 @@ if gluon is not None:
         return warpgroup_mma(p_op, v_smem.index(t % V_STAGES), acc, is_async=True), m_i, l_i
 
     @gluon.jit
-    def _program_coords(n_heads, group):
-        """This program -> (batch, q head, kv head, query block): kv-head-major, longest blocks
-        first (grid: (batch x q heads, query blocks))."""
+    def _item_coords(lin, n_heads, group, n_qb):
+        """Work item `lin` -> (batch, q head, kv head, query block): kv-head-major, longest
+        blocks first, the group's q heads side by side (they share each K/V tile in L2)."""
         n_kv = n_heads // group
-        n_qb = gl.num_programs(1)
-        lin = gl.program_id(1) * gl.num_programs(0) + gl.program_id(0)
         bk = lin // group // n_qb
         kvh = bk % n_kv
         return bk // n_kv, kvh * group + lin % group, kvh, n_qb - 1 - (lin // group) % n_qb
+
+    @gluon.jit
+    def _program_coords(n_heads, group):
+        """This program's item (grid: (batch x q heads, query blocks)), see `_item_coords`."""
+        return _item_coords(gl.program_id(1) * gl.num_programs(0) + gl.program_id(0), n_heads, group,
+                            gl.num_programs(1))
 
     @gluon.jit
     def _online_state(ROWS: gl.constexpr, HEAD_DIM: gl.constexpr, row_layout: gl.constexpr,
@@ -111,11 +122,11 @@ if gluon is not None:
                 gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout))
 
     @gluon.jit
-    def _first_scores(q_tile, q_bar, k_tile, k_bar, count, zero_s):
+    def _first_scores(q_tile, q_bar, k_tile, k_bar, count, zero_s, q_phase=0, k_phase=0):
         """S(0) = q.K(0)^T once q and K(0) have landed (an empty list computes it from unfilled
         memory and never uses it)."""
-        mbarrier.wait(q_bar, 0)
-        mbarrier.wait(k_bar, 0, pred=count > 0)
+        mbarrier.wait(q_bar, q_phase)
+        mbarrier.wait(k_bar, k_phase, pred=count > 0)
         s = warpgroup_mma(q_tile, k_tile.permute((1, 0)), zero_s, use_acc=False, is_async=True)
         return warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
 
@@ -352,9 +363,184 @@ if gluon is not None:
         ], [4, 1], [240, 24])
 
 
+    # ------------------------------------------------- persistent warp-specialised variant
+    @gluon.jit
+    def _item_list(item, BlockIdx, BlockCnt, si_b, si_h, si_q, sc_b, sc_h, n_heads, group, idx_group, n_qb):
+        """Work item -> (batch, q head, kv head, query block, its list's first entry, its length)."""
+        b, h, kvh, qb = _item_coords(item, n_heads, group, n_qb)
+        idx_h = h // idx_group  # block lists may be per kv head (shared by the group)
+        idx_base = BlockIdx + b.to(gl.int64) * si_b + idx_h.to(gl.int64) * si_h + qb.to(gl.int64) * si_q
+        return b, h, kvh, qb, idx_base, gl.load(BlockCnt + b * sc_b + idx_h * sc_h + qb)
+
+    @gluon.jit
+    def _wsp_loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready,
+                    v_empty, item_smem, Counter, BlockIdx, BlockCnt, si_b, si_h, si_q, sc_b, sc_h, n_q, n_k, n_heads,
+                    group, idx_group, n_qb, n_items, BLOCK_N: gl.constexpr, HALF_M: gl.constexpr):
+        """1-warp load partition: claims items (its program id first, then the next free one from
+        `Counter`, so the items in flight stay consecutive, as the per-item grid's are) and
+        hands each to the compute partitions through its q buffer's item slot. Per item: the q
+        tile into the q buffer (of two) that the compute partitions released, then its K / V
+        tiles through the ring, whose position `c0` runs on across items. The next item's q and
+        first tiles are therefore in flight while the compute partitions finish an item. After
+        the last item: slot value -1."""
+        one: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
+        n_kv = n_heads // group
+        c0 = 0
+        local = 0
+        item = gl.program_id(0)
+        while item < n_items:
+            b, h, kvh, qb, idx_base, count = _item_list(item, BlockIdx, BlockCnt, si_b, si_h, si_q, sc_b, sc_h,
+                                                        n_heads, group, idx_group, n_qb)
+            q_row = (b * n_heads + h) * n_q + qb * (2 * HALF_M)
+            kv_row = (b * n_kv + kvh) * n_k
+            qbuf = local % 2
+            mbarrier.wait(q_empty.index(qbuf), ((local // 2) & 1) ^ 1)  # fresh: counts as released
+            item_smem.index(qbuf).store(gl.full([1], item, gl.int32, layout=one))
+            # expect() arrives on q_ready after the slot store: the compute side reads it after the wait
+            mbarrier.expect(q_ready.index(qbuf), 2 * q_desc.block_type.nbytes)
+            _tma_load(q_desc, [q_row, 0], q_ready.index(qbuf), q_smem.index(2 * qbuf))
+            _tma_load(q_desc, [q_row + HALF_M, 0], q_ready.index(qbuf), q_smem.index(2 * qbuf + 1))
+            for t in range(count):
+                c = c0 + t
+                stage = c % 2
+                free = ((c // 2) & 1) ^ 1
+                row = kv_row + gl.load(idx_base + t) * BLOCK_N
+                mbarrier.wait(k_empty.index(stage), free)
+                _issue_tile(k_desc, k_smem.index(stage), k_ready.index(stage), row, True)
+                mbarrier.wait(v_empty.index(stage), free)
+                _issue_tile(v_desc, v_smem.index(stage), v_ready.index(stage), row, True)
+            c0 += count
+            local += 1
+            item = gl.num_programs(0) + gl.atomic_add(Counter, 1)
+        qbuf = local % 2
+        mbarrier.wait(q_empty.index(qbuf), ((local // 2) & 1) ^ 1)
+        item_smem.index(qbuf).store(gl.full([1], -1, gl.int32, layout=one))
+        mbarrier.arrive(q_ready.index(qbuf), count=1)
+
+    @gluon.jit
+    def _wsp_item(item_smem, q_ready, local):
+        """The item the loader put in q buffer local % 2's slot (-1: none left)."""
+        mbarrier.wait(q_ready.index(local % 2), (local // 2) & 1)
+        slot = item_smem.index(local % 2).load(gl.BlockedLayout([1], [32], [4], [0]))
+        return gl.max(slot, 0)
+
+    @gluon.jit
+    def _wsp_compute(q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, item_smem, Out,
+                     Lse, BlockIdx, BlockCnt, KvStart, si_b, si_h, si_q, sc_b, sc_h, n_q, n_k, n_heads, group, idx_group,
+                     n_qb, n_items, q_offset, qk_scale, HALF: gl.constexpr, HEAD_DIM: gl.constexpr,
+                     HALF_M: gl.constexpr, BLOCK_N: gl.constexpr):
+        """4-warp compute partition for one 64-row half of each of this program's items: the
+        tile loop of `_ws_compute`, with the ring position and the q buffer carried across items."""
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BLOCK_N, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, HEAD_DIM, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+        offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        offs_m = gl.arange(0, HALF_M, layout=row_s)
+        zero_s = gl.zeros([HALF_M, BLOCK_N], gl.float32, layout=s_layout)
+        c0 = 0
+        local = 0
+        item = _wsp_item(item_smem, q_ready, local)
+        while item >= 0:
+            b, h, kvh, qb, idx_base, count = _item_list(item, BlockIdx, BlockCnt, si_b, si_h, si_q, sc_b, sc_h,
+                                                        n_heads, group, idx_group, n_qb)
+            kv_start = gl.load(KvStart + b)
+            first_row = qb * (2 * HALF_M)
+            rows0 = first_row + HALF * HALF_M
+            pos = rows0 + offs_m + q_offset
+            first_pos = first_row + q_offset
+            qbuf = local % 2
+            q_tile = q_smem.index(2 * qbuf + HALF)
+            m_i, l_i, acc = _online_state(HALF_M, HEAD_DIM, row_s, o_layout)
+            s = _first_scores(q_tile, q_ready.index(qbuf), k_smem.index(c0 % 2), k_ready.index(c0 % 2), count,
+                              zero_s, (local // 2) & 1, (c0 // 2) & 1)
+            mbarrier.arrive(k_empty.index(c0 % 2), count=1, pred=count > 0)
+            kb = gl.load(idx_base, mask=count > 0, other=0)
+            for t in range(0, count - 1):
+                c = c0 + t
+                nxt = (c + 1) % 2
+                mbarrier.wait(k_ready.index(nxt), ((c + 1) // 2) & 1)
+                s_next = warpgroup_mma(q_tile, k_smem.index(nxt).permute((1, 0)), zero_s, use_acc=False,
+                                       is_async=True)
+                pv, m_i, l_i = _softmax_and_pv(s, m_i, l_i, acc, kb, c, v_smem, v_ready, qk_scale, pos, offs_n,
+                                               first_pos, kv_start, n_k, BLOCK_N, p_layout, row_o, 2)
+                s = warpgroup_mma_wait(num_outstanding=1, deps=(s_next, ))
+                mbarrier.arrive(k_empty.index(nxt), count=1)
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(pv, ))
+                mbarrier.arrive(v_empty.index(c % 2), count=1)
+                kb = gl.load(idx_base + t + 1)
+            if count > 0:  # the last tile
+                c = c0 + count - 1
+                pv, m_i, l_i = _softmax_and_pv(s, m_i, l_i, acc, kb, c, v_smem, v_ready, qk_scale, pos, offs_n,
+                                               first_pos, kv_start, n_k, BLOCK_N, p_layout, row_o, 2)
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(pv, ))
+                mbarrier.arrive(v_empty.index(c % 2), count=1)
+            mbarrier.arrive(q_empty.index(qbuf), count=1)  # every product reading this q is done
+            _store_rows(acc, m_i, l_i, Out, Lse, (b * n_heads + h).to(gl.int64) * n_q, rows0, n_q, HEAD_DIM,
+                        HALF_M, o_layout, row_o)
+            c0 += count
+            local += 1
+            item = _wsp_item(item_smem, q_ready, local)
+
+    @gluon.jit
+    def _block_sparse_fwd_sm90_wsp(
+        q_desc, k_desc, v_desc, Out, Lse, BlockIdx, BlockCnt, KvStart, Counter,
+        si_b, si_h, si_q, sc_b, sc_h,
+        n_q, n_k, n_heads, group, idx_group, q_offset, qk_scale, n_qb, n_items,
+        HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, num_warps: gl.constexpr,
+    ):
+        """Persistent warp-specialised variant: one program per SM walks the work items
+        (`_item_coords` order) with a stride of the grid, so an item's q load and first K / V
+        tiles overlap the previous item's last tiles and store (the fixed cost per item that
+        the per-item kernels pay in series). Two q buffers; the K / V ring as `_ws_*`."""
+        HALF_M: gl.constexpr = 64
+        dtype: gl.constexpr = q_desc.dtype
+        q_smem = gl.allocate_shared_memory(dtype, [4, HALF_M, HEAD_DIM], q_desc.layout)
+        k_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, HEAD_DIM], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, HEAD_DIM], v_desc.layout)
+        q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        k_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        k_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        v_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        item_smem = gl.allocate_shared_memory(gl.int32, [2, 1], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
+        for i in gl.static_range(2):
+            mbarrier.init(q_ready.index(i), count=1)
+            mbarrier.init(q_empty.index(i), count=2)  # one arrival per compute partition
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(v_ready.index(i), count=1)
+            mbarrier.init(k_empty.index(i), count=2)
+            mbarrier.init(v_empty.index(i), count=2)
+        gl.warp_specialize([
+            (_wsp_compute, (q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, item_smem,
+                            Out, Lse, BlockIdx, BlockCnt, KvStart, si_b, si_h, si_q, sc_b, sc_h, n_q, n_k, n_heads, group,
+                            idx_group, n_qb, n_items, q_offset, qk_scale, 0, HEAD_DIM, HALF_M, BLOCK_N)),
+            (_wsp_compute, (q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, item_smem,
+                            Out, Lse, BlockIdx, BlockCnt, KvStart, si_b, si_h, si_q, sc_b, sc_h, n_q, n_k, n_heads, group,
+                            idx_group, n_qb, n_items, q_offset, qk_scale, 1, HEAD_DIM, HALF_M, BLOCK_N)),
+            (_wsp_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty,
+                           v_ready, v_empty, item_smem, Counter, BlockIdx, BlockCnt, si_b, si_h, si_q, sc_b, sc_h, n_q,
+                           n_k, n_heads, group, idx_group, n_qb, n_items, BLOCK_N, HALF_M)),
+        ], [4, 1], [240, 24])
+
+
 def ws_usable(block_m: int) -> bool:
     """Whether the warp-specialised variant runs (on unless PATCHATTN_GLUON_WS=0; two 64-row halves)."""
     return WARP_SPECIALIZED and block_m == 128
+
+
+def wsp_usable(block_m: int) -> bool:
+    """Whether its persistent form runs instead (PATCHATTN_GLUON_PERSISTENT=1)."""
+    return PERSISTENT and ws_usable(block_m)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def sm90_usable(q: torch.Tensor, block_m: int, block_n: int, softcap, sliding_window) -> bool:
@@ -389,12 +575,19 @@ def block_sparse_attention_sm90(
             layout = gl.NVMMASharedLayout.get_default_for([rows, d], gl_dtype)
             return TensorDescriptor(t, [t.shape[0] * t.shape[1] * t.shape[2], d], [d, 1], [rows, d], layout)
 
-        _block_sparse_fwd_sm90_ws[(bsz * hq, -(-n_q // block_m))](
-            desc(q, 64), desc(k, block_n), desc(v, block_n), result, lse, block_index, block_count, kv_start,
-            *block_index.stride()[:3], *block_count.stride()[:2],
-            n_q, n_k, hq, hq // hkv, hq // hb, q_offset, scale * LOG2E,
-            HEAD_DIM=d, BLOCK_N=block_n, num_warps=4, maxnreg=WS_MAXNREG,
-        )
+        args = (desc(q, 64), desc(k, block_n), desc(v, block_n), result, lse, block_index, block_count, kv_start,
+                *block_index.stride()[:3], *block_count.stride()[:2],
+                n_q, n_k, hq, hq // hkv, hq // hb, q_offset, scale * LOG2E)
+        n_qb = -(-n_q // block_m)
+        if wsp_usable(block_m):
+            n_items = bsz * hq * n_qb
+            grid = min(n_items, _sm_count(q.device.index or 0))
+            counter = torch.zeros(1, dtype=torch.int32, device=q.device)  # items claimed after the first `grid`
+            _block_sparse_fwd_sm90_wsp[(grid,)](
+                *args[:8], counter, *args[8:], n_qb, n_items, HEAD_DIM=d, BLOCK_N=block_n, num_warps=4, maxnreg=WS_MAXNREG)
+        else:
+            _block_sparse_fwd_sm90_ws[(bsz * hq, n_qb)](
+                *args, HEAD_DIM=d, BLOCK_N=block_n, num_warps=4, maxnreg=WS_MAXNREG)
         if result is not out:
             out.copy_(result)
         return

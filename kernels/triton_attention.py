@@ -563,11 +563,14 @@ def block_sparse_kernel(q: torch.Tensor, block_m: int, block_n: int, softcap=Non
                         softmax: str = "exact") -> str:
     """Which kernel `block_sparse_attention` runs for these arguments: "gluon_block_sparse" (the
     sm_90 Gluon kernel, when GLUON is on and it takes the inputs), "gluon_ws_block_sparse" (its
-    warp-specialised variant, the default for 128-row blocks) or "triton_block_sparse"."""
+    warp-specialised variant, the default for 128-row blocks), "gluon_wsp_block_sparse" (its
+    persistent form, PATCHATTN_GLUON_PERSISTENT=1) or "triton_block_sparse"."""
     if GLUON and tile is None and softmax == "exact":
-        from .gluon_attention import sm90_usable, ws_usable
+        from .gluon_attention import sm90_usable, ws_usable, wsp_usable
 
         if sm90_usable(q, block_m, block_n, softcap, sliding_window):
+            if wsp_usable(block_m):
+                return "gluon_wsp_block_sparse"
             return "gluon_ws_block_sparse" if ws_usable(block_m) else "gluon_block_sparse"
     return "triton_block_sparse"
 

@@ -7,7 +7,8 @@ original dense implementation are counted by reason: ``decode`` (one-query steps
 layer is dense in the plan; these count as density 1 in the totals). ``kernels`` counts, per
 head group of a sparse prefill, the implementation that ran it: ``reference`` (chunked torch),
 ``triton_block_sparse``, ``gluon_block_sparse`` (the sm_90 kernel), ``gluon_ws_block_sparse``
-(its warp-specialised variant) or ``triton_vertical_slash``.
+(its warp-specialised variant), ``gluon_wsp_block_sparse`` (that variant's persistent form) or
+``triton_vertical_slash``.
 """
 
 from __future__ import annotations

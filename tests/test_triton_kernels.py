@@ -573,16 +573,16 @@ def test_tma_only_where_descriptors_can_address_the_tensors(monkeypatch):
     assert not ta._tma_usable(x, x[..., ::2], x)
 
 
-@pytest.mark.parametrize("form", ["per_item", "warp_specialized"])
+@pytest.mark.parametrize("form", ["per_item", "warp_specialized", "persistent"])
 def test_gluon_kernel_compiles_for_hopper(form):
     """The Gluon sm_90 kernel compiles on a CPU machine, with the overlap intact: the next tile's
     q.K^T is waited with one product still outstanding (pendings = 1), and ptxas keeps the wgmma
-    pipeline (no C7514 serialisation) without spills. The warp-specialised variant has these
-    products once per compute partition."""
+    pipeline (no C7514 serialisation) without spills. The warp-specialised variant and its
+    persistent form have these products once per compute partition."""
     pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
     from patchattn.evals.bench.ttgir_probe import compile_gluon_block_sparse, ptxas_report
 
-    kernel = compile_gluon_block_sparse(128, 128, 128, form == "warp_specialized")
+    kernel = compile_gluon_block_sparse(128, 128, 128, form == "warp_specialized", form == "persistent")
     ir = kernel.asm["ttgir"]
     # S(0), S(t+1), P.V(t), last tile's P.V (per compute partition)
     assert ir.count("ttng.warp_group_dot ") == (4 if form == "per_item" else 8)
@@ -712,15 +712,16 @@ def test_block_sparse_gpu(one_config, d, variant):
     assert not res["nan"] and res["same"] and res["out"] <= 1e-2 and res["lse"] <= 2e-2, res
 
 
-@pytest.mark.parametrize("form", ["per_item", "warp_specialized"])
+@pytest.mark.parametrize("form", ["per_item", "warp_specialized", "persistent"])
 @pytest.mark.parametrize("variant", ["plain", "pad_offset", "d64_shared_lists", "blocks64_ragged", "gqa_batch_pad",
                                      "many_programs", "empty_lists"])
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
                     reason="needs a Hopper (sm_90) GPU")
 def test_block_sparse_gluon_gpu(one_config, variant, form):
-    """The Gluon sm_90 kernel and its warp-specialised variant (the default for 128-row blocks)
-    against the fp32 oracle (poisoned output, lse)."""
+    """The Gluon sm_90 kernel, its warp-specialised variant (the default for 128-row blocks) and
+    that variant's persistent form (PATCHATTN_GLUON_PERSISTENT=1) against the fp32 oracle
+    (poisoned output, lse)."""
     pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
     from patchattn.kernels import gluon_attention
 
@@ -741,7 +742,8 @@ def test_block_sparse_gluon_gpu(one_config, variant, form):
         kw.update(hq=32, hkv=8, n_q=8192, n_k=8192, density=0.01, bsz=2, kv_start=[0, 1000], empty_share=0.3)
     if form != "per_item" and kw["bm"] != 128:
         pytest.skip("the warp-specialised variant takes 128-row blocks")
-    with _module_flag(gluon_attention, "WARP_SPECIALIZED", form != "per_item"):
+    with _module_flag(gluon_attention, "WARP_SPECIALIZED", form != "per_item"), \
+            _module_flag(gluon_attention, "PERSISTENT", form == "persistent"):
         res = check_block_sparse(**kw)
     assert res["gluon_used"], res
     assert not res["nan"] and res["same"] and res["out"] <= 1e-2 and res["lse"] <= 2e-2, res

@@ -16,8 +16,9 @@ Rows (Llama-3-8B attention shapes, bf16, as in prefill.py):
   `softmax=`): exact and the two timing diagnostics no_exp / mma_only (wrong outputs), which show
   how much of the tile loop the softmax costs. Each mode is autotuned;
 * with `--tables ...,gluon`: the Triton block-sparse kernel (autotuned) vs the Gluon sm_90 kernel
-  (`triton_attention.GLUON`, kernels/gluon_attention.py) and its warp-specialised variant
-  (`gluon_attention.WARP_SPECIALIZED`), random lists at each density and every causal block, with
+  (`triton_attention.GLUON`, kernels/gluon_attention.py), its warp-specialised variant
+  (`gluon_attention.WARP_SPECIALIZED`) and that variant's persistent form
+  (`gluon_attention.PERSISTENT`), random lists at each density and every causal block, with
   TFLOP/s and the max |difference| of their outputs from the Triton kernel's (saved runs of
   2026-12-02 hold the persistent variant of commit c8f7f4c instead, removed: 0.82-0.93x of the
   Triton kernel);
@@ -213,20 +214,22 @@ def bench_gluon(n, densities, block, sdpa_ms):
         run = lambda: ta.block_sparse_attention(q, k, v, index, count, scale=scale, block_m=block,  # noqa: E731
                                                 block_n=block)[0]
         timed = {}
-        saved = ga.WARP_SPECIALIZED
-        try:  # the per-item kernel with the variant off, then the variant (the default) on
-            ga.WARP_SPECIALIZED = False
-            timed.update(_per_flag(run, "GLUON", KERNELS))
-            ga.WARP_SPECIALIZED = True
-            timed.update(_per_flag(run, "GLUON", {"gluon_ws": True}))
+        saved = ga.WARP_SPECIALIZED, ga.PERSISTENT
+        try:  # the per-item kernel, the warp-specialised variant (the default), its persistent form
+            for name, ws, persistent in (("gluon", False, False), ("gluon_ws", True, False),
+                                         ("gluon_wsp", True, True)):
+                ga.WARP_SPECIALIZED, ga.PERSISTENT = ws, persistent
+                timed.update(_per_flag(run, "GLUON", KERNELS if name == "gluon" else {name: True}))
         finally:
-            ga.WARP_SPECIALIZED = saved
+            ga.WARP_SPECIALIZED, ga.PERSISTENT = saved
         (a, out_a, _), (b, out_b, _), (c, out_c, _) = timed["triton"], timed["gluon"], timed["gluon_ws"]
+        p_ms, out_p, _ = timed["gluon_wsp"]
         tflop = 4 * D * pairs / 1e12
         rows.append({"row": label, "density": pairs / causal, "reference_ms": pairs / causal * sdpa_ms,
                      "triton_ms": a, "gluon_ms": b, "speedup": a / b, "triton_tflops": tflop / (a / 1e3),
                      "gluon_tflops": tflop / (b / 1e3), "max_abs_diff": _max_diff(out_a, out_b), "gluon_used": used,
                      "ws_ms": c, "ws_speedup": a / c, "ws_max_abs_diff": _max_diff(out_a, out_c),
+                     "wsp_ms": p_ms, "wsp_speedup": a / p_ms, "wsp_max_abs_diff": _max_diff(out_a, out_p),
                      "ws_used": used and block == 128})  # else the per-item Gluon kernel ran
         del index, count
     del q, k, v
@@ -339,8 +342,9 @@ def print_table(report):
                 f"{row['max_abs_diff']:.1e}", row["tma_config"]]
                for r in report["results"] for row in r.get("tma", [])))
     gluon = [(r["n"], row) for r in report["results"] for row in r.get("gluon", [])]
-    # Further variants of a run: the warp-specialised kernel; in saved runs also the removed
-    # persistent forms ("persistent": commit c8f7f4c; "wsp", the warp-specialised one: 786f9fc).
+    # Further variants of a run: the warp-specialised kernel and its persistent form ("wsp"; saved
+    # runs of 2026-12-02 hold the static-stride form of commit 786f9fc, and "persistent", the
+    # removed per-item one of c8f7f4c).
     extras = [k for k in ("ws", "wsp", "persistent") if any(f"{k}_ms" in row for _, row in gluon)]
     _markdown(["N", "Triton vs Gluon (sm_90)", "Triton ms", "Gluon ms", "speedup", "TFLOP/s Triton / Gluon",
                "ratio vs density x SDPA (Gluon)", "max diff",

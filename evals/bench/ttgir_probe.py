@@ -19,7 +19,7 @@ from triton.compiler import ASTSource
 from patchattn.kernels import triton_attention as ta
 
 _POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Out": "*bf16", "Lse": "*fp32", "BlockIdx": "*i32",
-             "BlockCnt": "*i32", "KvStart": "*i32"}
+             "BlockCnt": "*i32", "Counter": "*i32", "KvStart": "*i32"}
 
 
 def compile_block_sparse(use_tma: bool, block: int = 128, head_dim: int = 128, warps: int = 8, stages: int = 2,
@@ -35,15 +35,19 @@ def compile_block_sparse(use_tma: bool, block: int = 128, head_dim: int = 128, w
 
 
 def compile_gluon_block_sparse(head_dim: int = 128, block_m: int = 128, block_n: int = 128,
-                               warp_specialized: bool = False):
+                               warp_specialized: bool = False, persistent: bool = False):
     """The Gluon sm_90 kernel (kernels/gluon_attention.py) compiled for Hopper; warp_specialized:
-    its warp-specialised variant (host-side TMA descriptors for q / k / v, block_m 128)."""
+    its warp-specialised variant (host-side TMA descriptors for q / k / v, block_m 128);
+    persistent: that variant's persistent form."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
     from patchattn.kernels import gluon_attention as ga
 
+    warp_specialized = warp_specialized or persistent
     fn = ga._block_sparse_fwd_sm90_ws if warp_specialized else ga._block_sparse_fwd_sm90
+    if persistent:
+        fn = ga._block_sparse_fwd_sm90_wsp
     params = list(inspect.signature(fn.fn).parameters)
     const = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=8 if block_m == 128 else 4)
     if warp_specialized:
@@ -99,11 +103,13 @@ def main(argv=None):
     p.add_argument("--gluon", action="store_true", help="the Gluon sm_90 kernel instead (IR counts + ptxas report)")
     args = p.parse_args(argv)
     if args.gluon:
-        for ws, d, bm, bn in ((False, 128, 128, 128), (False, 64, 128, 128), (False, 128, 64, 64),
-                              (True, 128, 128, 128), (True, 64, 128, 128), (True, 128, 128, 64)):
-            kernel = compile_gluon_block_sparse(d, bm, bn, ws)
-            print(f"gluon{' warp-specialised' if ws else ''} head_dim {d}, tile {bm}x{bn}:", counts(kernel),
-                  ptxas_report(kernel), f"shared {kernel.metadata.shared} B")
+        names = {"": "gluon", "ws": "gluon warp-specialised", "wsp": "gluon persistent warp-specialised"}
+        for form, d, bm, bn in (("", 128, 128, 128), ("", 64, 128, 128), ("", 128, 64, 64),
+                                ("ws", 128, 128, 128), ("ws", 64, 128, 128), ("ws", 128, 128, 64),
+                                ("wsp", 128, 128, 128), ("wsp", 64, 128, 128), ("wsp", 128, 128, 64)):
+            kernel = compile_gluon_block_sparse(d, bm, bn, form == "ws", form == "wsp")
+            print(f"{names[form]} head_dim {d}, tile {bm}x{bn}:", counts(kernel), ptxas_report(kernel),
+                  f"shared {kernel.metadata.shared} B")
         return
     for mode in args.softmax.split(","):
         for use_tma in (False, True):
