@@ -269,13 +269,14 @@ if gluon is not None:
             _issue_tile(v_desc, v_smem.index(stage), v_ready.index(stage), row, True)
 
     @gluon.jit
-    def _ws_compute(q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, Out, Lse, idx_base, count,
-                    first_row, kv_start, n_q, n_k, q_offset, qk_scale, out_base, HALF: gl.constexpr,
-                    HEAD_DIM: gl.constexpr, HALF_M: gl.constexpr, BLOCK_N: gl.constexpr):
-        """4-warp compute partition for query rows [first_row + HALF * HALF_M, + HALF_M): the
-        per-item kernel's tile loop (S(t+1) issued before softmax(t)) on 64 rows, releasing
-        each K / V stage to the loader once its product is done. The two halves share the K/V
-        tiles but not a CTA barrier, so one half's softmax can run under the other's wgmma."""
+    def _ws_half(q_tile, q_bar, q_phase, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, Out, Lse, idx_base,
+                 count, c0, first_row, kv_start, n_q, n_k, q_offset, qk_scale, out_base, HALF: gl.constexpr,
+                 HEAD_DIM: gl.constexpr, HALF_M: gl.constexpr, BLOCK_N: gl.constexpr):
+        """One compute partition's work on one item: query rows [first_row + HALF * HALF_M,
+        + HALF_M) against the item's list, the per-item kernel's tile loop (S(t+1) issued before
+        softmax(t)) on 64 rows, releasing each K / V ring stage to the loader once its product is
+        done, then the store. c0: the ring position of the list's first tile (the tiles of earlier
+        items in a persistent program); q_phase: the phase of q_bar that holds this item's q."""
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BLOCK_N, 16])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -283,34 +284,47 @@ if gluon is not None:
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
         row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
         row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-        q_tile = q_smem.index(HALF)
         rows0 = first_row + HALF * HALF_M
         pos = rows0 + gl.arange(0, HALF_M, layout=row_s) + q_offset
         offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
         first_pos = first_row + q_offset  # the tile's first row decides which tiles need the mask
-        m_i, l_i, acc = _online_state(HALF_M, HEAD_DIM, row_s, o_layout)
         zero_s = gl.zeros([HALF_M, BLOCK_N], gl.float32, layout=s_layout)
-        s = _first_scores(q_tile, q_bar, k_smem.index(0), k_ready.index(0), count, zero_s)
-        mbarrier.arrive(k_empty.index(0), count=1, pred=count > 0)
+        m_i, l_i, acc = _online_state(HALF_M, HEAD_DIM, row_s, o_layout)
+        s = _first_scores(q_tile, q_bar, k_smem.index(c0 % 2), k_ready.index(c0 % 2), count, zero_s, q_phase,
+                          (c0 // 2) & 1)
+        mbarrier.arrive(k_empty.index(c0 % 2), count=1, pred=count > 0)
         kb = gl.load(idx_base, mask=count > 0, other=0)
         for t in range(0, count - 1):
-            nxt = (t + 1) % 2
-            mbarrier.wait(k_ready.index(nxt), ((t + 1) // 2) & 1)
+            c = c0 + t
+            nxt = (c + 1) % 2
+            mbarrier.wait(k_ready.index(nxt), ((c + 1) // 2) & 1)
             s_next = warpgroup_mma(q_tile, k_smem.index(nxt).permute((1, 0)), zero_s, use_acc=False,
                                    is_async=True)
-            pv, m_i, l_i = _softmax_and_pv(s, m_i, l_i, acc, kb, t, v_smem, v_ready, qk_scale, pos, offs_n,
+            pv, m_i, l_i = _softmax_and_pv(s, m_i, l_i, acc, kb, c, v_smem, v_ready, qk_scale, pos, offs_n,
                                            first_pos, kv_start, n_k, BLOCK_N, p_layout, row_o, 2)
             s = warpgroup_mma_wait(num_outstanding=1, deps=(s_next, ))
             mbarrier.arrive(k_empty.index(nxt), count=1)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(pv, ))
-            mbarrier.arrive(v_empty.index(t % 2), count=1)
+            mbarrier.arrive(v_empty.index(c % 2), count=1)
             kb = gl.load(idx_base + t + 1)
         if count > 0:  # the last tile
-            pv, m_i, l_i = _softmax_and_pv(s, m_i, l_i, acc, kb, count - 1, v_smem, v_ready, qk_scale, pos, offs_n,
+            c = c0 + count - 1
+            pv, m_i, l_i = _softmax_and_pv(s, m_i, l_i, acc, kb, c, v_smem, v_ready, qk_scale, pos, offs_n,
                                            first_pos, kv_start, n_k, BLOCK_N, p_layout, row_o, 2)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(pv, ))
-            mbarrier.arrive(v_empty.index((count - 1) % 2), count=1)
+            mbarrier.arrive(v_empty.index(c % 2), count=1)
         _store_rows(acc, m_i, l_i, Out, Lse, out_base, rows0, n_q, HEAD_DIM, HALF_M, o_layout, row_o)
+
+    @gluon.jit
+    def _ws_compute(q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, Out, Lse, idx_base, count,
+                    first_row, kv_start, n_q, n_k, q_offset, qk_scale, out_base, HALF: gl.constexpr,
+                    HEAD_DIM: gl.constexpr, HALF_M: gl.constexpr, BLOCK_N: gl.constexpr):
+        """4-warp compute partition for one 64-row half of the item (`_ws_half`). The two halves
+        share the K/V tiles but not a CTA barrier, so one half's softmax can run under the
+        other's wgmma."""
+        _ws_half(q_smem.index(HALF), q_bar, 0, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, Out, Lse, idx_base,
+                 count, 0, first_row, kv_start, n_q, n_k, q_offset, qk_scale, out_base, HALF, HEAD_DIM, HALF_M,
+                 BLOCK_N)
 
     @gluon.jit
     def _block_sparse_fwd_sm90_ws(
@@ -429,58 +443,20 @@ if gluon is not None:
                      Lse, BlockIdx, BlockCnt, KvStart, si_b, si_h, si_q, sc_b, sc_h, n_q, n_k, n_heads, group, idx_group,
                      n_qb, n_items, q_offset, qk_scale, HALF: gl.constexpr, HEAD_DIM: gl.constexpr,
                      HALF_M: gl.constexpr, BLOCK_N: gl.constexpr):
-        """4-warp compute partition for one 64-row half of each of this program's items: the
-        tile loop of `_ws_compute`, with the ring position and the q buffer carried across items."""
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, BLOCK_N, 16])
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, HEAD_DIM, 16])
-        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
-        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-        offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-        offs_m = gl.arange(0, HALF_M, layout=row_s)
-        zero_s = gl.zeros([HALF_M, BLOCK_N], gl.float32, layout=s_layout)
+        """4-warp compute partition for one 64-row half of each item the loader hands over
+        (`_ws_half`), with the ring position and the q buffer carried across items."""
         c0 = 0
         local = 0
         item = _wsp_item(item_smem, q_ready, local)
         while item >= 0:
             b, h, kvh, qb, idx_base, count = _item_list(item, BlockIdx, BlockCnt, si_b, si_h, si_q, sc_b, sc_h,
                                                         n_heads, group, idx_group, n_qb)
-            kv_start = gl.load(KvStart + b)
-            first_row = qb * (2 * HALF_M)
-            rows0 = first_row + HALF * HALF_M
-            pos = rows0 + offs_m + q_offset
-            first_pos = first_row + q_offset
             qbuf = local % 2
-            q_tile = q_smem.index(2 * qbuf + HALF)
-            m_i, l_i, acc = _online_state(HALF_M, HEAD_DIM, row_s, o_layout)
-            s = _first_scores(q_tile, q_ready.index(qbuf), k_smem.index(c0 % 2), k_ready.index(c0 % 2), count,
-                              zero_s, (local // 2) & 1, (c0 // 2) & 1)
-            mbarrier.arrive(k_empty.index(c0 % 2), count=1, pred=count > 0)
-            kb = gl.load(idx_base, mask=count > 0, other=0)
-            for t in range(0, count - 1):
-                c = c0 + t
-                nxt = (c + 1) % 2
-                mbarrier.wait(k_ready.index(nxt), ((c + 1) // 2) & 1)
-                s_next = warpgroup_mma(q_tile, k_smem.index(nxt).permute((1, 0)), zero_s, use_acc=False,
-                                       is_async=True)
-                pv, m_i, l_i = _softmax_and_pv(s, m_i, l_i, acc, kb, c, v_smem, v_ready, qk_scale, pos, offs_n,
-                                               first_pos, kv_start, n_k, BLOCK_N, p_layout, row_o, 2)
-                s = warpgroup_mma_wait(num_outstanding=1, deps=(s_next, ))
-                mbarrier.arrive(k_empty.index(nxt), count=1)
-                acc = warpgroup_mma_wait(num_outstanding=0, deps=(pv, ))
-                mbarrier.arrive(v_empty.index(c % 2), count=1)
-                kb = gl.load(idx_base + t + 1)
-            if count > 0:  # the last tile
-                c = c0 + count - 1
-                pv, m_i, l_i = _softmax_and_pv(s, m_i, l_i, acc, kb, c, v_smem, v_ready, qk_scale, pos, offs_n,
-                                               first_pos, kv_start, n_k, BLOCK_N, p_layout, row_o, 2)
-                acc = warpgroup_mma_wait(num_outstanding=0, deps=(pv, ))
-                mbarrier.arrive(v_empty.index(c % 2), count=1)
+            _ws_half(q_smem.index(2 * qbuf + HALF), q_ready.index(qbuf), (local // 2) & 1, k_smem, v_smem, k_ready,
+                     k_empty, v_ready, v_empty, Out, Lse, idx_base, count, c0, qb * (2 * HALF_M), gl.load(KvStart + b),
+                     n_q, n_k, q_offset, qk_scale, (b * n_heads + h).to(gl.int64) * n_q, HALF, HEAD_DIM, HALF_M,
+                     BLOCK_N)
             mbarrier.arrive(q_empty.index(qbuf), count=1)  # every product reading this q is done
-            _store_rows(acc, m_i, l_i, Out, Lse, (b * n_heads + h).to(gl.int64) * n_q, rows0, n_q, HEAD_DIM,
-                        HALF_M, o_layout, row_o)
             c0 += count
             local += 1
             item = _wsp_item(item_smem, q_ready, local)
