@@ -468,10 +468,12 @@ if gluon is not None:
         n_q, n_k, n_heads, group, idx_group, q_offset, qk_scale, n_qb, n_items,
         HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, num_warps: gl.constexpr,
     ):
-        """Persistent warp-specialised variant: one program per SM walks the work items
-        (`_item_coords` order) with a stride of the grid, so an item's q load and first K / V
-        tiles overlap the previous item's last tiles and store (the fixed cost per item that
-        the per-item kernels pay in series). Two q buffers; the K / V ring as `_ws_*`."""
+        """Persistent warp-specialised variant: one program per SM; each takes its program id's
+        item, then claims the next free one (`_item_coords` order) from `Counter` (zeroed by the
+        host, counts claims after the first grid), so an item's q load and first K / V tiles
+        overlap the previous item's last tiles and store (the fixed cost per item that the
+        per-item kernels pay in series). Two q buffers, each with an item slot; the K / V ring
+        as `_ws_*`."""
         HALF_M: gl.constexpr = 64
         dtype: gl.constexpr = q_desc.dtype
         q_smem = gl.allocate_shared_memory(dtype, [4, HALF_M, HEAD_DIM], q_desc.layout)
