@@ -114,6 +114,14 @@ if gluon is not None:
                             gl.num_programs(1))
 
     @gluon.jit
+    def _block_list(b, h, qb, BlockIdx, BlockCnt, si_b, si_h, si_q, sc_b, sc_h, idx_group):
+        """(first entry, length) of the key-block list of (batch b, q head h, query block qb);
+        lists may be per kv head (shared by the group: idx_group q heads per list)."""
+        idx_h = h // idx_group
+        idx_base = BlockIdx + b.to(gl.int64) * si_b + idx_h.to(gl.int64) * si_h + qb.to(gl.int64) * si_q
+        return idx_base, gl.load(BlockCnt + b * sc_b + idx_h * sc_h + qb)
+
+    @gluon.jit
     def _online_state(ROWS: gl.constexpr, HEAD_DIM: gl.constexpr, row_layout: gl.constexpr,
                       o_layout: gl.constexpr):
         """Empty online-softmax state: (running max, running sum, output accumulator)."""
@@ -194,9 +202,7 @@ if gluon is not None:
         for i in gl.static_range(3):
             mbarrier.init(v_bar.index(i), count=1)
 
-        idx_h = h // idx_group  # block lists may be per kv head (shared by the group)
-        idx_base = BlockIdx + b.to(gl.int64) * si_b + idx_h.to(gl.int64) * si_h + qb.to(gl.int64) * si_q
-        count = gl.load(BlockCnt + b * sc_b + idx_h * sc_h + qb)
+        idx_base, count = _block_list(b, h, qb, BlockIdx, BlockCnt, si_b, si_h, si_q, sc_b, sc_h, idx_group)
         kv_start = gl.load(KvStart + b)
         first_pos = qb * BLOCK_M + q_offset
 
@@ -341,9 +347,7 @@ if gluon is not None:
         dtype: gl.constexpr = q_desc.dtype
         b, h, kvh, qb = _program_coords(n_heads, group)
         n_kv = n_heads // group
-        idx_h = h // idx_group
-        idx_base = BlockIdx + b.to(gl.int64) * si_b + idx_h.to(gl.int64) * si_h + qb.to(gl.int64) * si_q
-        count = gl.load(BlockCnt + b * sc_b + idx_h * sc_h + qb)
+        idx_base, count = _block_list(b, h, qb, BlockIdx, BlockCnt, si_b, si_h, si_q, sc_b, sc_h, idx_group)
         kv_start = gl.load(KvStart + b)
         q_row = (b * n_heads + h) * n_q + qb * (2 * HALF_M)
         kv_row = (b * n_kv + kvh) * n_k
@@ -376,15 +380,13 @@ if gluon is not None:
                           idx_base, count, q_row, kv_row, BLOCK_N, HALF_M)),
         ], [4, 1], [240, 24])
 
-
     # ------------------------------------------------- persistent warp-specialised variant
     @gluon.jit
     def _item_list(item, BlockIdx, BlockCnt, si_b, si_h, si_q, sc_b, sc_h, n_heads, group, idx_group, n_qb):
         """Work item -> (batch, q head, kv head, query block, its list's first entry, its length)."""
         b, h, kvh, qb = _item_coords(item, n_heads, group, n_qb)
-        idx_h = h // idx_group  # block lists may be per kv head (shared by the group)
-        idx_base = BlockIdx + b.to(gl.int64) * si_b + idx_h.to(gl.int64) * si_h + qb.to(gl.int64) * si_q
-        return b, h, kvh, qb, idx_base, gl.load(BlockCnt + b * sc_b + idx_h * sc_h + qb)
+        idx_base, count = _block_list(b, h, qb, BlockIdx, BlockCnt, si_b, si_h, si_q, sc_b, sc_h, idx_group)
+        return b, h, kvh, qb, idx_base, count
 
     @gluon.jit
     def _wsp_loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready,
@@ -463,9 +465,9 @@ if gluon is not None:
 
     @gluon.jit
     def _block_sparse_fwd_sm90_wsp(
-        q_desc, k_desc, v_desc, Out, Lse, BlockIdx, BlockCnt, KvStart, Counter,
+        q_desc, k_desc, v_desc, Out, Lse, BlockIdx, BlockCnt, KvStart,
         si_b, si_h, si_q, sc_b, sc_h,
-        n_q, n_k, n_heads, group, idx_group, q_offset, qk_scale, n_qb, n_items,
+        n_q, n_k, n_heads, group, idx_group, q_offset, qk_scale, n_qb, n_items, Counter,
         HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, num_warps: gl.constexpr,
     ):
         """Persistent warp-specialised variant: one program per SM; each takes its program id's
@@ -562,7 +564,7 @@ def block_sparse_attention_sm90(
             grid = min(n_items, _sm_count(q.device.index or 0))
             counter = torch.zeros(1, dtype=torch.int32, device=q.device)  # items claimed after the first `grid`
             _block_sparse_fwd_sm90_wsp[(grid,)](
-                *args[:8], counter, *args[8:], n_qb, n_items, HEAD_DIM=d, BLOCK_N=block_n, num_warps=4, maxnreg=WS_MAXNREG)
+                *args, n_qb, n_items, counter, HEAD_DIM=d, BLOCK_N=block_n, num_warps=4, maxnreg=WS_MAXNREG)
         else:
             _block_sparse_fwd_sm90_ws[(bsz * hq, n_qb)](
                 *args, HEAD_DIM=d, BLOCK_N=block_n, num_warps=4, maxnreg=WS_MAXNREG)

@@ -103,10 +103,11 @@ def accuracy_by_depth(samples: list, scores: List[float]) -> List[Optional[float
     return out
 
 
-def answer_split(samples: list, completions: List[str]) -> Tuple[float, Optional[float]]:
-    """(share of completions that open with a number, accuracy among those; None without any):
-    whether a miss is a wrong retrieval or an answer in words ("a special key that ...")."""
-    numeric = [synthetic.score(s.task, s, t) for s, t in zip(samples, completions) if re.match(r"\s*\d", t)]
+def answer_split(scores: List[float], completions: List[str]) -> Tuple[float, Optional[float]]:
+    """(share of completions that open with a number, mean score among those; None without any)
+    from each completion's score: whether a miss is a wrong retrieval or an answer in words
+    ("a special key that ...")."""
+    numeric = [x for x, t in zip(scores, completions) if re.match(r"\s*\d", t)]
     return len(numeric) / len(completions), (sum(numeric) / len(numeric) if numeric else None)
 
 
@@ -133,7 +134,7 @@ def evaluate(model, tokenizer, plan: Optional[Plan], text: str, tokens: int, win
             acc[str(length)] = sum(scores) / len(scores)
             completions[str(length)] = outs
             by_depth[str(length)] = accuracy_by_depth(samples, scores)
-            share, numeric_acc = answer_split(samples, outs)
+            share, numeric_acc = answer_split(scores, outs)
             numeric[str(length)] = {"share": share, "accuracy": numeric_acc}
         _sync(device)
         density = float(stats(model).density) if plan is not None else 1.0

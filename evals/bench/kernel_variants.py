@@ -200,8 +200,8 @@ def bench_softmax(n, densities, block, sdpa_ms):
 
 
 def bench_gluon(n, densities, block, sdpa_ms):
-    """The Triton kernel vs the Gluon sm_90 kernel and its warp-specialised variant on the same
-    lists."""
+    """The Triton kernel vs the Gluon sm_90 kernel, its warp-specialised variant and that
+    variant's persistent form on the same lists."""
     from patchattn.kernels import gluon_attention as ga
     from patchattn.kernels.gluon_attention import sm90_usable
 
@@ -222,15 +222,16 @@ def bench_gluon(n, densities, block, sdpa_ms):
                 timed.update(_per_flag(run, "GLUON", KERNELS if name == "gluon" else {name: True}))
         finally:
             ga.WARP_SPECIALIZED, ga.PERSISTENT = saved
-        (a, out_a, _), (b, out_b, _), (c, out_c, _) = timed["triton"], timed["gluon"], timed["gluon_ws"]
-        p_ms, out_p, _ = timed["gluon_wsp"]
+        (a, out_a, _), (b, out_b, _) = timed["triton"], timed["gluon"]
         tflop = 4 * D * pairs / 1e12
-        rows.append({"row": label, "density": pairs / causal, "reference_ms": pairs / causal * sdpa_ms,
-                     "triton_ms": a, "gluon_ms": b, "speedup": a / b, "triton_tflops": tflop / (a / 1e3),
-                     "gluon_tflops": tflop / (b / 1e3), "max_abs_diff": _max_diff(out_a, out_b), "gluon_used": used,
-                     "ws_ms": c, "ws_speedup": a / c, "ws_max_abs_diff": _max_diff(out_a, out_c),
-                     "wsp_ms": p_ms, "wsp_speedup": a / p_ms, "wsp_max_abs_diff": _max_diff(out_a, out_p),
-                     "ws_used": used and block == 128})  # else the per-item Gluon kernel ran
+        row = {"row": label, "density": pairs / causal, "reference_ms": pairs / causal * sdpa_ms,
+               "triton_ms": a, "gluon_ms": b, "speedup": a / b, "triton_tflops": tflop / (a / 1e3),
+               "gluon_tflops": tflop / (b / 1e3), "max_abs_diff": _max_diff(out_a, out_b), "gluon_used": used,
+               "ws_used": used and block == 128}  # else the per-item Gluon kernel ran for both forms
+        for prefix in ("ws", "wsp"):
+            ms, out, _ = timed[f"gluon_{prefix}"]
+            row.update({f"{prefix}_ms": ms, f"{prefix}_speedup": a / ms, f"{prefix}_max_abs_diff": _max_diff(out_a, out)})
+        rows.append(row)
         del index, count
     del q, k, v
     torch.cuda.empty_cache()
@@ -260,8 +261,10 @@ def structure_lists(n, densities, block, heads):
 
 
 def bench_fixed(n, densities, block, sdpa_ms):
-    """Triton and Gluon kernels on the lists of `structure_lists`; per program: the call's time
-    spread over the programs one SM runs."""
+    """The Triton kernel and the default Gluon kernel (the warp-specialised variant for 128-row
+    blocks; the per-item kernel in kernel_variants_gluon_ws_fixed_h200.json, run before that
+    default) on the lists of `structure_lists`; per program: the call's time spread over the
+    programs one SM runs."""
     q, k, v = random_inputs(n)
     scale = D ** -0.5
     causal = causal_pairs(n)

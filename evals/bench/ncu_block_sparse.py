@@ -19,6 +19,7 @@ import argparse
 
 import torch
 
+from patchattn.evals.bench.kernel_variants import structure_lists
 from patchattn.evals.bench.prefill import D, parse_lengths, random_block_lists, random_inputs, sdpa
 from patchattn.kernels import triton_attention as ta
 
@@ -26,10 +27,9 @@ BLOCK = 128
 
 
 def _lists(n: int, kind: str, heads: int):
-    if kind == "diagonal":
-        nb = n // BLOCK
-        index = torch.arange(nb, device="cuda", dtype=torch.int32).expand(1, heads, nb)[..., None].contiguous()
-        return index, torch.ones(1, heads, nb, device="cuda", dtype=torch.int32)
+    if kind == "diagonal":  # the first lists of kernel_variants' fixed-cost table
+        _, index, count, _ = next(structure_lists(n, [], BLOCK, heads))
+        return index, count
     density = float(kind)
     index, count, _ = random_block_lists(n, density, seed=int(density * 1000), block=BLOCK)
     return index, count

@@ -136,7 +136,7 @@ def rescore(files: List[str], tokenizer) -> str:
             for name, row in data["rows"].items():
                 outs = row["completions"][str(length)]
                 scores = [synthetic.score(s.task, s, t) for s, t in zip(samples, outs)]
-                numeric, numeric_acc = answer_split(samples, outs)
+                numeric, numeric_acc = answer_split(scores, outs)
                 lines.append(f"| {Path(f).name} | `{name}` | {length} | {sum(scores) / len(scores):.2f} | "
                              f"{_quarters(accuracy_by_depth(samples, scores))} | {numeric:.2f} | "
                              f"{_quarters([numeric_acc])} |")
