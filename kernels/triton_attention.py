@@ -44,7 +44,7 @@ TMA = os.environ.get("PATCHATTN_TMA", "0") == "1"
 # Block-sparse attention on Hopper through the Gluon kernel (kernels/gluon_attention.py: the next
 # tile's q.K^T overlaps this tile's softmax) where `sm90_usable` accepts the inputs. On by default:
 # on H200 its default form for 128-row blocks (warp-specialised) runs 1.17-1.40x this Triton
-# kernel's speed over two runs, the per-item form 0.90-1.10x (evals/bench/results/h200/README.md).
+# kernel's speed over two runs, the per-item form 0.90-1.22x (evals/bench/results/h200/README.md).
 # PATCHATTN_GLUON=0 turns it off; benchmarks and tests flip this module flag.
 GLUON = os.environ.get("PATCHATTN_GLUON", "1") != "0"
 # Block-sparse kernel's softmax: "exact" is the kernel. "no_exp" and "mma_only" are timing
