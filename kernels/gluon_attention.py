@@ -114,17 +114,12 @@ if gluon is not None:
                             gl.num_programs(1))
 
     @gluon.jit
-    def _list_start(b, h, qb, BlockIdx, si_b, si_h, si_q, idx_group):
-        """Address of the first entry of the key-block list of (batch b, q head h, query block
-        qb); lists may be per kv head (shared by the group: idx_group q heads per list)."""
-        idx_h = h // idx_group
-        return BlockIdx + b.to(gl.int64) * si_b + idx_h.to(gl.int64) * si_h + qb.to(gl.int64) * si_q
-
-    @gluon.jit
     def _block_list(b, h, qb, BlockIdx, BlockCnt, si_b, si_h, si_q, sc_b, sc_h, idx_group):
-        """(first entry, length) of that list (`_list_start`)."""
-        return (_list_start(b, h, qb, BlockIdx, si_b, si_h, si_q, idx_group),
-                gl.load(BlockCnt + b * sc_b + (h // idx_group) * sc_h + qb))
+        """(first entry, length) of the key-block list of (batch b, q head h, query block qb);
+        lists may be per kv head (shared by the group: idx_group q heads per list)."""
+        idx_h = h // idx_group
+        idx_base = BlockIdx + b.to(gl.int64) * si_b + idx_h.to(gl.int64) * si_h + qb.to(gl.int64) * si_q
+        return idx_base, gl.load(BlockCnt + b * sc_b + idx_h * sc_h + qb)
 
     @gluon.jit
     def _online_state(ROWS: gl.constexpr, HEAD_DIM: gl.constexpr, row_layout: gl.constexpr,
@@ -280,15 +275,14 @@ if gluon is not None:
             _issue_tile(v_desc, v_smem.index(stage), v_ready.index(stage), row, True)
 
     @gluon.jit
-    def _ws_tiles(s, q_tile, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, idx_base, count, c0, rows0,
-                  first_row, kv_start, n_k, q_offset, qk_scale, HEAD_DIM: gl.constexpr, HALF_M: gl.constexpr,
-                  BLOCK_N: gl.constexpr):
-        """One compute partition's tile loop on one item: query rows [rows0, rows0 + HALF_M)
-        against the item's list, given s = S(0) (already waited, its K stage released). The
-        per-item kernel's order (S(t+1) issued before softmax(t)) on 64 rows, releasing each K / V
-        ring stage to the loader once its product is done. c0: the ring position of the list's
-        first tile (the tiles of earlier items in a persistent program). Returns the online
-        state (m, l, acc) with every product done."""
+    def _ws_half(q_tile, q_bar, q_phase, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, Out, Lse, idx_base,
+                 count, c0, first_row, kv_start, n_q, n_k, q_offset, qk_scale, out_base, HALF: gl.constexpr,
+                 HEAD_DIM: gl.constexpr, HALF_M: gl.constexpr, BLOCK_N: gl.constexpr):
+        """One compute partition's work on one item: query rows [first_row + HALF * HALF_M,
+        + HALF_M) against the item's list, the per-item kernel's tile loop (S(t+1) issued before
+        softmax(t)) on 64 rows, releasing each K / V ring stage to the loader once its product is
+        done, then the store. c0: the ring position of the list's first tile (the tiles of earlier
+        items in a persistent program); q_phase: the phase of q_bar that holds this item's q."""
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BLOCK_N, 16])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -296,11 +290,15 @@ if gluon is not None:
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
         row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
         row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+        rows0 = first_row + HALF * HALF_M
         pos = rows0 + gl.arange(0, HALF_M, layout=row_s) + q_offset
         offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-        first_pos = first_row + q_offset  # the 128-row block's first row decides which tiles need the mask
+        first_pos = first_row + q_offset  # the tile's first row decides which tiles need the mask
         zero_s = gl.zeros([HALF_M, BLOCK_N], gl.float32, layout=s_layout)
         m_i, l_i, acc = _online_state(HALF_M, HEAD_DIM, row_s, o_layout)
+        s = _first_scores(q_tile, q_bar, k_smem.index(c0 % 2), k_ready.index(c0 % 2), count, zero_s, q_phase,
+                          (c0 // 2) & 1)
+        mbarrier.arrive(k_empty.index(c0 % 2), count=1, pred=count > 0)
         kb = gl.load(idx_base, mask=count > 0, other=0)
         for t in range(0, count - 1):
             c = c0 + t
@@ -321,34 +319,18 @@ if gluon is not None:
                                            first_pos, kv_start, n_k, BLOCK_N, p_layout, row_o, 2)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(pv, ))
             mbarrier.arrive(v_empty.index(c % 2), count=1)
-        return m_i, l_i, acc
-
-    @gluon.jit
-    def _ws_store(m_i, l_i, acc, Out, Lse, out_base, rows0, n_q, HEAD_DIM: gl.constexpr, HALF_M: gl.constexpr,
-                  BLOCK_N: gl.constexpr):
-        """`_store_rows` in a compute partition's layouts."""
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, HEAD_DIM, 16])
-        _store_rows(acc, m_i, l_i, Out, Lse, out_base, rows0, n_q, HEAD_DIM, HALF_M, o_layout,
-                    gl.SliceLayout(1, o_layout))
+        _store_rows(acc, m_i, l_i, Out, Lse, out_base, rows0, n_q, HEAD_DIM, HALF_M, o_layout, row_o)
 
     @gluon.jit
     def _ws_compute(q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, Out, Lse, idx_base, count,
                     first_row, kv_start, n_q, n_k, q_offset, qk_scale, out_base, HALF: gl.constexpr,
                     HEAD_DIM: gl.constexpr, HALF_M: gl.constexpr, BLOCK_N: gl.constexpr):
-        """4-warp compute partition for one 64-row half of the item: S(0), the tile loop
-        (`_ws_tiles`), the store. The two halves share the K/V tiles but not a CTA barrier, so
-        one half's softmax can run under the other's wgmma."""
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, BLOCK_N, 16])
-        zero_s = gl.zeros([HALF_M, BLOCK_N], gl.float32, layout=s_layout)
-        q_tile = q_smem.index(HALF)
-        s = _first_scores(q_tile, q_bar, k_smem.index(0), k_ready.index(0), count, zero_s)
-        mbarrier.arrive(k_empty.index(0), count=1, pred=count > 0)
-        rows0 = first_row + HALF * HALF_M
-        m_i, l_i, acc = _ws_tiles(s, q_tile, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, idx_base, count, 0,
-                                  rows0, first_row, kv_start, n_k, q_offset, qk_scale, HEAD_DIM, HALF_M, BLOCK_N)
-        _ws_store(m_i, l_i, acc, Out, Lse, out_base, rows0, n_q, HEAD_DIM, HALF_M, BLOCK_N)
+        """4-warp compute partition for one 64-row half of the item (`_ws_half`). The two halves
+        share the K/V tiles but not a CTA barrier, so one half's softmax can run under the
+        other's wgmma."""
+        _ws_half(q_smem.index(HALF), q_bar, 0, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, Out, Lse, idx_base,
+                 count, 0, first_row, kv_start, n_q, n_k, q_offset, qk_scale, out_base, HALF, HEAD_DIM, HALF_M,
+                 BLOCK_N)
 
     @gluon.jit
     def _block_sparse_fwd_sm90_ws(
@@ -412,11 +394,11 @@ if gluon is not None:
                     group, idx_group, n_qb, n_items, BLOCK_N: gl.constexpr, HALF_M: gl.constexpr):
         """1-warp load partition: claims items (its program id first, then the next free one from
         `Counter`, so the items in flight stay consecutive, as the per-item grid's are) and
-        hands each to the compute partitions through its q buffer's slots (item, list length). Per item: the q
+        hands each to the compute partitions through its q buffer's item slot. Per item: the q
         tile into the q buffer (of two) that the compute partitions released, then its K / V
         tiles through the ring, whose position `c0` runs on across items. The next item's q and
         first tiles are therefore in flight while the compute partitions finish an item. After
-        the last item: item -1."""
+        the last item: slot value -1."""
         one: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
         n_kv = n_heads // group
         c0 = 0
@@ -430,8 +412,7 @@ if gluon is not None:
             qbuf = local % 2
             mbarrier.wait(q_empty.index(qbuf), ((local // 2) & 1) ^ 1)  # fresh: counts as released
             item_smem.index(qbuf).store(gl.full([1], item, gl.int32, layout=one))
-            item_smem.index(2 + qbuf).store(gl.full([1], count, gl.int32, layout=one))
-            # expect() arrives on q_ready after the slot stores: the compute side reads them after the wait
+            # expect() arrives on q_ready after the slot store: the compute side reads it after the wait
             mbarrier.expect(q_ready.index(qbuf), 2 * q_desc.block_type.nbytes)
             _tma_load(q_desc, [q_row, 0], q_ready.index(qbuf), q_smem.index(2 * qbuf))
             _tma_load(q_desc, [q_row + HALF_M, 0], q_ready.index(qbuf), q_smem.index(2 * qbuf + 1))
@@ -450,55 +431,37 @@ if gluon is not None:
         qbuf = local % 2
         mbarrier.wait(q_empty.index(qbuf), ((local // 2) & 1) ^ 1)
         item_smem.index(qbuf).store(gl.full([1], -1, gl.int32, layout=one))
-        item_smem.index(2 + qbuf).store(gl.full([1], 0, gl.int32, layout=one))
         mbarrier.arrive(q_ready.index(qbuf), count=1)
 
     @gluon.jit
     def _wsp_item(item_smem, q_ready, local):
-        """(item, list length) that the loader put in q buffer local % 2's slots (-1: none left)."""
+        """The item the loader put in q buffer local % 2's slot (-1: none left)."""
         mbarrier.wait(q_ready.index(local % 2), (local // 2) & 1)
-        slot: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
-        return (gl.max(item_smem.index(local % 2).load(slot), 0),
-                gl.max(item_smem.index(2 + local % 2).load(slot), 0))
+        slot = item_smem.index(local % 2).load(gl.BlockedLayout([1], [32], [4], [0]))
+        return gl.max(slot, 0)
 
     @gluon.jit
     def _wsp_compute(q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, item_smem, Out,
-                     Lse, BlockIdx, KvStart, si_b, si_h, si_q, n_q, n_k, n_heads, group, idx_group, n_qb, q_offset,
-                     qk_scale, HALF: gl.constexpr, HEAD_DIM: gl.constexpr, HALF_M: gl.constexpr,
-                     BLOCK_N: gl.constexpr):
-        """4-warp compute partition for one 64-row half of each item the loader hands over, with
-        the ring position and the q buffer carried across items. Items are chained: the next
-        item's S(0) is issued before this item's store and waited after it, so the store (and the
-        hand-over) runs under a product instead of between two. When the next list is empty, or
-        no item is left, that S(0) reads whatever the buffers hold and is never used."""
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, BLOCK_N, 16])
-        zero_s = gl.zeros([HALF_M, BLOCK_N], gl.float32, layout=s_layout)
+                     Lse, BlockIdx, BlockCnt, KvStart, si_b, si_h, si_q, sc_b, sc_h, n_q, n_k, n_heads, group, idx_group,
+                     n_qb, n_items, q_offset, qk_scale, HALF: gl.constexpr, HEAD_DIM: gl.constexpr,
+                     HALF_M: gl.constexpr, BLOCK_N: gl.constexpr):
+        """4-warp compute partition for one 64-row half of each item the loader hands over
+        (`_ws_half`), with the ring position and the q buffer carried across items."""
         c0 = 0
         local = 0
-        item, count = _wsp_item(item_smem, q_ready, local)
-        s = _first_scores(q_smem.index(HALF), q_ready.index(0), k_smem.index(0), k_ready.index(0), count, zero_s)
-        mbarrier.arrive(k_empty.index(0), count=1, pred=count > 0)
+        item = _wsp_item(item_smem, q_ready, local)
         while item >= 0:
-            b, h, kvh, qb = _item_coords(item, n_heads, group, n_qb)
-            first_row = qb * (2 * HALF_M)
-            rows0 = first_row + HALF * HALF_M
+            b, h, kvh, qb, idx_base, count = _item_list(item, BlockIdx, BlockCnt, si_b, si_h, si_q, sc_b, sc_h,
+                                                        n_heads, group, idx_group, n_qb)
             qbuf = local % 2
-            m_i, l_i, acc = _ws_tiles(s, q_smem.index(2 * qbuf + HALF), k_smem, v_smem, k_ready, k_empty, v_ready,
-                                      v_empty, _list_start(b, h, qb, BlockIdx, si_b, si_h, si_q, idx_group), count,
-                                      c0, rows0, first_row, gl.load(KvStart + b), n_k, q_offset, qk_scale, HEAD_DIM,
-                                      HALF_M, BLOCK_N)
+            _ws_half(q_smem.index(2 * qbuf + HALF), q_ready.index(qbuf), (local // 2) & 1, k_smem, v_smem, k_ready,
+                     k_empty, v_ready, v_empty, Out, Lse, idx_base, count, c0, qb * (2 * HALF_M), gl.load(KvStart + b),
+                     n_q, n_k, q_offset, qk_scale, (b * n_heads + h).to(gl.int64) * n_q, HALF, HEAD_DIM, HALF_M,
+                     BLOCK_N)
             mbarrier.arrive(q_empty.index(qbuf), count=1)  # every product reading this q is done
             c0 += count
             local += 1
-            item, count = _wsp_item(item_smem, q_ready, local)
-            mbarrier.wait(k_ready.index(c0 % 2), (c0 // 2) & 1, pred=count > 0)
-            s_next = warpgroup_mma(q_smem.index(2 * (local % 2) + HALF), k_smem.index(c0 % 2).permute((1, 0)), zero_s,
-                                   use_acc=False, is_async=True)
-            _ws_store(m_i, l_i, acc, Out, Lse, (b * n_heads + h).to(gl.int64) * n_q, rows0, n_q, HEAD_DIM, HALF_M,
-                      BLOCK_N)
-            s = warpgroup_mma_wait(num_outstanding=0, deps=(s_next, ))
-            mbarrier.arrive(k_empty.index(c0 % 2), count=1, pred=count > 0)
+            item = _wsp_item(item_smem, q_ready, local)
 
     @gluon.jit
     def _block_sparse_fwd_sm90_wsp(
@@ -524,8 +487,7 @@ if gluon is not None:
         k_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         v_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         v_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        # per q buffer i: slot i holds its item, slot 2 + i that item's list length
-        item_smem = gl.allocate_shared_memory(gl.int32, [4, 1], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
+        item_smem = gl.allocate_shared_memory(gl.int32, [2, 1], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
         for i in gl.static_range(2):
             mbarrier.init(q_ready.index(i), count=1)
             mbarrier.init(q_empty.index(i), count=2)  # one arrival per compute partition
@@ -535,11 +497,11 @@ if gluon is not None:
             mbarrier.init(v_empty.index(i), count=2)
         gl.warp_specialize([
             (_wsp_compute, (q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, item_smem,
-                            Out, Lse, BlockIdx, KvStart, si_b, si_h, si_q, n_q, n_k, n_heads, group, idx_group, n_qb,
-                            q_offset, qk_scale, 0, HEAD_DIM, HALF_M, BLOCK_N)),
+                            Out, Lse, BlockIdx, BlockCnt, KvStart, si_b, si_h, si_q, sc_b, sc_h, n_q, n_k, n_heads, group,
+                            idx_group, n_qb, n_items, q_offset, qk_scale, 0, HEAD_DIM, HALF_M, BLOCK_N)),
             (_wsp_compute, (q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, item_smem,
-                            Out, Lse, BlockIdx, KvStart, si_b, si_h, si_q, n_q, n_k, n_heads, group, idx_group, n_qb,
-                            q_offset, qk_scale, 1, HEAD_DIM, HALF_M, BLOCK_N)),
+                            Out, Lse, BlockIdx, BlockCnt, KvStart, si_b, si_h, si_q, sc_b, sc_h, n_q, n_k, n_heads, group,
+                            idx_group, n_qb, n_items, q_offset, qk_scale, 1, HEAD_DIM, HALF_M, BLOCK_N)),
             (_wsp_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty,
                            v_ready, v_empty, item_smem, Counter, BlockIdx, BlockCnt, si_b, si_h, si_q, sc_b, sc_h, n_q,
                            n_k, n_heads, group, idx_group, n_qb, n_items, BLOCK_N, HALF_M)),
