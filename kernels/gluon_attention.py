@@ -51,12 +51,15 @@ LOG2E = 1.4426950408889634
 # ceiling spreads that over its 12 warps.
 WARP_SPECIALIZED = os.environ.get("PATCHATTN_GLUON_WS", "1") == "1"
 WS_MAXNREG = 168
-# Persistent form of the warp-specialised variant (`_block_sparse_fwd_sm90_wsp`),
-# PATCHATTN_GLUON_PERSISTENT=1: one program per SM, each claiming the next free work item from an
-# atomic counter, so that an item's q and first tiles load under the previous item's last tiles
-# while the items in flight stay consecutive. Its static-stride form (commit 786f9fc) was correct
-# on the H200 but slower per pair (L2 locality); this claiming form is compiled for sm_90 only.
-PERSISTENT = os.environ.get("PATCHATTN_GLUON_PERSISTENT", "0") == "1"
+# Persistent form of the warp-specialised variant (`_block_sparse_fwd_sm90_wsp`), the default for
+# 128-row blocks (PATCHATTN_GLUON_PERSISTENT=0 keeps one program per item): one program per SM,
+# each claiming the next free work item from an atomic counter, so that an item's q and first
+# tiles load under the previous item's last tiles while the items in flight stay consecutive.
+# On the H200 it runs 0.96-1.02x the time of the per-item form over two runs (faster in 10 of 12
+# rows; kernel_variants_gluon_claim_h200.json, kernel_variants_gluon_chained_h200.json). Its
+# static-stride form (commit 786f9fc) was slower per pair (L2 locality); chaining items in the
+# compute partitions (commit c80f524) gained nothing.
+PERSISTENT = os.environ.get("PATCHATTN_GLUON_PERSISTENT", "1") == "1"
 
 if gluon is not None:
     # The TMA load builtin was renamed (triton 3.6: async_copy_global_to_shared; later: async_load).
@@ -405,6 +408,9 @@ if gluon is not None:
         local = 0
         item = gl.program_id(0)
         while item < n_items:
+            # The next item is claimed now and used after this item's loads are issued, so the
+            # atomic's round trip runs under them instead of between two items.
+            claimed = gl.atomic_add(Counter, 1)
             b, h, kvh, qb, idx_base, count = _item_list(item, BlockIdx, BlockCnt, si_b, si_h, si_q, sc_b, sc_h,
                                                         n_heads, group, idx_group, n_qb)
             q_row = (b * n_heads + h) * n_q + qb * (2 * HALF_M)
@@ -427,7 +433,7 @@ if gluon is not None:
                 _issue_tile(v_desc, v_smem.index(stage), v_ready.index(stage), row, True)
             c0 += count
             local += 1
-            item = gl.num_programs(0) + gl.atomic_add(Counter, 1)
+            item = gl.num_programs(0) + claimed
         qbuf = local % 2
         mbarrier.wait(q_empty.index(qbuf), ((local // 2) & 1) ^ 1)
         item_smem.index(qbuf).store(gl.full([1], -1, gl.int32, layout=one))
@@ -514,7 +520,7 @@ def ws_usable(block_m: int) -> bool:
 
 
 def wsp_usable(block_m: int) -> bool:
-    """Whether its persistent form runs instead (PATCHATTN_GLUON_PERSISTENT=1)."""
+    """Whether its persistent form runs (on unless PATCHATTN_GLUON_PERSISTENT=0)."""
     return PERSISTENT and ws_usable(block_m)
 
 

@@ -563,8 +563,9 @@ def block_sparse_kernel(q: torch.Tensor, block_m: int, block_n: int, softcap=Non
                         softmax: str = "exact") -> str:
     """Which kernel `block_sparse_attention` runs for these arguments: "gluon_block_sparse" (the
     sm_90 Gluon kernel, when GLUON is on and it takes the inputs), "gluon_ws_block_sparse" (its
-    warp-specialised variant, the default for 128-row blocks), "gluon_wsp_block_sparse" (its
-    persistent form, PATCHATTN_GLUON_PERSISTENT=1) or "triton_block_sparse"."""
+    warp-specialised variant, one program per item: PATCHATTN_GLUON_PERSISTENT=0),
+    "gluon_wsp_block_sparse" (that variant's persistent form, the default for 128-row blocks) or
+    "triton_block_sparse"."""
     if GLUON and tile is None and softmax == "exact":
         from .gluon_attention import sm90_usable, ws_usable, wsp_usable
 

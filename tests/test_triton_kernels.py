@@ -719,8 +719,8 @@ def test_block_sparse_gpu(one_config, d, variant):
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
                     reason="needs a Hopper (sm_90) GPU")
 def test_block_sparse_gluon_gpu(one_config, variant, form):
-    """The Gluon sm_90 kernel, its warp-specialised variant (the default for 128-row blocks) and
-    that variant's persistent form (PATCHATTN_GLUON_PERSISTENT=1) against the fp32 oracle
+    """The Gluon sm_90 kernel, its warp-specialised variant and that variant's persistent form
+    (the default for 128-row blocks) against the fp32 oracle
     (poisoned output, lse)."""
     pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
     from patchattn.kernels import gluon_attention

@@ -215,7 +215,7 @@ def bench_gluon(n, densities, block, sdpa_ms):
                                                 block_n=block)[0]
         timed = {}
         saved = ga.WARP_SPECIALIZED, ga.PERSISTENT
-        try:  # the per-item kernel, the warp-specialised variant (the default), its persistent form
+        try:  # the per-item kernel, the warp-specialised variant, its persistent form (the default)
             for name, ws, persistent in (("gluon", False, False), ("gluon_ws", True, False),
                                          ("gluon_wsp", True, True)):
                 ga.WARP_SPECIALIZED, ga.PERSISTENT = ws, persistent
@@ -261,9 +261,10 @@ def structure_lists(n, densities, block, heads):
 
 
 def bench_fixed(n, densities, block, sdpa_ms):
-    """The Triton kernel and the default Gluon kernel (the warp-specialised variant for 128-row
-    blocks; the per-item kernel in kernel_variants_gluon_ws_fixed_h200.json, run before that
-    default) on the lists of `structure_lists`; per program: the call's time spread over the
+    """The Triton kernel and the default Gluon kernel (for 128-row blocks the persistent
+    warp-specialised form; saved runs before 2026-12-02's fourth session hold the per-item
+    warp-specialised kernel, and kernel_variants_gluon_ws_fixed_h200.json the per-item Gluon
+    kernel) on the lists of `structure_lists`; per program: the call's time spread over the
     programs one SM runs."""
     q, k, v = random_inputs(n)
     scale = D ** -0.5
