@@ -55,10 +55,10 @@ WS_MAXNREG = 168
 # 128-row blocks (PATCHATTN_GLUON_PERSISTENT=0 keeps one program per item): one program per SM,
 # each claiming the next free work item from an atomic counter, so that an item's q and first
 # tiles load under the previous item's last tiles while the items in flight stay consecutive.
-# On the H200 it runs 0.96-1.02x the time of the per-item form over two runs (faster in 10 of 12
-# rows; kernel_variants_gluon_claim_h200.json, kernel_variants_gluon_chained_h200.json). Its
-# static-stride form (commit 786f9fc) was slower per pair (L2 locality); chaining items in the
-# compute partitions (commit c80f524) gained nothing.
+# On the H200 it ran 0.95-1.02x the time of the per-item form (faster in 8 of 9 rows;
+# evals/bench/results/h200/kernel_variants_gluon_claim_h200.json, before the loader claimed one
+# item ahead, a change not timed against it). Its static-stride form (commit 786f9fc) was slower
+# per pair (L2 locality); chaining items in the compute partitions (commit c80f524) gained nothing.
 PERSISTENT = os.environ.get("PATCHATTN_GLUON_PERSISTENT", "1") == "1"
 
 if gluon is not None:
