@@ -60,6 +60,12 @@ WS_MAXNREG = 168
 # item ahead, a change not timed against it). Its static-stride form (commit 786f9fc) was slower
 # per pair (L2 locality); chaining items in the compute partitions (commit c80f524) gained nothing.
 PERSISTENT = os.environ.get("PATCHATTN_GLUON_PERSISTENT", "1") == "1"
+# K stages of the persistent form's ring (V keeps 2): a third K stage gives the loader 2.5 tiles of
+# lead on K instead of 1.5, for sparse lists whose scattered tiles miss L2. 3 is used where it fits
+# the 227 KB of shared memory (head_dim 128 with 128-key tiles: 224.4 KB); PATCHATTN_GLUON_K_STAGES=2
+# keeps two.
+WSP_K_STAGES = int(os.environ.get("PATCHATTN_GLUON_K_STAGES", "3"))
+SM90_SHARED_BYTES = 232448  # the opt-in shared memory limit of one block on sm_90
 
 if gluon is not None:
     # The TMA load builtin was renamed (triton 3.6: async_copy_global_to_shared; later: async_load).
@@ -280,12 +286,13 @@ if gluon is not None:
     @gluon.jit
     def _ws_half(q_tile, q_bar, q_phase, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, Out, Lse, idx_base,
                  count, c0, first_row, kv_start, n_q, n_k, q_offset, qk_scale, out_base, HALF: gl.constexpr,
-                 HEAD_DIM: gl.constexpr, HALF_M: gl.constexpr, BLOCK_N: gl.constexpr):
+                 HEAD_DIM: gl.constexpr, HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, K_STAGES: gl.constexpr = 2):
         """One compute partition's work on one item: query rows [first_row + HALF * HALF_M,
         + HALF_M) against the item's list, the per-item kernel's tile loop (S(t+1) issued before
         softmax(t)) on 64 rows, releasing each K / V ring stage to the loader once its product is
         done, then the store. c0: the ring position of the list's first tile (the tiles of earlier
-        items in a persistent program); q_phase: the phase of q_bar that holds this item's q."""
+        items in a persistent program); q_phase: the phase of q_bar that holds this item's q.
+        K tile c sits in stage c % K_STAGES, V tile c in stage c % 2."""
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BLOCK_N, 16])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -299,14 +306,16 @@ if gluon is not None:
         first_pos = first_row + q_offset  # the tile's first row decides which tiles need the mask
         zero_s = gl.zeros([HALF_M, BLOCK_N], gl.float32, layout=s_layout)
         m_i, l_i, acc = _online_state(HALF_M, HEAD_DIM, row_s, o_layout)
-        s = _first_scores(q_tile, q_bar, k_smem.index(c0 % 2), k_ready.index(c0 % 2), count, zero_s, q_phase,
-                          (c0 // 2) & 1)
-        mbarrier.arrive(k_empty.index(c0 % 2), count=1, pred=count > 0)
+        s = _first_scores(q_tile, q_bar, k_smem.index(c0 % K_STAGES), k_ready.index(c0 % K_STAGES), count, zero_s,
+                          q_phase, (c0 // K_STAGES) & 1)
+        mbarrier.arrive(k_empty.index(c0 % K_STAGES), count=1, pred=count > 0)
+        # List entries (needed only for the mask test) are loaded one tile ahead of their use.
         kb = gl.load(idx_base, mask=count > 0, other=0)
+        kb_next = gl.load(idx_base + 1, mask=count > 1, other=0)
         for t in range(0, count - 1):
             c = c0 + t
-            nxt = (c + 1) % 2
-            mbarrier.wait(k_ready.index(nxt), ((c + 1) // 2) & 1)
+            nxt = (c + 1) % K_STAGES
+            mbarrier.wait(k_ready.index(nxt), ((c + 1) // K_STAGES) & 1)
             s_next = warpgroup_mma(q_tile, k_smem.index(nxt).permute((1, 0)), zero_s, use_acc=False,
                                    is_async=True)
             pv, m_i, l_i = _softmax_and_pv(s, m_i, l_i, acc, kb, c, v_smem, v_ready, qk_scale, pos, offs_n,
@@ -315,7 +324,8 @@ if gluon is not None:
             mbarrier.arrive(k_empty.index(nxt), count=1)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(pv, ))
             mbarrier.arrive(v_empty.index(c % 2), count=1)
-            kb = gl.load(idx_base + t + 1)
+            kb = kb_next
+            kb_next = gl.load(idx_base + t + 2, mask=t + 2 < count, other=0)
         if count > 0:  # the last tile
             c = c0 + count - 1
             pv, m_i, l_i = _softmax_and_pv(s, m_i, l_i, acc, kb, c, v_smem, v_ready, qk_scale, pos, offs_n,
@@ -392,19 +402,35 @@ if gluon is not None:
         return b, h, kvh, qb, idx_base, count
 
     @gluon.jit
+    def _issue_pending_v(v_desc, v_smem, v_ready, v_empty, c, v_row, pred):
+        """V(c - 1) into ring stage (c - 1) % 2 once both compute partitions released it (when
+        `pred`; ring position c - 1 is then >= 0, so (c + 1) % 2 is its stage)."""
+        mbarrier.wait(v_empty.index((c + 1) % 2), (((c - 1) // 2) & 1) ^ 1, pred=pred)
+        _issue_tile(v_desc, v_smem.index((c + 1) % 2), v_ready.index((c + 1) % 2), v_row, pred)
+
+    @gluon.jit
     def _wsp_loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready,
                     v_empty, item_smem, Counter, BlockIdx, BlockCnt, si_b, si_h, si_q, sc_b, sc_h, n_q, n_k, n_heads,
-                    group, idx_group, n_qb, n_items, BLOCK_N: gl.constexpr, HALF_M: gl.constexpr):
+                    group, idx_group, n_qb, n_items, BLOCK_N: gl.constexpr, HALF_M: gl.constexpr,
+                    K_STAGES: gl.constexpr):
         """1-warp load partition: claims items (its program id first, then the next free one from
         `Counter`, so the items in flight stay consecutive, as the per-item grid's are) and
         hands each to the compute partitions through its q buffer's item slot. Per item: the q
         tile into the q buffer (of two) that the compute partitions released, then its K / V
-        tiles through the ring, whose position `c0` runs on across items. The next item's q and
+        tiles through the ring, whose position `c` runs on across items. The next item's q and
         first tiles are therefore in flight while the compute partitions finish an item. After
-        the last item: slot value -1."""
+        the last item: slot value -1.
+
+        V runs one tile behind K (K(c) is issued before V(c-1), as FlashAttention-3's producer
+        does): the compute partitions release K(c)'s stage half a tile before V(c)'s, so a
+        loader that issued V(c) before K(c+1) would hold K(c+1) back until V(c)'s stage is free
+        and leave K about one tile of lead; this order gives K and V about 1.5 tiles each. The
+        list entry for the next tile is loaded before the waits, out of the issue chain."""
         one: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
         n_kv = n_heads // group
-        c0 = 0
+        c = 0  # ring position of the next K tile
+        v_done = 0  # V tiles issued: V(c - 1) is pending (its row in v_row) while v_done < c
+        v_row = 0
         local = 0
         item = gl.program_id(0)
         while item < n_items:
@@ -415,6 +441,7 @@ if gluon is not None:
                                                         n_heads, group, idx_group, n_qb)
             q_row = (b * n_heads + h) * n_q + qb * (2 * HALF_M)
             kv_row = (b * n_kv + kvh) * n_k
+            next_row = kv_row + gl.load(idx_base, mask=count > 0, other=0) * BLOCK_N
             qbuf = local % 2
             mbarrier.wait(q_empty.index(qbuf), ((local // 2) & 1) ^ 1)  # fresh: counts as released
             item_smem.index(qbuf).store(gl.full([1], item, gl.int32, layout=one))
@@ -423,17 +450,22 @@ if gluon is not None:
             _tma_load(q_desc, [q_row, 0], q_ready.index(qbuf), q_smem.index(2 * qbuf))
             _tma_load(q_desc, [q_row + HALF_M, 0], q_ready.index(qbuf), q_smem.index(2 * qbuf + 1))
             for t in range(count):
-                c = c0 + t
-                stage = c % 2
-                free = ((c // 2) & 1) ^ 1
-                row = kv_row + gl.load(idx_base + t) * BLOCK_N
-                mbarrier.wait(k_empty.index(stage), free)
-                _issue_tile(k_desc, k_smem.index(stage), k_ready.index(stage), row, True)
-                mbarrier.wait(v_empty.index(stage), free)
-                _issue_tile(v_desc, v_smem.index(stage), v_ready.index(stage), row, True)
-            c0 += count
+                row = next_row
+                next_row = kv_row + gl.load(idx_base + t + 1, mask=t + 1 < count, other=0) * BLOCK_N
+                mbarrier.wait(k_empty.index(c % K_STAGES), ((c // K_STAGES) & 1) ^ 1)
+                _issue_tile(k_desc, k_smem.index(c % K_STAGES), k_ready.index(c % K_STAGES), row, True)
+                _issue_pending_v(v_desc, v_smem, v_ready, v_empty, c, v_row, v_done < c)
+                v_done = c
+                v_row = row
+                c += 1
+            # After an empty list the pending V is an earlier item's: issue it now, since the
+            # next q buffer is released only once that item is done.
+            flush = (v_done < c) & (count == 0)
+            _issue_pending_v(v_desc, v_smem, v_ready, v_empty, c, v_row, flush)
+            v_done += flush.to(gl.int32)
             local += 1
             item = gl.num_programs(0) + claimed
+        _issue_pending_v(v_desc, v_smem, v_ready, v_empty, c, v_row, v_done < c)
         qbuf = local % 2
         mbarrier.wait(q_empty.index(qbuf), ((local // 2) & 1) ^ 1)
         item_smem.index(qbuf).store(gl.full([1], -1, gl.int32, layout=one))
@@ -450,7 +482,7 @@ if gluon is not None:
     def _wsp_compute(q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, item_smem, Out,
                      Lse, BlockIdx, BlockCnt, KvStart, si_b, si_h, si_q, sc_b, sc_h, n_q, n_k, n_heads, group, idx_group,
                      n_qb, n_items, q_offset, qk_scale, HALF: gl.constexpr, HEAD_DIM: gl.constexpr,
-                     HALF_M: gl.constexpr, BLOCK_N: gl.constexpr):
+                     HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, K_STAGES: gl.constexpr):
         """4-warp compute partition for one 64-row half of each item the loader hands over
         (`_ws_half`), with the ring position and the q buffer carried across items."""
         c0 = 0
@@ -463,7 +495,7 @@ if gluon is not None:
             _ws_half(q_smem.index(2 * qbuf + HALF), q_ready.index(qbuf), (local // 2) & 1, k_smem, v_smem, k_ready,
                      k_empty, v_ready, v_empty, Out, Lse, idx_base, count, c0, qb * (2 * HALF_M), gl.load(KvStart + b),
                      n_q, n_k, q_offset, qk_scale, (b * n_heads + h).to(gl.int64) * n_q, HALF, HEAD_DIM, HALF_M,
-                     BLOCK_N)
+                     BLOCK_N, K_STAGES)
             mbarrier.arrive(q_empty.index(qbuf), count=1)  # every product reading this q is done
             c0 += count
             local += 1
@@ -474,44 +506,53 @@ if gluon is not None:
         q_desc, k_desc, v_desc, Out, Lse, BlockIdx, BlockCnt, KvStart,
         si_b, si_h, si_q, sc_b, sc_h,
         n_q, n_k, n_heads, group, idx_group, q_offset, qk_scale, n_qb, n_items, Counter,
-        HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, num_warps: gl.constexpr,
+        HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, K_STAGES: gl.constexpr, num_warps: gl.constexpr,
     ):
         """Persistent warp-specialised variant: one program per SM; each takes its program id's
         item, then claims the next free one (`_item_coords` order) from `Counter` (zeroed by the
         host, counts claims after the first grid), so an item's q load and first K / V tiles
         overlap the previous item's last tiles and store (the fixed cost per item that the
-        per-item kernels pay in series). Two q buffers, each with an item slot; the K / V ring
-        as `_ws_*`."""
+        per-item kernels pay in series). Two q buffers, each with an item slot; a ring of
+        K_STAGES K tiles and 2 V tiles."""
         HALF_M: gl.constexpr = 64
         dtype: gl.constexpr = q_desc.dtype
         q_smem = gl.allocate_shared_memory(dtype, [4, HALF_M, HEAD_DIM], q_desc.layout)
-        k_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, HEAD_DIM], k_desc.layout)
+        k_smem = gl.allocate_shared_memory(dtype, [K_STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
         v_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, HEAD_DIM], v_desc.layout)
         q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        k_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        k_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        k_ready = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())
+        k_empty = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())
         v_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         v_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         item_smem = gl.allocate_shared_memory(gl.int32, [2, 1], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
         for i in gl.static_range(2):
             mbarrier.init(q_ready.index(i), count=1)
             mbarrier.init(q_empty.index(i), count=2)  # one arrival per compute partition
-            mbarrier.init(k_ready.index(i), count=1)
             mbarrier.init(v_ready.index(i), count=1)
-            mbarrier.init(k_empty.index(i), count=2)
             mbarrier.init(v_empty.index(i), count=2)
+        for i in gl.static_range(K_STAGES):
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(k_empty.index(i), count=2)
         gl.warp_specialize([
             (_wsp_compute, (q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, item_smem,
                             Out, Lse, BlockIdx, BlockCnt, KvStart, si_b, si_h, si_q, sc_b, sc_h, n_q, n_k, n_heads, group,
-                            idx_group, n_qb, n_items, q_offset, qk_scale, 0, HEAD_DIM, HALF_M, BLOCK_N)),
+                            idx_group, n_qb, n_items, q_offset, qk_scale, 0, HEAD_DIM, HALF_M, BLOCK_N, K_STAGES)),
             (_wsp_compute, (q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, item_smem,
                             Out, Lse, BlockIdx, BlockCnt, KvStart, si_b, si_h, si_q, sc_b, sc_h, n_q, n_k, n_heads, group,
-                            idx_group, n_qb, n_items, q_offset, qk_scale, 1, HEAD_DIM, HALF_M, BLOCK_N)),
+                            idx_group, n_qb, n_items, q_offset, qk_scale, 1, HEAD_DIM, HALF_M, BLOCK_N, K_STAGES)),
             (_wsp_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty,
                            v_ready, v_empty, item_smem, Counter, BlockIdx, BlockCnt, si_b, si_h, si_q, sc_b, sc_h, n_q,
-                           n_k, n_heads, group, idx_group, n_qb, n_items, BLOCK_N, HALF_M)),
+                           n_k, n_heads, group, idx_group, n_qb, n_items, BLOCK_N, HALF_M, K_STAGES)),
         ], [4, 1], [240, 24])
+
+
+def wsp_k_stages(head_dim: int, block_n: int, itemsize: int = 2) -> int:
+    """K stages for the persistent form: WSP_K_STAGES where the buffers (4 q half-tiles, K stages,
+    2 V stages) and 1 KB of barriers / scratch fit one block's shared memory, else 2."""
+    tile = block_n * head_dim * itemsize
+    fits = 4 * 64 * head_dim * itemsize + WSP_K_STAGES * tile + 2 * tile + 1024 <= SM90_SHARED_BYTES
+    return WSP_K_STAGES if fits else 2
 
 
 def ws_usable(block_m: int) -> bool:
@@ -570,7 +611,8 @@ def block_sparse_attention_sm90(
             grid = min(n_items, _sm_count(q.device.index or 0))
             counter = torch.zeros(1, dtype=torch.int32, device=q.device)  # items claimed after the first `grid`
             _block_sparse_fwd_sm90_wsp[(grid,)](
-                *args, n_qb, n_items, counter, HEAD_DIM=d, BLOCK_N=block_n, num_warps=4, maxnreg=WS_MAXNREG)
+                *args, n_qb, n_items, counter, HEAD_DIM=d, BLOCK_N=block_n, K_STAGES=wsp_k_stages(d, block_n),
+                num_warps=4, maxnreg=WS_MAXNREG)
         else:
             _block_sparse_fwd_sm90_ws[(bsz * hq, n_qb)](
                 *args, HEAD_DIM=d, BLOCK_N=block_n, num_warps=4, maxnreg=WS_MAXNREG)

@@ -573,22 +573,41 @@ def test_tma_only_where_descriptors_can_address_the_tensors(monkeypatch):
     assert not ta._tma_usable(x, x[..., ::2], x)
 
 
-@pytest.mark.parametrize("form", ["per_item", "warp_specialized", "persistent"])
+@pytest.mark.parametrize("form", ["per_item", "warp_specialized", "persistent", "persistent_k2"])
 def test_gluon_kernel_compiles_for_hopper(form):
     """The Gluon sm_90 kernel compiles on a CPU machine, with the overlap intact: the next tile's
     q.K^T is waited with one product still outstanding (pendings = 1), and ptxas keeps the wgmma
     pipeline (no C7514 serialisation) without spills. The warp-specialised variant and its
-    persistent form have these products once per compute partition."""
+    persistent form (3 K stages, and 2) have these products once per compute partition, and the
+    persistent form's buffers fit one block's shared memory."""
     pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
     from patchattn.evals.bench.ttgir_probe import compile_gluon_block_sparse, ptxas_report
+    from patchattn.kernels import gluon_attention
 
-    kernel = compile_gluon_block_sparse(128, 128, 128, form == "warp_specialized", form == "persistent")
+    persistent = form.startswith("persistent")
+    with _module_flag(gluon_attention, "WSP_K_STAGES", 2 if form == "persistent_k2" else 3):
+        kernel = compile_gluon_block_sparse(128, 128, 128, form == "warp_specialized", persistent)
+        assert gluon_attention.wsp_k_stages(128, 128) == (2 if form == "persistent_k2" else 3)
+    assert kernel.metadata.shared <= gluon_attention.SM90_SHARED_BYTES
     ir = kernel.asm["ttgir"]
     # S(0), S(t+1), P.V(t), last tile's P.V (per compute partition)
     assert ir.count("ttng.warp_group_dot ") == (4 if form == "per_item" else 8)
     assert "pendings = 1" in ir
     report = ptxas_report(kernel)
     assert report["ok"] and not report["wgmma_serialized"] and report["spill_bytes"] == 0, report
+
+
+def test_gluon_persistent_k_stages_fit_shared_memory():
+    """Three K stages only where the persistent form's buffers fit 227 KB, else two."""
+    pytest.importorskip("triton")
+    from patchattn.kernels import gluon_attention as ga
+
+    with _module_flag(ga, "WSP_K_STAGES", 3):
+        assert ga.wsp_k_stages(128, 128) == 3 and ga.wsp_k_stages(64, 128) == 3
+        assert ga.wsp_k_stages(128, 128, itemsize=4) == 2  # 448 KB of fp32 buffers
+        assert ga.wsp_k_stages(256, 128) == 2
+    with _module_flag(ga, "WSP_K_STAGES", 2):
+        assert ga.wsp_k_stages(64, 64) == 2
 
 
 def test_gluon_kernel_takes_only_what_it_supports():
@@ -712,7 +731,7 @@ def test_block_sparse_gpu(one_config, d, variant):
     assert not res["nan"] and res["same"] and res["out"] <= 1e-2 and res["lse"] <= 2e-2, res
 
 
-@pytest.mark.parametrize("form", ["per_item", "warp_specialized", "persistent"])
+@pytest.mark.parametrize("form", ["per_item", "warp_specialized", "persistent", "persistent_k2"])
 @pytest.mark.parametrize("variant", ["plain", "pad_offset", "d64_shared_lists", "blocks64_ragged", "gqa_batch_pad",
                                      "many_programs", "empty_lists"])
 @pytest.mark.gpu
@@ -720,7 +739,7 @@ def test_block_sparse_gpu(one_config, d, variant):
                     reason="needs a Hopper (sm_90) GPU")
 def test_block_sparse_gluon_gpu(one_config, variant, form):
     """The Gluon sm_90 kernel, its warp-specialised variant and that variant's persistent form
-    (the default for 128-row blocks) against the fp32 oracle
+    (the default for 128-row blocks; 3 K stages where they fit, and 2) against the fp32 oracle
     (poisoned output, lse)."""
     pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
     from patchattn.kernels import gluon_attention
@@ -743,7 +762,8 @@ def test_block_sparse_gluon_gpu(one_config, variant, form):
     if form != "per_item" and kw["bm"] != 128:
         pytest.skip("the warp-specialised variant takes 128-row blocks")
     with _module_flag(gluon_attention, "WARP_SPECIALIZED", form != "per_item"), \
-            _module_flag(gluon_attention, "PERSISTENT", form == "persistent"):
+            _module_flag(gluon_attention, "PERSISTENT", form.startswith("persistent")), \
+            _module_flag(gluon_attention, "WSP_K_STAGES", 2 if form == "persistent_k2" else 3):
         res = check_block_sparse(**kw)
     assert res["gluon_used"], res
     assert not res["nan"] and res["same"] and res["out"] <= 1e-2 and res["lse"] <= 2e-2, res

@@ -214,21 +214,22 @@ def bench_gluon(n, densities, block, sdpa_ms):
         run = lambda: ta.block_sparse_attention(q, k, v, index, count, scale=scale, block_m=block,  # noqa: E731
                                                 block_n=block)[0]
         timed = {}
-        saved = ga.WARP_SPECIALIZED, ga.PERSISTENT
-        try:  # the per-item kernel, the warp-specialised variant, its persistent form (the default)
-            for name, ws, persistent in (("gluon", False, False), ("gluon_ws", True, False),
-                                         ("gluon_wsp", True, True)):
-                ga.WARP_SPECIALIZED, ga.PERSISTENT = ws, persistent
+        saved = ga.WARP_SPECIALIZED, ga.PERSISTENT, ga.WSP_K_STAGES
+        try:  # the per-item kernel, the warp-specialised variant, its persistent form (the default) with
+            # its default K stages (3 where they fit) and with 2
+            for name, ws, persistent, k_stages in (("gluon", False, False, 3), ("gluon_ws", True, False, 3),
+                                                   ("gluon_wsp", True, True, 3), ("gluon_wsp_k2", True, True, 2)):
+                ga.WARP_SPECIALIZED, ga.PERSISTENT, ga.WSP_K_STAGES = ws, persistent, k_stages
                 timed.update(_per_flag(run, "GLUON", KERNELS if name == "gluon" else {name: True}))
         finally:
-            ga.WARP_SPECIALIZED, ga.PERSISTENT = saved
+            ga.WARP_SPECIALIZED, ga.PERSISTENT, ga.WSP_K_STAGES = saved
         (a, out_a, _), (b, out_b, _) = timed["triton"], timed["gluon"]
         tflop = 4 * D * pairs / 1e12
         row = {"row": label, "density": pairs / causal, "reference_ms": pairs / causal * sdpa_ms,
                "triton_ms": a, "gluon_ms": b, "speedup": a / b, "triton_tflops": tflop / (a / 1e3),
                "gluon_tflops": tflop / (b / 1e3), "max_abs_diff": _max_diff(out_a, out_b), "gluon_used": used,
                "ws_used": used and block == 128}  # else the per-item Gluon kernel ran for both forms
-        for prefix in ("ws", "wsp"):
+        for prefix in ("ws", "wsp", "wsp_k2"):
             ms, out, _ = timed[f"gluon_{prefix}"]
             row.update({f"{prefix}_ms": ms, f"{prefix}_speedup": a / ms, f"{prefix}_max_abs_diff": _max_diff(out_a, out)})
         rows.append(row)
@@ -346,10 +347,11 @@ def print_table(report):
                 f"{row['max_abs_diff']:.1e}", row["tma_config"]]
                for r in report["results"] for row in r.get("tma", [])))
     gluon = [(r["n"], row) for r in report["results"] for row in r.get("gluon", [])]
-    # Further variants of a run: the warp-specialised kernel and its persistent form ("wsp"; saved
+    # Further variants of a run: the warp-specialised kernel and its persistent form ("wsp", and
+    # "wsp_k2" with 2 K stages where "wsp" has 3, runs from the fifth session of 2026-12-02 on; saved
     # runs of 2026-12-02 hold the static-stride form of commit 786f9fc, and "persistent", the
     # removed per-item one of c8f7f4c).
-    extras = [k for k in ("ws", "wsp", "persistent") if any(f"{k}_ms" in row for _, row in gluon)]
+    extras = [k for k in ("ws", "wsp", "wsp_k2", "persistent") if any(f"{k}_ms" in row for _, row in gluon)]
     _markdown(["N", "Triton vs Gluon (sm_90)", "Triton ms", "Gluon ms", "speedup", "TFLOP/s Triton / Gluon",
                "ratio vs density x SDPA (Gluon)", "max diff",
                *(c for x in extras for c in (f"{x} ms", "speedup", f"ratio ({x})", "max diff"))],

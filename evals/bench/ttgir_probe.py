@@ -52,6 +52,8 @@ def compile_gluon_block_sparse(head_dim: int = 128, block_m: int = 128, block_n:
     const = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=8 if block_m == 128 else 4)
     if warp_specialized:
         const = dict(HEAD_DIM=head_dim, BLOCK_N=block_n, num_warps=4)
+    if persistent:
+        const["K_STAGES"] = ga.wsp_k_stages(head_dim, block_n)
 
     def desc(rows: int) -> str:
         layout = gl.NVMMASharedLayout.get_default_for([rows, head_dim], gl.bfloat16)
@@ -103,13 +105,17 @@ def main(argv=None):
     p.add_argument("--gluon", action="store_true", help="the Gluon sm_90 kernel instead (IR counts + ptxas report)")
     args = p.parse_args(argv)
     if args.gluon:
+        from patchattn.kernels import gluon_attention as ga
+
         names = {"": "gluon", "ws": "gluon warp-specialised", "wsp": "gluon persistent warp-specialised"}
         for form, d, bm, bn in (("", 128, 128, 128), ("", 64, 128, 128), ("", 128, 64, 64),
                                 ("ws", 128, 128, 128), ("ws", 64, 128, 128), ("ws", 128, 128, 64),
                                 ("wsp", 128, 128, 128), ("wsp", 64, 128, 128), ("wsp", 128, 128, 64)):
             kernel = compile_gluon_block_sparse(d, bm, bn, form == "ws", form == "wsp")
-            print(f"{names[form]} head_dim {d}, tile {bm}x{bn}:", counts(kernel), ptxas_report(kernel),
+            stages = f", {ga.wsp_k_stages(d, bn)} K stages" if form == "wsp" else ""
+            print(f"{names[form]} head_dim {d}, tile {bm}x{bn}{stages}:", counts(kernel), ptxas_report(kernel),
                   f"shared {kernel.metadata.shared} B")
+            assert kernel.metadata.shared <= ga.SM90_SHARED_BYTES, "over the shared memory of one sm_90 block"
         return
     for mode in args.softmax.split(","):
         for use_tma in (False, True):
