@@ -80,6 +80,17 @@ if gluon is not None:
         _tma_load(desc, [row, 0], bar, smem, pred=pred)
 
     @gluon.jit
+    def _put_scalar(slot, value, NUM_WARPS: gl.constexpr):
+        """Write an int32 into a one-element shared-memory slot (every lane writes the same value).
+        A partition hands it to another by arriving on an mbarrier after the write: the waiter
+        then reads it (`_get_scalar`)."""
+        slot.store(gl.full([1], value, gl.int32, layout=gl.BlockedLayout([1], [32], [NUM_WARPS], [0])))
+
+    @gluon.jit
+    def _get_scalar(slot, NUM_WARPS: gl.constexpr):
+        return gl.max(slot.load(gl.BlockedLayout([1], [32], [NUM_WARPS], [0])), 0)
+
+    @gluon.jit
     def _softmax_step(s, m_i, l_i, qk_scale, pos, cols, kv_start, n_k, masked):
         """One tile's online-softmax update: s raw scores [BM, BN] (masked=True: apply the
         causal / left-padding / key-range mask), qk_scale = scale * log2(e). Returns
@@ -267,24 +278,27 @@ if gluon is not None:
 
     # ------------------------------------------------------------------ warp-specialised variant
     @gluon.jit
-    def _ws_loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
-                   idx_base, count, q_row, kv_row, BLOCK_N: gl.constexpr, HALF_M: gl.constexpr):
+    def _ws_loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, kb_smem, q_bar, k_ready, k_empty, v_ready,
+                   v_empty, idx_base, count, q_row, kv_row, BLOCK_N: gl.constexpr, HALF_M: gl.constexpr):
         """1-warp load partition: the two 64-row halves of the q tile, then each listed K / V tile
-        into its ring stage once both compute partitions have released the stage."""
+        into its ring stage once both compute partitions have released the stage, the tile's list
+        entry into the stage's slot of `kb_smem` (published by the K tile's mbarrier)."""
         mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
         _tma_load(q_desc, [q_row, 0], q_bar, q_smem.index(0))
         _tma_load(q_desc, [q_row + HALF_M, 0], q_bar, q_smem.index(1))
         for t in range(count):
             stage = t % 2
             free = ((t // 2) & 1) ^ 1  # a fresh barrier counts as released once (phase 1 complete)
-            row = kv_row + gl.load(idx_base + t) * BLOCK_N
+            kb = gl.load(idx_base + t)
+            row = kv_row + kb * BLOCK_N
             mbarrier.wait(k_empty.index(stage), free)
+            _put_scalar(kb_smem.index(stage), kb, 1)
             _issue_tile(k_desc, k_smem.index(stage), k_ready.index(stage), row, True)
             mbarrier.wait(v_empty.index(stage), free)
             _issue_tile(v_desc, v_smem.index(stage), v_ready.index(stage), row, True)
 
     @gluon.jit
-    def _ws_half(q_tile, q_bar, q_phase, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, Out, Lse, idx_base,
+    def _ws_half(q_tile, q_bar, q_phase, k_smem, v_smem, kb_smem, k_ready, k_empty, v_ready, v_empty, Out, Lse,
                  count, c0, first_row, kv_start, n_q, n_k, q_offset, qk_scale, out_base, HALF: gl.constexpr,
                  HEAD_DIM: gl.constexpr, HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, K_STAGES: gl.constexpr = 2):
         """One compute partition's work on one item: query rows [first_row + HALF * HALF_M,
@@ -292,7 +306,8 @@ if gluon is not None:
         softmax(t)) on 64 rows, releasing each K / V ring stage to the loader once its product is
         done, then the store. c0: the ring position of the list's first tile (the tiles of earlier
         items in a persistent program); q_phase: the phase of q_bar that holds this item's q.
-        K tile c sits in stage c % K_STAGES, V tile c in stage c % 2."""
+        K tile c sits in stage c % K_STAGES, V tile c in stage c % 2; the tile's list entry (for
+        the mask test) in the K stage's slot of kb_smem, read before the stage is released."""
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BLOCK_N, 16])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -308,14 +323,13 @@ if gluon is not None:
         m_i, l_i, acc = _online_state(HALF_M, HEAD_DIM, row_s, o_layout)
         s = _first_scores(q_tile, q_bar, k_smem.index(c0 % K_STAGES), k_ready.index(c0 % K_STAGES), count, zero_s,
                           q_phase, (c0 // K_STAGES) & 1)
+        kb = _get_scalar(kb_smem.index(c0 % K_STAGES), 4)
         mbarrier.arrive(k_empty.index(c0 % K_STAGES), count=1, pred=count > 0)
-        # List entries (needed only for the mask test) are loaded one tile ahead of their use.
-        kb = gl.load(idx_base, mask=count > 0, other=0)
-        kb_next = gl.load(idx_base + 1, mask=count > 1, other=0)
         for t in range(0, count - 1):
             c = c0 + t
             nxt = (c + 1) % K_STAGES
             mbarrier.wait(k_ready.index(nxt), ((c + 1) // K_STAGES) & 1)
+            kb_next = _get_scalar(kb_smem.index(nxt), 4)
             s_next = warpgroup_mma(q_tile, k_smem.index(nxt).permute((1, 0)), zero_s, use_acc=False,
                                    is_async=True)
             pv, m_i, l_i = _softmax_and_pv(s, m_i, l_i, acc, kb, c, v_smem, v_ready, qk_scale, pos, offs_n,
@@ -325,7 +339,6 @@ if gluon is not None:
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(pv, ))
             mbarrier.arrive(v_empty.index(c % 2), count=1)
             kb = kb_next
-            kb_next = gl.load(idx_base + t + 2, mask=t + 2 < count, other=0)
         if count > 0:  # the last tile
             c = c0 + count - 1
             pv, m_i, l_i = _softmax_and_pv(s, m_i, l_i, acc, kb, c, v_smem, v_ready, qk_scale, pos, offs_n,
@@ -335,13 +348,13 @@ if gluon is not None:
         _store_rows(acc, m_i, l_i, Out, Lse, out_base, rows0, n_q, HEAD_DIM, HALF_M, o_layout, row_o)
 
     @gluon.jit
-    def _ws_compute(q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, Out, Lse, idx_base, count,
+    def _ws_compute(q_smem, k_smem, v_smem, kb_smem, q_bar, k_ready, k_empty, v_ready, v_empty, Out, Lse, count,
                     first_row, kv_start, n_q, n_k, q_offset, qk_scale, out_base, HALF: gl.constexpr,
                     HEAD_DIM: gl.constexpr, HALF_M: gl.constexpr, BLOCK_N: gl.constexpr):
         """4-warp compute partition for one 64-row half of the item (`_ws_half`). The two halves
         share the K/V tiles but not a CTA barrier, so one half's softmax can run under the
         other's wgmma."""
-        _ws_half(q_smem.index(HALF), q_bar, 0, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, Out, Lse, idx_base,
+        _ws_half(q_smem.index(HALF), q_bar, 0, k_smem, v_smem, kb_smem, k_ready, k_empty, v_ready, v_empty, Out, Lse,
                  count, 0, first_row, kv_start, n_q, n_k, q_offset, qk_scale, out_base, HALF, HEAD_DIM, HALF_M,
                  BLOCK_N)
 
@@ -369,6 +382,7 @@ if gluon is not None:
         q_smem = gl.allocate_shared_memory(dtype, [2, HALF_M, HEAD_DIM], q_desc.layout)
         k_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, HEAD_DIM], k_desc.layout)
         v_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, HEAD_DIM], v_desc.layout)
+        kb_smem = gl.allocate_shared_memory(gl.int32, [2, 1], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         k_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         k_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
@@ -383,14 +397,14 @@ if gluon is not None:
 
         first_row = qb * (2 * HALF_M)
         gl.warp_specialize([
-            (_ws_compute, (q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, Out, Lse, idx_base,
+            (_ws_compute, (q_smem, k_smem, v_smem, kb_smem, q_bar, k_ready, k_empty, v_ready, v_empty, Out, Lse,
                            count, first_row, kv_start, n_q, n_k, q_offset, qk_scale, out_base, 0, HEAD_DIM,
                            HALF_M, BLOCK_N)),
-            (_ws_compute, (q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, Out, Lse, idx_base,
+            (_ws_compute, (q_smem, k_smem, v_smem, kb_smem, q_bar, k_ready, k_empty, v_ready, v_empty, Out, Lse,
                            count, first_row, kv_start, n_q, n_k, q_offset, qk_scale, out_base, 1, HEAD_DIM,
                            HALF_M, BLOCK_N)),
-            (_ws_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
-                          idx_base, count, q_row, kv_row, BLOCK_N, HALF_M)),
+            (_ws_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, kb_smem, q_bar, k_ready, k_empty, v_ready,
+                          v_empty, idx_base, count, q_row, kv_row, BLOCK_N, HALF_M)),
         ], [4, 1], [240, 24])
 
     # ------------------------------------------------- persistent warp-specialised variant
@@ -409,13 +423,14 @@ if gluon is not None:
         _issue_tile(v_desc, v_smem.index((c + 1) % 2), v_ready.index((c + 1) % 2), v_row, pred)
 
     @gluon.jit
-    def _wsp_loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready,
-                    v_empty, item_smem, Counter, BlockIdx, BlockCnt, si_b, si_h, si_q, sc_b, sc_h, n_q, n_k, n_heads,
-                    group, idx_group, n_qb, n_items, BLOCK_N: gl.constexpr, HALF_M: gl.constexpr,
+    def _wsp_loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, kb_smem, item_smem, q_ready, q_empty, k_ready,
+                    k_empty, v_ready, v_empty, Counter, BlockIdx, BlockCnt, KvStart, si_b, si_h, si_q, sc_b, sc_h, n_q,
+                    n_k, n_heads, group, idx_group, n_qb, n_items, BLOCK_N: gl.constexpr, HALF_M: gl.constexpr,
                     K_STAGES: gl.constexpr):
         """1-warp load partition: claims items (its program id first, then the next free one from
         `Counter`, so the items in flight stay consecutive, as the per-item grid's are) and
-        hands each to the compute partitions through its q buffer's item slot. Per item: the q
+        hands each to the compute partitions through its q buffer's slots (item, list length,
+        kv_start: `item_smem` [2, 3]), so that they make no global loads. Per item: the q
         tile into the q buffer (of two) that the compute partitions released, then its K / V
         tiles through the ring, whose position `c` runs on across items. The next item's q and
         first tiles are therefore in flight while the compute partitions finish an item. After
@@ -425,8 +440,8 @@ if gluon is not None:
         does): the compute partitions release K(c)'s stage half a tile before V(c)'s, so a
         loader that issued V(c) before K(c+1) would hold K(c+1) back until V(c)'s stage is free
         and leave K about one tile of lead; this order gives K and V about 1.5 tiles each. The
-        list entry for the next tile is loaded before the waits, out of the issue chain."""
-        one: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
+        list entry for the next tile is loaded before the waits, out of the issue chain, and goes to
+        the compute partitions in the K stage's slot of `kb_smem`."""
         n_kv = n_heads // group
         c = 0  # ring position of the next K tile
         v_done = 0  # V tiles issued: V(c - 1) is pending (its row in v_row) while v_done < c
@@ -441,18 +456,23 @@ if gluon is not None:
                                                         n_heads, group, idx_group, n_qb)
             q_row = (b * n_heads + h) * n_q + qb * (2 * HALF_M)
             kv_row = (b * n_kv + kvh) * n_k
-            next_row = kv_row + gl.load(idx_base, mask=count > 0, other=0) * BLOCK_N
+            next_kb = gl.load(idx_base, mask=count > 0, other=0)
+            kv_start = gl.load(KvStart + b)
             qbuf = local % 2
             mbarrier.wait(q_empty.index(qbuf), ((local // 2) & 1) ^ 1)  # fresh: counts as released
-            item_smem.index(qbuf).store(gl.full([1], item, gl.int32, layout=one))
-            # expect() arrives on q_ready after the slot store: the compute side reads it after the wait
+            _put_scalar(item_smem.index(3 * qbuf), item, 1)
+            _put_scalar(item_smem.index(3 * qbuf + 1), count, 1)
+            _put_scalar(item_smem.index(3 * qbuf + 2), kv_start, 1)
+            # expect() arrives on q_ready after the slot stores: the compute side reads them after the wait
             mbarrier.expect(q_ready.index(qbuf), 2 * q_desc.block_type.nbytes)
             _tma_load(q_desc, [q_row, 0], q_ready.index(qbuf), q_smem.index(2 * qbuf))
             _tma_load(q_desc, [q_row + HALF_M, 0], q_ready.index(qbuf), q_smem.index(2 * qbuf + 1))
             for t in range(count):
-                row = next_row
-                next_row = kv_row + gl.load(idx_base + t + 1, mask=t + 1 < count, other=0) * BLOCK_N
+                kb = next_kb
+                next_kb = gl.load(idx_base + t + 1, mask=t + 1 < count, other=0)
+                row = kv_row + kb * BLOCK_N
                 mbarrier.wait(k_empty.index(c % K_STAGES), ((c // K_STAGES) & 1) ^ 1)
+                _put_scalar(kb_smem.index(c % K_STAGES), kb, 1)
                 _issue_tile(k_desc, k_smem.index(c % K_STAGES), k_ready.index(c % K_STAGES), row, True)
                 _issue_pending_v(v_desc, v_smem, v_ready, v_empty, c, v_row, v_done < c)
                 v_done = c
@@ -468,38 +488,35 @@ if gluon is not None:
         _issue_pending_v(v_desc, v_smem, v_ready, v_empty, c, v_row, v_done < c)
         qbuf = local % 2
         mbarrier.wait(q_empty.index(qbuf), ((local // 2) & 1) ^ 1)
-        item_smem.index(qbuf).store(gl.full([1], -1, gl.int32, layout=one))
+        _put_scalar(item_smem.index(3 * qbuf), -1, 1)
         mbarrier.arrive(q_ready.index(qbuf), count=1)
 
     @gluon.jit
-    def _wsp_item(item_smem, q_ready, local):
-        """The item the loader put in q buffer local % 2's slot (-1: none left)."""
-        mbarrier.wait(q_ready.index(local % 2), (local // 2) & 1)
-        slot = item_smem.index(local % 2).load(gl.BlockedLayout([1], [32], [4], [0]))
-        return gl.max(slot, 0)
-
-    @gluon.jit
-    def _wsp_compute(q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, item_smem, Out,
-                     Lse, BlockIdx, BlockCnt, KvStart, si_b, si_h, si_q, sc_b, sc_h, n_q, n_k, n_heads, group, idx_group,
-                     n_qb, n_items, q_offset, qk_scale, HALF: gl.constexpr, HEAD_DIM: gl.constexpr,
-                     HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, K_STAGES: gl.constexpr):
+    def _wsp_compute(q_smem, k_smem, v_smem, kb_smem, item_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
+                     Out, Lse, n_q, n_k, n_heads, group, n_qb, q_offset, qk_scale, HALF: gl.constexpr,
+                     HEAD_DIM: gl.constexpr, HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, K_STAGES: gl.constexpr):
         """4-warp compute partition for one 64-row half of each item the loader hands over
-        (`_ws_half`), with the ring position and the q buffer carried across items."""
+        (`_ws_half`), with the ring position and the q buffer carried across items; the item,
+        its list length and kv_start come from the q buffer's slots once its q has landed
+        (item -1: none left)."""
         c0 = 0
         local = 0
-        item = _wsp_item(item_smem, q_ready, local)
+        mbarrier.wait(q_ready.index(0), 0)
+        item = _get_scalar(item_smem.index(0), 4)
         while item >= 0:
-            b, h, kvh, qb, idx_base, count = _item_list(item, BlockIdx, BlockCnt, si_b, si_h, si_q, sc_b, sc_h,
-                                                        n_heads, group, idx_group, n_qb)
             qbuf = local % 2
-            _ws_half(q_smem.index(2 * qbuf + HALF), q_ready.index(qbuf), (local // 2) & 1, k_smem, v_smem, k_ready,
-                     k_empty, v_ready, v_empty, Out, Lse, idx_base, count, c0, qb * (2 * HALF_M), gl.load(KvStart + b),
-                     n_q, n_k, q_offset, qk_scale, (b * n_heads + h).to(gl.int64) * n_q, HALF, HEAD_DIM, HALF_M,
-                     BLOCK_N, K_STAGES)
+            count = _get_scalar(item_smem.index(3 * qbuf + 1), 4)
+            kv_start = _get_scalar(item_smem.index(3 * qbuf + 2), 4)
+            b, h, kvh, qb = _item_coords(item, n_heads, group, n_qb)
+            _ws_half(q_smem.index(2 * qbuf + HALF), q_ready.index(qbuf), (local // 2) & 1, k_smem, v_smem, kb_smem,
+                     k_ready, k_empty, v_ready, v_empty, Out, Lse, count, c0, qb * (2 * HALF_M), kv_start, n_q, n_k,
+                     q_offset, qk_scale, (b * n_heads + h).to(gl.int64) * n_q, HALF, HEAD_DIM, HALF_M, BLOCK_N,
+                     K_STAGES)
             mbarrier.arrive(q_empty.index(qbuf), count=1)  # every product reading this q is done
             c0 += count
             local += 1
-            item = _wsp_item(item_smem, q_ready, local)
+            mbarrier.wait(q_ready.index(local % 2), (local // 2) & 1)
+            item = _get_scalar(item_smem.index(3 * (local % 2)), 4)
 
     @gluon.jit
     def _block_sparse_fwd_sm90_wsp(
@@ -525,7 +542,9 @@ if gluon is not None:
         k_empty = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())
         v_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         v_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        item_smem = gl.allocate_shared_memory(gl.int32, [2, 1], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
+        slot: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
+        item_smem = gl.allocate_shared_memory(gl.int32, [6, 1], slot)  # per q buffer: item, list length, kv_start
+        kb_smem = gl.allocate_shared_memory(gl.int32, [K_STAGES, 1], slot)
         for i in gl.static_range(2):
             mbarrier.init(q_ready.index(i), count=1)
             mbarrier.init(q_empty.index(i), count=2)  # one arrival per compute partition
@@ -535,15 +554,15 @@ if gluon is not None:
             mbarrier.init(k_ready.index(i), count=1)
             mbarrier.init(k_empty.index(i), count=2)
         gl.warp_specialize([
-            (_wsp_compute, (q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, item_smem,
-                            Out, Lse, BlockIdx, BlockCnt, KvStart, si_b, si_h, si_q, sc_b, sc_h, n_q, n_k, n_heads, group,
-                            idx_group, n_qb, n_items, q_offset, qk_scale, 0, HEAD_DIM, HALF_M, BLOCK_N, K_STAGES)),
-            (_wsp_compute, (q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, item_smem,
-                            Out, Lse, BlockIdx, BlockCnt, KvStart, si_b, si_h, si_q, sc_b, sc_h, n_q, n_k, n_heads, group,
-                            idx_group, n_qb, n_items, q_offset, qk_scale, 1, HEAD_DIM, HALF_M, BLOCK_N, K_STAGES)),
-            (_wsp_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty,
-                           v_ready, v_empty, item_smem, Counter, BlockIdx, BlockCnt, si_b, si_h, si_q, sc_b, sc_h, n_q,
-                           n_k, n_heads, group, idx_group, n_qb, n_items, BLOCK_N, HALF_M, K_STAGES)),
+            (_wsp_compute, (q_smem, k_smem, v_smem, kb_smem, item_smem, q_ready, q_empty, k_ready, k_empty, v_ready,
+                            v_empty, Out, Lse, n_q, n_k, n_heads, group, n_qb, q_offset, qk_scale, 0, HEAD_DIM,
+                            HALF_M, BLOCK_N, K_STAGES)),
+            (_wsp_compute, (q_smem, k_smem, v_smem, kb_smem, item_smem, q_ready, q_empty, k_ready, k_empty, v_ready,
+                            v_empty, Out, Lse, n_q, n_k, n_heads, group, n_qb, q_offset, qk_scale, 1, HEAD_DIM,
+                            HALF_M, BLOCK_N, K_STAGES)),
+            (_wsp_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, kb_smem, item_smem, q_ready, q_empty,
+                           k_ready, k_empty, v_ready, v_empty, Counter, BlockIdx, BlockCnt, KvStart, si_b, si_h, si_q,
+                           sc_b, sc_h, n_q, n_k, n_heads, group, idx_group, n_qb, n_items, BLOCK_N, HALF_M, K_STAGES)),
         ], [4, 1], [240, 24])
 
 
