@@ -38,7 +38,7 @@ try:  # Gluon's Hopper API as used here: run on the GPU with triton 3.6, compile
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (
-        mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
+        fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
 except ImportError:  # pragma: no cover - older triton: the Triton kernel is the only path
     gluon = None
 
@@ -176,6 +176,29 @@ if gluon is not None:
         gl.store(Lse + base + rows, lse, mask=row_ok)
 
     @gluon.jit
+    def _store_half(acc, m_i, l_i, staging, o_desc, Out, Lse, out_base, row0, n_q, HEAD_DIM: gl.constexpr,
+                    ROWS: gl.constexpr, o_layout: gl.constexpr, row_o: gl.constexpr):
+        """`_store_rows` for a warp-specialised compute partition: a block of ROWS rows that lies
+        inside n_q goes through `staging` (this item's q half-tile, free once its last q.K^T is
+        done) and one TMA store, instead of 32 scattered 4-byte stores per thread from the MMA
+        layout; the TMA has read `staging` when this returns. A ragged last block (the 2-D
+        descriptor would run into the next head's rows) and the lse take `_store_rows`' stores."""
+        if row0 + ROWS <= n_q:
+            has = gl.convert_layout(l_i, row_o) > 0.0
+            out = acc / gl.where(has, gl.convert_layout(l_i, row_o), 1.0)[:, None]
+            staging.store(out.to(staging.dtype))
+            fence_async_shared()
+            tma.async_copy_shared_to_global(o_desc, [(out_base + row0).to(gl.int32), 0], staging)
+            rows = row0 + gl.arange(0, ROWS, layout=row_o)
+            m_o = gl.convert_layout(m_i, row_o)
+            l_o = gl.convert_layout(l_i, row_o)
+            lse = gl.where(has, (m_o + gl.log2(gl.where(has, l_o, 1.0))) * 0.6931471805599453, float("-inf"))
+            gl.store(Lse + out_base + rows, lse)
+            tma.store_wait(0)
+        else:
+            _store_rows(acc, m_i, l_i, Out, Lse, out_base, row0, n_q, HEAD_DIM, ROWS, o_layout, row_o)
+
+    @gluon.jit
     def _block_sparse_fwd_sm90(
         Q, K, V, Out, Lse, BlockIdx, BlockCnt, KvStart,
         si_b, si_h, si_q, sc_b, sc_h,
@@ -298,7 +321,7 @@ if gluon is not None:
             _issue_tile(v_desc, v_smem.index(stage), v_ready.index(stage), row, True)
 
     @gluon.jit
-    def _ws_half(q_tile, q_bar, q_phase, k_smem, v_smem, kb_smem, k_ready, k_empty, v_ready, v_empty, Out, Lse,
+    def _ws_half(q_tile, q_bar, q_phase, k_smem, v_smem, kb_smem, k_ready, k_empty, v_ready, v_empty, o_desc, Out, Lse,
                  count, c0, first_row, kv_start, n_q, n_k, q_offset, qk_scale, out_base, HALF: gl.constexpr,
                  HEAD_DIM: gl.constexpr, HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, K_STAGES: gl.constexpr = 2):
         """One compute partition's work on one item: query rows [first_row + HALF * HALF_M,
@@ -345,22 +368,23 @@ if gluon is not None:
                                            first_pos, kv_start, n_k, BLOCK_N, p_layout, row_o, 2)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(pv, ))
             mbarrier.arrive(v_empty.index(c % 2), count=1)
-        _store_rows(acc, m_i, l_i, Out, Lse, out_base, rows0, n_q, HEAD_DIM, HALF_M, o_layout, row_o)
+        _store_half(acc, m_i, l_i, q_tile, o_desc, Out, Lse, out_base, rows0, n_q, HEAD_DIM, HALF_M, o_layout, row_o)
 
     @gluon.jit
-    def _ws_compute(q_smem, k_smem, v_smem, kb_smem, q_bar, k_ready, k_empty, v_ready, v_empty, Out, Lse, count,
+    def _ws_compute(q_smem, k_smem, v_smem, kb_smem, q_bar, k_ready, k_empty, v_ready, v_empty, o_desc, Out, Lse, count,
                     first_row, kv_start, n_q, n_k, q_offset, qk_scale, out_base, HALF: gl.constexpr,
                     HEAD_DIM: gl.constexpr, HALF_M: gl.constexpr, BLOCK_N: gl.constexpr):
         """4-warp compute partition for one 64-row half of the item (`_ws_half`). The two halves
         share the K/V tiles but not a CTA barrier, so one half's softmax can run under the
         other's wgmma."""
-        _ws_half(q_smem.index(HALF), q_bar, 0, k_smem, v_smem, kb_smem, k_ready, k_empty, v_ready, v_empty, Out, Lse,
+        _ws_half(q_smem.index(HALF), q_bar, 0, k_smem, v_smem, kb_smem, k_ready, k_empty, v_ready, v_empty, o_desc, Out,
+                 Lse,
                  count, 0, first_row, kv_start, n_q, n_k, q_offset, qk_scale, out_base, HALF, HEAD_DIM, HALF_M,
                  BLOCK_N)
 
     @gluon.jit
     def _block_sparse_fwd_sm90_ws(
-        q_desc, k_desc, v_desc, Out, Lse, BlockIdx, BlockCnt, KvStart,
+        q_desc, k_desc, v_desc, o_desc, Out, Lse, BlockIdx, BlockCnt, KvStart,
         si_b, si_h, si_q, sc_b, sc_h,
         n_q, n_k, n_heads, group, idx_group, q_offset, qk_scale,
         HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, num_warps: gl.constexpr,
@@ -397,11 +421,11 @@ if gluon is not None:
 
         first_row = qb * (2 * HALF_M)
         gl.warp_specialize([
-            (_ws_compute, (q_smem, k_smem, v_smem, kb_smem, q_bar, k_ready, k_empty, v_ready, v_empty, Out, Lse,
-                           count, first_row, kv_start, n_q, n_k, q_offset, qk_scale, out_base, 0, HEAD_DIM,
+            (_ws_compute, (q_smem, k_smem, v_smem, kb_smem, q_bar, k_ready, k_empty, v_ready, v_empty, o_desc, Out,
+                           Lse, count, first_row, kv_start, n_q, n_k, q_offset, qk_scale, out_base, 0, HEAD_DIM,
                            HALF_M, BLOCK_N)),
-            (_ws_compute, (q_smem, k_smem, v_smem, kb_smem, q_bar, k_ready, k_empty, v_ready, v_empty, Out, Lse,
-                           count, first_row, kv_start, n_q, n_k, q_offset, qk_scale, out_base, 1, HEAD_DIM,
+            (_ws_compute, (q_smem, k_smem, v_smem, kb_smem, q_bar, k_ready, k_empty, v_ready, v_empty, o_desc, Out,
+                           Lse, count, first_row, kv_start, n_q, n_k, q_offset, qk_scale, out_base, 1, HEAD_DIM,
                            HALF_M, BLOCK_N)),
             (_ws_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, kb_smem, q_bar, k_ready, k_empty, v_ready,
                           v_empty, idx_base, count, q_row, kv_row, BLOCK_N, HALF_M)),
@@ -493,7 +517,7 @@ if gluon is not None:
 
     @gluon.jit
     def _wsp_compute(q_smem, k_smem, v_smem, kb_smem, item_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
-                     Out, Lse, n_q, n_k, n_heads, group, n_qb, q_offset, qk_scale, HALF: gl.constexpr,
+                     o_desc, Out, Lse, n_q, n_k, n_heads, group, n_qb, q_offset, qk_scale, HALF: gl.constexpr,
                      HEAD_DIM: gl.constexpr, HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, K_STAGES: gl.constexpr):
         """4-warp compute partition for one 64-row half of each item the loader hands over
         (`_ws_half`), with the ring position and the q buffer carried across items; the item,
@@ -509,7 +533,7 @@ if gluon is not None:
             kv_start = _get_scalar(item_smem.index(3 * qbuf + 2), 4)
             b, h, kvh, qb = _item_coords(item, n_heads, group, n_qb)
             _ws_half(q_smem.index(2 * qbuf + HALF), q_ready.index(qbuf), (local // 2) & 1, k_smem, v_smem, kb_smem,
-                     k_ready, k_empty, v_ready, v_empty, Out, Lse, count, c0, qb * (2 * HALF_M), kv_start, n_q, n_k,
+                     k_ready, k_empty, v_ready, v_empty, o_desc, Out, Lse, count, c0, qb * (2 * HALF_M), kv_start, n_q, n_k,
                      q_offset, qk_scale, (b * n_heads + h).to(gl.int64) * n_q, HALF, HEAD_DIM, HALF_M, BLOCK_N,
                      K_STAGES)
             mbarrier.arrive(q_empty.index(qbuf), count=1)  # every product reading this q is done
@@ -520,7 +544,7 @@ if gluon is not None:
 
     @gluon.jit
     def _block_sparse_fwd_sm90_wsp(
-        q_desc, k_desc, v_desc, Out, Lse, BlockIdx, BlockCnt, KvStart,
+        q_desc, k_desc, v_desc, o_desc, Out, Lse, BlockIdx, BlockCnt, KvStart,
         si_b, si_h, si_q, sc_b, sc_h,
         n_q, n_k, n_heads, group, idx_group, q_offset, qk_scale, n_qb, n_items, Counter,
         HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, K_STAGES: gl.constexpr, num_warps: gl.constexpr,
@@ -555,10 +579,10 @@ if gluon is not None:
             mbarrier.init(k_empty.index(i), count=2)
         gl.warp_specialize([
             (_wsp_compute, (q_smem, k_smem, v_smem, kb_smem, item_smem, q_ready, q_empty, k_ready, k_empty, v_ready,
-                            v_empty, Out, Lse, n_q, n_k, n_heads, group, n_qb, q_offset, qk_scale, 0, HEAD_DIM,
+                            v_empty, o_desc, Out, Lse, n_q, n_k, n_heads, group, n_qb, q_offset, qk_scale, 0, HEAD_DIM,
                             HALF_M, BLOCK_N, K_STAGES)),
             (_wsp_compute, (q_smem, k_smem, v_smem, kb_smem, item_smem, q_ready, q_empty, k_ready, k_empty, v_ready,
-                            v_empty, Out, Lse, n_q, n_k, n_heads, group, n_qb, q_offset, qk_scale, 1, HEAD_DIM,
+                            v_empty, o_desc, Out, Lse, n_q, n_k, n_heads, group, n_qb, q_offset, qk_scale, 1, HEAD_DIM,
                             HALF_M, BLOCK_N, K_STAGES)),
             (_wsp_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, kb_smem, item_smem, q_ready, q_empty,
                            k_ready, k_empty, v_ready, v_empty, Counter, BlockIdx, BlockCnt, KvStart, si_b, si_h, si_q,
@@ -621,7 +645,7 @@ def block_sparse_attention_sm90(
             layout = gl.NVMMASharedLayout.get_default_for([rows, d], gl_dtype)
             return TensorDescriptor(t, [t.shape[0] * t.shape[1] * t.shape[2], d], [d, 1], [rows, d], layout)
 
-        args = (desc(q, 64), desc(k, block_n), desc(v, block_n), result, lse, block_index, block_count, kv_start,
+        args = (desc(q, 64), desc(k, block_n), desc(v, block_n), desc(result, 64), result, lse, block_index, block_count, kv_start,
                 *block_index.stride()[:3], *block_count.stride()[:2],
                 n_q, n_k, hq, hq // hkv, hq // hb, q_offset, scale * LOG2E)
         n_qb = -(-n_q // block_m)

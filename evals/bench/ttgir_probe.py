@@ -59,7 +59,7 @@ def compile_gluon_block_sparse(head_dim: int = 128, block_m: int = 128, block_n:
         layout = gl.NVMMASharedLayout.get_default_for([rows, head_dim], gl.bfloat16)
         return f"tensordesc<bf16[{rows}, {head_dim}],{layout!r}>"
 
-    descs = {"q_desc": desc(64), "k_desc": desc(block_n), "v_desc": desc(block_n)}
+    descs = {"q_desc": desc(64), "k_desc": desc(block_n), "v_desc": desc(block_n), "o_desc": desc(64)}
     sig = {p: "constexpr" if p in const else descs.get(p) or _POINTERS.get(p, "fp32" if p == "qk_scale" else "i32")
            for p in params}
     src = GluonASTSource(fn, sig, constexprs={(params.index(k),): v for k, v in const.items()})
