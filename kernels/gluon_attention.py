@@ -55,15 +55,17 @@ WS_MAXNREG = 168
 # 128-row blocks (PATCHATTN_GLUON_PERSISTENT=0 keeps one program per item): one program per SM,
 # each claiming the next free work item from an atomic counter, so that an item's q and first
 # tiles load under the previous item's last tiles while the items in flight stay consecutive.
-# On the H200 it ran 0.95-1.02x the time of the per-item form (faster in 8 of 9 rows;
-# evals/bench/results/h200/kernel_variants_gluon_claim_h200.json, before the loader claimed one
-# item ahead, a change not timed against it). Its static-stride form (commit 786f9fc) was slower
-# per pair (L2 locality); chaining items in the compute partitions (commit c80f524) gained nothing.
+# On the H200 it ran 0.93-1.02x the time of the per-item form in the same run (faster in 7 of 9
+# rows; evals/bench/results/h200/kernel_variants_gluon_tmastore_h200.json). Its static-stride form
+# (commit 786f9fc) was slower per pair (L2 locality); chaining items in the compute partitions
+# (commit c80f524) gained nothing.
 PERSISTENT = os.environ.get("PATCHATTN_GLUON_PERSISTENT", "1") == "1"
 # K stages of the persistent form's ring (V keeps 2): a third K stage gives the loader 2.5 tiles of
 # lead on K instead of 1.5, for sparse lists whose scattered tiles miss L2. 3 is used where it fits
 # the 227 KB of shared memory (head_dim 128 with 128-key tiles: 224.4 KB); PATCHATTN_GLUON_K_STAGES=2
-# keeps two.
+# keeps two. On the H200 (three runs, kernel_variants_gluon_{kvlag,smemslots,tmastore}_h200.json)
+# three stages took 0.87-0.92x the time of two at 64k and density 0.05, 0.92-0.99x at 32k, and
+# 1.02-1.07x at 64k and 1.01-1.03x at 32k at density 0.1; 0.99-1.01x at 128k.
 WSP_K_STAGES = int(os.environ.get("PATCHATTN_GLUON_K_STAGES", "3"))
 SM90_SHARED_BYTES = 232448  # the opt-in shared memory limit of one block on sm_90
 

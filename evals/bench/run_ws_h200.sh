@@ -9,7 +9,7 @@ OUT=${OUT:-/tmp/out}
 TAG=${TAG:-ws}  # names the files (ws: the run of 2026-12-02 with the per-item warp-specialised default)
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-timeout 200 python3 -m pytest -m gpu tests -q -p no:cacheprovider > "$OUT/pytest_gpu_${TAG}_default.log" 2>&1
+timeout 240 python3 -m pytest -m gpu tests -q -p no:cacheprovider > "$OUT/pytest_gpu_${TAG}_default.log" 2>&1
 echo "pytest rc=$?" >> "$OUT/pytest_gpu_${TAG}_default.log"
 tail -3 "$OUT/pytest_gpu_${TAG}_default.log"
 B="python3 -m patchattn.evals.bench.prefill --blocks 128 --timing queued"
