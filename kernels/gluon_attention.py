@@ -456,7 +456,7 @@ if gluon is not None:
         """1-warp load partition: claims items (its program id first, then the next free one from
         `Counter`, so the items in flight stay consecutive, as the per-item grid's are) and
         hands each to the compute partitions through its q buffer's slots (item, list length,
-        kv_start: `item_smem` [2, 3]), so that they make no global loads. Per item: the q
+        kv_start: 3 of `item_smem`'s 6 per q buffer), so that they make no global loads. Per item: the q
         tile into the q buffer (of two) that the compute partitions released, then its K / V
         tiles through the ring, whose position `c` runs on across items. The next item's q and
         first tiles are therefore in flight while the compute partitions finish an item. After
