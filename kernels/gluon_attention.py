@@ -70,8 +70,10 @@ WSP_K_STAGES = int(os.environ.get("PATCHATTN_GLUON_K_STAGES", "3"))
 SM90_SHARED_BYTES = 232448  # the opt-in shared memory limit of one block on sm_90
 
 if gluon is not None:
-    # The TMA load builtin was renamed (triton 3.6: async_copy_global_to_shared; later: async_load).
+    # The TMA builtins were renamed (triton 3.6: async_copy_global_to_shared / async_copy_shared_to_global;
+    # later: async_load / async_store, the old names removed by 3.9).
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global  # same rename
     _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # later: gl.barrier
 
     @gluon.jit
@@ -190,7 +192,7 @@ if gluon is not None:
             out = acc / gl.where(has, gl.convert_layout(l_i, row_o), 1.0)[:, None]
             staging.store(out.to(staging.dtype))
             fence_async_shared()
-            tma.async_copy_shared_to_global(o_desc, [(out_base + row0).to(gl.int32), 0], staging)
+            _tma_store(o_desc, [(out_base + row0).to(gl.int32), 0], staging)
             rows = row0 + gl.arange(0, ROWS, layout=row_o)
             m_o = gl.convert_layout(m_i, row_o)
             l_o = gl.convert_layout(l_i, row_o)
