@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One GPU call for the persistent (item-claiming) form of the warp-specialised Gluon kernel (about 6 minutes on
-# an H200): the Gluon oracle tests (all three forms), Triton vs the Gluon forms with queued
-# timing at 32k / 64k / 128k, the density sweep with the persistent form, then the kernel,
-# method and equivalence GPU tests with the persistent form on. Logs and JSON go to $OUT.
+# an H200; 4-5 with SWEEP=64k,32k GPU_TESTS=0): the Gluon oracle tests (every form: per-item, ws,
+# persistent with 3 and with 2 K stages), Triton vs the Gluon forms with queued timing at 32k / 64k /
+# 128k, the density sweep with the persistent form, then the kernel, method and equivalence GPU
+# tests with the persistent form on. Logs and JSON go to $OUT.
 # Usage: OUT=/some/dir TAG=chained bash evals/bench/run_wsp_h200.sh  (TAG names the files;
 # SWEEP=64k,32k limits the density sweep's lengths, GPU_TESTS=0 skips the last step)
 set -u
