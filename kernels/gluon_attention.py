@@ -62,7 +62,7 @@ WS_MAXNREG = 168
 PERSISTENT = os.environ.get("PATCHATTN_GLUON_PERSISTENT", "1") == "1"
 # K stages of the persistent form's ring (V keeps 2): a third K stage gives the loader 2.5 tiles of
 # lead on K instead of 1.5, for sparse lists whose scattered tiles miss L2. 3 is used where it fits
-# the 227 KB of shared memory (head_dim 128 with 128-key tiles: 224.4 KB); PATCHATTN_GLUON_K_STAGES=2
+# the 227 KB of shared memory (head_dim 128 with 128-key tiles: 229,892 B); PATCHATTN_GLUON_K_STAGES=2
 # keeps two. On the H200 (three runs, kernel_variants_gluon_{kvlag,smemslots,tmastore}_h200.json)
 # three stages took 0.87-0.92x the time of two at 64k and density 0.05, 0.92-0.99x at 32k, and
 # 1.02-1.07x at 64k and 1.01-1.03x at 32k at density 0.1; 0.99-1.01x at 128k.
