@@ -520,6 +520,12 @@ if gluon is not None:
         mbarrier.arrive(q_ready.index(qbuf), count=1)
 
     @gluon.jit
+    def _wsp_item(item_smem, q_ready, local):
+        """The item in q buffer local % 2's slot, once the buffer's q has landed (-1: none left)."""
+        mbarrier.wait(q_ready.index(local % 2), (local // 2) & 1)
+        return _get_scalar(item_smem.index(3 * (local % 2)), 4)
+
+    @gluon.jit
     def _wsp_compute(q_smem, k_smem, v_smem, kb_smem, item_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
                      o_desc, Out, Lse, n_q, n_k, n_heads, group, n_qb, q_offset, qk_scale, HALF: gl.constexpr,
                      HEAD_DIM: gl.constexpr, HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, K_STAGES: gl.constexpr):
@@ -529,8 +535,7 @@ if gluon is not None:
         (item -1: none left)."""
         c0 = 0
         local = 0
-        mbarrier.wait(q_ready.index(0), 0)
-        item = _get_scalar(item_smem.index(0), 4)
+        item = _wsp_item(item_smem, q_ready, local)
         while item >= 0:
             qbuf = local % 2
             count = _get_scalar(item_smem.index(3 * qbuf + 1), 4)
@@ -543,8 +548,7 @@ if gluon is not None:
             mbarrier.arrive(q_empty.index(qbuf), count=1)  # every product reading this q is done
             c0 += count
             local += 1
-            mbarrier.wait(q_ready.index(local % 2), (local // 2) & 1)
-            item = _get_scalar(item_smem.index(3 * (local % 2)), 4)
+            item = _wsp_item(item_smem, q_ready, local)
 
     @gluon.jit
     def _block_sparse_fwd_sm90_wsp(
