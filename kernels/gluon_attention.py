@@ -382,8 +382,7 @@ if gluon is not None:
         share the K/V tiles but not a CTA barrier, so one half's softmax can run under the
         other's wgmma."""
         _ws_half(q_smem.index(HALF), q_bar, 0, k_smem, v_smem, kb_smem, k_ready, k_empty, v_ready, v_empty, o_desc, Out,
-                 Lse,
-                 count, 0, first_row, kv_start, n_q, n_k, q_offset, qk_scale, out_base, HALF, HEAD_DIM, HALF_M,
+                 Lse, count, 0, first_row, kv_start, n_q, n_k, q_offset, qk_scale, out_base, HALF, HEAD_DIM, HALF_M,
                  BLOCK_N)
 
     @gluon.jit
@@ -458,9 +457,9 @@ if gluon is not None:
         """1-warp load partition: claims items (its program id first, then the next free one from
         `Counter`, so the items in flight stay consecutive, as the per-item grid's are) and
         hands each to the compute partitions through its q buffer's slots (item, list length,
-        kv_start: 3 of `item_smem`'s 6 per q buffer), so that they make no global loads. Per item: the q
-        tile into the q buffer (of two) that the compute partitions released, then its K / V
-        tiles through the ring, whose position `c` runs on across items. The next item's q and
+        kv_start: 3 of `item_smem`'s 6 per q buffer), so that they make no global loads. Per
+        item: the q tile into the q buffer (of two) that the compute partitions released, then
+        its K / V tiles through the ring, whose position `c` runs on across items. The next item's q and
         first tiles are therefore in flight while the compute partitions finish an item. After
         the last item: slot value -1.
 
@@ -542,8 +541,8 @@ if gluon is not None:
             kv_start = _get_scalar(item_smem.index(3 * qbuf + 2), 4)
             b, h, kvh, qb = _item_coords(item, n_heads, group, n_qb)
             _ws_half(q_smem.index(2 * qbuf + HALF), q_ready.index(qbuf), (local // 2) & 1, k_smem, v_smem, kb_smem,
-                     k_ready, k_empty, v_ready, v_empty, o_desc, Out, Lse, count, c0, qb * (2 * HALF_M), kv_start, n_q, n_k,
-                     q_offset, qk_scale, (b * n_heads + h).to(gl.int64) * n_q, HALF, HEAD_DIM, HALF_M, BLOCK_N,
+                     k_ready, k_empty, v_ready, v_empty, o_desc, Out, Lse, count, c0, qb * (2 * HALF_M), kv_start,
+                     n_q, n_k, q_offset, qk_scale, (b * n_heads + h).to(gl.int64) * n_q, HALF, HEAD_DIM, HALF_M, BLOCK_N,
                      K_STAGES)
             mbarrier.arrive(q_empty.index(qbuf), count=1)  # every product reading this q is done
             c0 += count
@@ -561,8 +560,8 @@ if gluon is not None:
         item, then claims the next free one (`_item_coords` order) from `Counter` (zeroed by the
         host, counts claims after the first grid), so an item's q load and first K / V tiles
         overlap the previous item's last tiles and store (the fixed cost per item that the
-        per-item kernels pay in series). Two q buffers, each with an item slot; a ring of
-        K_STAGES K tiles and 2 V tiles."""
+        per-item kernels pay in series). Two q buffers, each with its item's slots; a ring of
+        K_STAGES K tiles (each with a list-entry slot) and 2 V tiles."""
         HALF_M: gl.constexpr = 64
         dtype: gl.constexpr = q_desc.dtype
         q_smem = gl.allocate_shared_memory(dtype, [4, HALF_M, HEAD_DIM], q_desc.layout)
@@ -653,7 +652,8 @@ def block_sparse_attention_sm90(
             layout = gl.NVMMASharedLayout.get_default_for([rows, d], gl_dtype)
             return TensorDescriptor(t, [t.shape[0] * t.shape[1] * t.shape[2], d], [d, 1], [rows, d], layout)
 
-        args = (desc(q, 64), desc(k, block_n), desc(v, block_n), desc(result, 64), result, lse, block_index, block_count, kv_start,
+        args = (desc(q, 64), desc(k, block_n), desc(v, block_n), desc(result, 64), result, lse, block_index, block_count,
+                kv_start,
                 *block_index.stride()[:3], *block_count.stride()[:2],
                 n_q, n_k, hq, hq // hkv, hq // hb, q_offset, scale * LOG2E)
         n_qb = -(-n_q // block_m)
