@@ -542,8 +542,8 @@ if gluon is not None:
             b, h, kvh, qb = _item_coords(item, n_heads, group, n_qb)
             _ws_half(q_smem.index(2 * qbuf + HALF), q_ready.index(qbuf), (local // 2) & 1, k_smem, v_smem, kb_smem,
                      k_ready, k_empty, v_ready, v_empty, o_desc, Out, Lse, count, c0, qb * (2 * HALF_M), kv_start,
-                     n_q, n_k, q_offset, qk_scale, (b * n_heads + h).to(gl.int64) * n_q, HALF, HEAD_DIM, HALF_M, BLOCK_N,
-                     K_STAGES)
+                     n_q, n_k, q_offset, qk_scale, (b * n_heads + h).to(gl.int64) * n_q, HALF, HEAD_DIM, HALF_M,
+                     BLOCK_N, K_STAGES)
             mbarrier.arrive(q_empty.index(qbuf), count=1)  # every product reading this q is done
             c0 += count
             local += 1
@@ -652,8 +652,8 @@ def block_sparse_attention_sm90(
             layout = gl.NVMMASharedLayout.get_default_for([rows, d], gl_dtype)
             return TensorDescriptor(t, [t.shape[0] * t.shape[1] * t.shape[2], d], [d, 1], [rows, d], layout)
 
-        args = (desc(q, 64), desc(k, block_n), desc(v, block_n), desc(result, 64), result, lse, block_index, block_count,
-                kv_start,
+        args = (desc(q, 64), desc(k, block_n), desc(v, block_n), desc(result, 64), result, lse, block_index,
+                block_count, kv_start,
                 *block_index.stride()[:3], *block_count.stride()[:2],
                 n_q, n_k, hq, hq // hkv, hq // hb, q_offset, scale * LOG2E)
         n_qb = -(-n_q // block_m)
