@@ -483,7 +483,10 @@ if gluon is not None:
                                                         n_heads, group, idx_group, n_qb)
             q_row = (b * n_heads + h) * n_q + qb * (2 * HALF_M)
             kv_row = (b * n_kv + kvh) * n_k
-            next_kb = gl.load(idx_base, mask=count > 0, other=0)
+            # The list's last entry goes first: in an ascending causal list it is the diagonal
+            # block, whose masked softmax then runs under the next tile's q.K^T instead of at the
+            # item's end, where nothing overlaps it (the compute side takes any order).
+            next_kb = gl.load(idx_base + count - 1, mask=count > 0, other=0)
             kv_start = gl.load(KvStart + b)
             qbuf = local % 2
             mbarrier.wait(q_empty.index(qbuf), ((local // 2) & 1) ^ 1)  # fresh: counts as released
@@ -496,7 +499,7 @@ if gluon is not None:
             _tma_load(q_desc, [q_row + HALF_M, 0], q_ready.index(qbuf), q_smem.index(2 * qbuf + 1))
             for t in range(count):
                 kb = next_kb
-                next_kb = gl.load(idx_base + t + 1, mask=t + 1 < count, other=0)
+                next_kb = gl.load(idx_base + t, mask=t + 1 < count, other=0)  # entry t runs (t + 1)-th
                 row = kv_row + kb * BLOCK_N
                 mbarrier.wait(k_empty.index(c % K_STAGES), ((c // K_STAGES) & 1) ^ 1)
                 _put_scalar(kb_smem.index(c % K_STAGES), kb, 1)
