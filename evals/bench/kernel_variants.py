@@ -49,7 +49,7 @@ from patchattn.kernels import triton_estimators as te
 
 ORDERS = {"kv_major": True, "heads_fastest": False}
 LOADS = {"pointer": False, "tma": True}
-TABLES = ("orders", "antidiagonal", "tma", "softmax", "gluon", "fixed")
+TABLES = ("orders", "antidiagonal", "tma", "softmax", "gluon", "fixed", "listorder")
 KERNELS = {"triton": False, "gluon": True}
 SOFTMAX_ROWS = ("exact", "no_exp", "mma_only")
 # Columns a saved report may hold: "lazy" (lazy rescaling) was timed on 2026-12-02 and dropped.
@@ -288,6 +288,39 @@ def bench_fixed(n, densities, block, sdpa_ms):
     return rows
 
 
+def rotated_left(index, count):
+    """Each list's entries [1, count) then entry 0 (padding entries copied as they are): the
+    persistent Gluon kernel, which runs entry count - 1 first, then runs the original order."""
+    j = torch.arange(index.shape[-1], device=index.device)
+    last = (count.long() - 1)[..., None]
+    src = torch.where(j < last, j + 1, torch.where(j == last, 0, j))
+    return index.gather(-1, src).contiguous()
+
+
+def bench_list_order(n, densities, block, sdpa_ms):
+    """The default kernel with the diagonal run first (ascending lists) vs last (rotated lists)."""
+    q, k, v = random_inputs(n)
+    scale = D ** -0.5
+    causal = causal_pairs(n)
+    rows = []
+    for label, index, count, pairs in timed_lists(n, densities, block, q.shape[1]):
+        timed = {}
+        for name, idx in (("diagonal_first", index), ("diagonal_last", rotated_left(index, count))):
+            fn = lambda idx=idx: ta.block_sparse_attention(q, k, v, idx, count, scale=scale,  # noqa: E731
+                                                           block_m=block, block_n=block)[0]
+            out = fn()
+            timed[name] = (cuda_time(fn), out)
+            del idx
+        (a, out_a), (b, out_b) = timed["diagonal_first"], timed["diagonal_last"]
+        rows.append({"row": label, "density": pairs / causal, "reference_ms": pairs / causal * sdpa_ms,
+                     "diagonal_first_ms": a, "diagonal_last_ms": b, "speedup": b / a,
+                     "max_abs_diff": _max_diff(out_a, out_b)})
+        del index, count, timed
+    del q, k, v
+    torch.cuda.empty_cache()
+    return rows
+
+
 def bench_antidiagonal(n, sdpa_ms, strides):
     q, k, _ = structured_inputs(n)
     scale = D ** -0.5
@@ -369,6 +402,12 @@ def print_table(report):
                 f"{row['gluon_ms']:.2f}", f"{row['triton_us_per_program']:.2f} / {row['gluon_us_per_program']:.2f}",
                 f"{row['gluon_ms'] / row['reference_ms']:.2f}"]
                for r in report["results"] for row in r.get("fixed", [])))
+    _markdown(["N", "list order (default kernel)", "diagonal first ms", "diagonal last ms", "speedup",
+               "ratio vs density x SDPA (first / last)", "max diff"],
+              ([str(r["n"]), row["row"], f"{row['diagonal_first_ms']:.2f}", f"{row['diagonal_last_ms']:.2f}",
+                f"{row['speedup']:.3f}", f"{row['diagonal_first_ms'] / row['reference_ms']:.2f} / "
+                f"{row['diagonal_last_ms'] / row['reference_ms']:.2f}", f"{row['max_abs_diff']:.1e}"]
+               for r in report["results"] for row in r.get("listorder", [])))
     softmax = [(r["n"], row) for r in report["results"] for row in r.get("softmax", [])]
     modes = [m for m in _SOFTMAX_COLUMNS if any(m in row for _, row in softmax)]
     _markdown(["N", "softmax modes", *(f"{m} ms (TFLOP/s)" for m in modes), "exact / (density x SDPA)",
@@ -421,7 +460,7 @@ def main(argv=None):
         benches = {"antidiagonal": lambda: bench_antidiagonal(n, result["sdpa_ms"], strides),
                    **{name: lambda fn=fn: fn(n, densities, args.block, result["sdpa_ms"])
                       for name, fn in (("tma", bench_tma), ("softmax", bench_softmax), ("gluon", bench_gluon),
-                                       ("fixed", bench_fixed))}}
+                                       ("fixed", bench_fixed), ("listorder", bench_list_order))}}
         for name, bench in benches.items():  # in TABLES order; saved after each, so a time limit keeps them
             if name in tables:
                 result[name] = bench()
