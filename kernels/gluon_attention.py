@@ -466,8 +466,8 @@ if gluon is not None:
         V runs one tile behind K (K(c) is issued before V(c-1), as FlashAttention-3's producer
         does): the compute partitions release K(c)'s stage half a tile before V(c)'s, so a
         loader that issued V(c) before K(c+1) would hold K(c+1) back until V(c)'s stage is free
-        and leave K about one tile of lead; this order gives K and V about 1.5 tiles each. The
-        list entry for the next tile is loaded before the waits, out of the issue chain, and goes to
+        and leave K about one tile of lead; this order gives K and V about 1.5 tiles each. An
+        item's last V is issued at the item's end. The list entry for the next tile is loaded before the waits, out of the issue chain, and goes to
         the compute partitions in the K stage's slot of `kb_smem`."""
         n_kv = n_heads // group
         c = 0  # ring position of the next K tile
@@ -508,14 +508,14 @@ if gluon is not None:
                 v_done = c
                 v_row = row
                 c += 1
-            # After an empty list the pending V is an earlier item's: issue it now, since the
-            # next q buffer is released only once that item is done.
-            flush = (v_done < c) & (count == 0)
-            _issue_pending_v(v_desc, v_smem, v_ready, v_empty, c, v_row, flush)
-            v_done += flush.to(gl.int32)
+            # The item's last V goes now, not after the next item's q_empty wait: that wait ends
+            # only when the item before this one is done, so a V held back to it would reach
+            # the compute partitions one load latency after they start this item's last tile,
+            # on every item (and after an empty list the pending V is an earlier item's).
+            _issue_pending_v(v_desc, v_smem, v_ready, v_empty, c, v_row, v_done < c)
+            v_done = c
             local += 1
             item = gl.num_programs(0) + claimed
-        _issue_pending_v(v_desc, v_smem, v_ready, v_empty, c, v_row, v_done < c)
         qbuf = local % 2
         mbarrier.wait(q_empty.index(qbuf), ((local // 2) & 1) ^ 1)
         _put_scalar(item_smem.index(3 * qbuf), -1, 1)
