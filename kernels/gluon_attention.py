@@ -67,6 +67,10 @@ PERSISTENT = os.environ.get("PATCHATTN_GLUON_PERSISTENT", "1") == "1"
 # three stages took 0.87-0.92x the time of two at 64k and density 0.05, 0.92-0.99x at 32k, and
 # 1.02-1.07x at 64k and 1.01-1.03x at 32k at density 0.1; 0.99-1.01x at 128k.
 WSP_K_STAGES = int(os.environ.get("PATCHATTN_GLUON_K_STAGES", "3"))
+# q buffers of the persistent form (PATCHATTN_GLUON_Q_BUFFERS=3 for three): with two, an item's q
+# load starts only when the item two before it is done, one item of lead; three give two, and
+# take the shared memory of the third K stage.
+WSP_Q_BUFFERS = int(os.environ.get("PATCHATTN_GLUON_Q_BUFFERS", "2"))
 SM90_SHARED_BYTES = 232448  # the opt-in shared memory limit of one block on sm_90
 
 if gluon is not None:
@@ -453,11 +457,11 @@ if gluon is not None:
     def _wsp_loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, kb_smem, item_smem, q_ready, q_empty, k_ready,
                     k_empty, v_ready, v_empty, Counter, BlockIdx, BlockCnt, KvStart, si_b, si_h, si_q, sc_b, sc_h, n_q,
                     n_k, n_heads, group, idx_group, n_qb, n_items, BLOCK_N: gl.constexpr, HALF_M: gl.constexpr,
-                    K_STAGES: gl.constexpr):
+                    K_STAGES: gl.constexpr, Q_BUFS: gl.constexpr):
         """1-warp load partition: claims items (its program id first, then the next free one from
         `Counter`, so the items in flight stay consecutive, as the per-item grid's are) and
         hands each to the compute partitions through its q buffer's slots (item, list length,
-        kv_start: 3 of `item_smem`'s 6 per q buffer), so that they make no global loads. Per
+        kv_start: 3 slots of `item_smem` per q buffer), so that they make no global loads. Per
         item: the q tile into the q buffer (of two) that the compute partitions released, then
         its K / V tiles through the ring, whose position `c` runs on across items. The next item's q and
         first tiles are therefore in flight while the compute partitions finish an item. After
@@ -488,8 +492,8 @@ if gluon is not None:
             # item's end, where nothing overlaps it (the compute side takes any order).
             next_kb = gl.load(idx_base + count - 1, mask=count > 0, other=0)
             kv_start = gl.load(KvStart + b)
-            qbuf = local % 2
-            mbarrier.wait(q_empty.index(qbuf), ((local // 2) & 1) ^ 1)  # fresh: counts as released
+            qbuf = local % Q_BUFS
+            mbarrier.wait(q_empty.index(qbuf), ((local // Q_BUFS) & 1) ^ 1)  # fresh: counts as released
             _put_scalar(item_smem.index(3 * qbuf), item, 1)
             _put_scalar(item_smem.index(3 * qbuf + 1), count, 1)
             _put_scalar(item_smem.index(3 * qbuf + 2), kv_start, 1)
@@ -516,72 +520,75 @@ if gluon is not None:
             v_done = c
             local += 1
             item = gl.num_programs(0) + claimed
-        qbuf = local % 2
-        mbarrier.wait(q_empty.index(qbuf), ((local // 2) & 1) ^ 1)
+        qbuf = local % Q_BUFS
+        mbarrier.wait(q_empty.index(qbuf), ((local // Q_BUFS) & 1) ^ 1)
         _put_scalar(item_smem.index(3 * qbuf), -1, 1)
         mbarrier.arrive(q_ready.index(qbuf), count=1)
 
     @gluon.jit
-    def _wsp_item(item_smem, q_ready, local):
-        """The item in q buffer local % 2's slot, once the buffer's q has landed (-1: none left)."""
-        mbarrier.wait(q_ready.index(local % 2), (local // 2) & 1)
-        return _get_scalar(item_smem.index(3 * (local % 2)), 4)
+    def _wsp_item(item_smem, q_ready, local, Q_BUFS: gl.constexpr):
+        """The item in q buffer local % Q_BUFS's slot, once the buffer's q has landed (-1: none left)."""
+        mbarrier.wait(q_ready.index(local % Q_BUFS), (local // Q_BUFS) & 1)
+        return _get_scalar(item_smem.index(3 * (local % Q_BUFS)), 4)
 
     @gluon.jit
     def _wsp_compute(q_smem, k_smem, v_smem, kb_smem, item_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
                      o_desc, Out, Lse, n_q, n_k, n_heads, group, n_qb, q_offset, qk_scale, HALF: gl.constexpr,
-                     HEAD_DIM: gl.constexpr, HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, K_STAGES: gl.constexpr):
+                     HEAD_DIM: gl.constexpr, HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, K_STAGES: gl.constexpr,
+                     Q_BUFS: gl.constexpr):
         """4-warp compute partition for one 64-row half of each item the loader hands over
         (`_ws_half`), with the ring position and the q buffer carried across items; the item,
         its list length and kv_start come from the q buffer's slots once its q has landed
         (item -1: none left)."""
         c0 = 0
         local = 0
-        item = _wsp_item(item_smem, q_ready, local)
+        item = _wsp_item(item_smem, q_ready, local, Q_BUFS)
         while item >= 0:
-            qbuf = local % 2
+            qbuf = local % Q_BUFS
             count = _get_scalar(item_smem.index(3 * qbuf + 1), 4)
             kv_start = _get_scalar(item_smem.index(3 * qbuf + 2), 4)
             b, h, kvh, qb = _item_coords(item, n_heads, group, n_qb)
-            _ws_half(q_smem.index(2 * qbuf + HALF), q_ready.index(qbuf), (local // 2) & 1, k_smem, v_smem, kb_smem,
+            _ws_half(q_smem.index(2 * qbuf + HALF), q_ready.index(qbuf), (local // Q_BUFS) & 1, k_smem, v_smem, kb_smem,
                      k_ready, k_empty, v_ready, v_empty, o_desc, Out, Lse, count, c0, qb * (2 * HALF_M), kv_start,
                      n_q, n_k, q_offset, qk_scale, (b * n_heads + h).to(gl.int64) * n_q, HALF, HEAD_DIM, HALF_M,
                      BLOCK_N, K_STAGES)
             mbarrier.arrive(q_empty.index(qbuf), count=1)  # every product reading this q is done
             c0 += count
             local += 1
-            item = _wsp_item(item_smem, q_ready, local)
+            item = _wsp_item(item_smem, q_ready, local, Q_BUFS)
 
     @gluon.jit
     def _block_sparse_fwd_sm90_wsp(
         q_desc, k_desc, v_desc, o_desc, Out, Lse, BlockIdx, BlockCnt, KvStart,
         si_b, si_h, si_q, sc_b, sc_h,
         n_q, n_k, n_heads, group, idx_group, q_offset, qk_scale, n_qb, n_items, Counter,
-        HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, K_STAGES: gl.constexpr, num_warps: gl.constexpr,
+        HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, K_STAGES: gl.constexpr, Q_BUFS: gl.constexpr,
+        num_warps: gl.constexpr,
     ):
         """Persistent warp-specialised variant: one program per SM; each takes its program id's
         item, then claims the next free one (`_item_coords` order) from `Counter` (zeroed by the
         host, counts claims after the first grid), so an item's q load and first K / V tiles
         overlap the previous item's last tiles and store (the fixed cost per item that the
-        per-item kernels pay in series). Two q buffers, each with its item's slots; a ring of
+        per-item kernels pay in series). Q_BUFS q buffers (2 or 3), each with its item's slots; a ring of
         K_STAGES K tiles (each with a list-entry slot) and 2 V tiles."""
         HALF_M: gl.constexpr = 64
         dtype: gl.constexpr = q_desc.dtype
-        q_smem = gl.allocate_shared_memory(dtype, [4, HALF_M, HEAD_DIM], q_desc.layout)
+        q_smem = gl.allocate_shared_memory(dtype, [2 * Q_BUFS, HALF_M, HEAD_DIM], q_desc.layout)
         k_smem = gl.allocate_shared_memory(dtype, [K_STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
         v_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, HEAD_DIM], v_desc.layout)
-        q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        q_ready = gl.allocate_shared_memory(gl.int64, [Q_BUFS, 1], mbarrier.MBarrierLayout())
+        q_empty = gl.allocate_shared_memory(gl.int64, [Q_BUFS, 1], mbarrier.MBarrierLayout())
         k_ready = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())
         k_empty = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())
         v_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         v_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         slot: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
-        item_smem = gl.allocate_shared_memory(gl.int32, [6, 1], slot)  # per q buffer: item, list length, kv_start
+        item_smem = gl.allocate_shared_memory(gl.int32, [3 * Q_BUFS, 1], slot)  # per q buffer: item, list length, kv_start
         kb_smem = gl.allocate_shared_memory(gl.int32, [K_STAGES, 1], slot)
-        for i in gl.static_range(2):
+        for i in gl.static_range(Q_BUFS):
             mbarrier.init(q_ready.index(i), count=1)
             mbarrier.init(q_empty.index(i), count=2)  # one arrival per compute partition
+        for i in gl.static_range(2):
             mbarrier.init(v_ready.index(i), count=1)
             mbarrier.init(v_empty.index(i), count=2)
         for i in gl.static_range(K_STAGES):
@@ -590,22 +597,33 @@ if gluon is not None:
         gl.warp_specialize([
             (_wsp_compute, (q_smem, k_smem, v_smem, kb_smem, item_smem, q_ready, q_empty, k_ready, k_empty, v_ready,
                             v_empty, o_desc, Out, Lse, n_q, n_k, n_heads, group, n_qb, q_offset, qk_scale, 0, HEAD_DIM,
-                            HALF_M, BLOCK_N, K_STAGES)),
+                            HALF_M, BLOCK_N, K_STAGES, Q_BUFS)),
             (_wsp_compute, (q_smem, k_smem, v_smem, kb_smem, item_smem, q_ready, q_empty, k_ready, k_empty, v_ready,
                             v_empty, o_desc, Out, Lse, n_q, n_k, n_heads, group, n_qb, q_offset, qk_scale, 1, HEAD_DIM,
-                            HALF_M, BLOCK_N, K_STAGES)),
+                            HALF_M, BLOCK_N, K_STAGES, Q_BUFS)),
             (_wsp_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, kb_smem, item_smem, q_ready, q_empty,
                            k_ready, k_empty, v_ready, v_empty, Counter, BlockIdx, BlockCnt, KvStart, si_b, si_h, si_q,
-                           sc_b, sc_h, n_q, n_k, n_heads, group, idx_group, n_qb, n_items, BLOCK_N, HALF_M, K_STAGES)),
+                           sc_b, sc_h, n_q, n_k, n_heads, group, idx_group, n_qb, n_items, BLOCK_N, HALF_M, K_STAGES,
+                           Q_BUFS)),
         ], [4, 1], [240, 24])
 
 
+def wsp_buffers(head_dim: int, block_n: int, itemsize: int = 2) -> tuple:
+    """(q buffers, K stages) of the persistent form: WSP_Q_BUFFERS and WSP_K_STAGES where the
+    buffers (2 q half-tiles per q buffer, the K stages, 2 V stages) and 1 KB of barriers / scratch
+    fit one block's shared memory, else 2 of each that does not fit (q buffers first)."""
+    half, tile = 64 * head_dim * itemsize, block_n * head_dim * itemsize
+
+    def fits(q_bufs, k_stages):
+        return 2 * q_bufs * half + k_stages * tile + 2 * tile + 1024 <= SM90_SHARED_BYTES
+
+    q_bufs = WSP_Q_BUFFERS if fits(WSP_Q_BUFFERS, 2) else 2
+    return q_bufs, WSP_K_STAGES if fits(q_bufs, WSP_K_STAGES) else 2
+
+
 def wsp_k_stages(head_dim: int, block_n: int, itemsize: int = 2) -> int:
-    """K stages for the persistent form: WSP_K_STAGES where the buffers (4 q half-tiles, K stages,
-    2 V stages) and 1 KB of barriers / scratch fit one block's shared memory, else 2."""
-    tile = block_n * head_dim * itemsize
-    fits = 4 * 64 * head_dim * itemsize + WSP_K_STAGES * tile + 2 * tile + 1024 <= SM90_SHARED_BYTES
-    return WSP_K_STAGES if fits else 2
+    """K stages of the persistent form (see `wsp_buffers`)."""
+    return wsp_buffers(head_dim, block_n, itemsize)[1]
 
 
 def ws_usable(block_m: int) -> bool:
@@ -664,9 +682,10 @@ def block_sparse_attention_sm90(
             n_items = bsz * hq * n_qb
             grid = min(n_items, _sm_count(q.device.index or 0))
             counter = torch.zeros(1, dtype=torch.int32, device=q.device)  # items claimed after the first `grid`
+            q_bufs, k_stages = wsp_buffers(d, block_n, q.element_size())
             _block_sparse_fwd_sm90_wsp[(grid,)](
-                *args, n_qb, n_items, counter, HEAD_DIM=d, BLOCK_N=block_n, K_STAGES=wsp_k_stages(d, block_n),
-                num_warps=4, maxnreg=WS_MAXNREG)
+                *args, n_qb, n_items, counter, HEAD_DIM=d, BLOCK_N=block_n, K_STAGES=k_stages,
+                Q_BUFS=q_bufs, num_warps=4, maxnreg=WS_MAXNREG)
         else:
             _block_sparse_fwd_sm90_ws[(bsz * hq, n_qb)](
                 *args, HEAD_DIM=d, BLOCK_N=block_n, num_warps=4, maxnreg=WS_MAXNREG)

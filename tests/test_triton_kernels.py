@@ -12,6 +12,7 @@ import sys
 if __name__ == "__main__":  # interpreter worker: must be set before triton is imported
     os.environ["TRITON_INTERPRET"] = "1"
 
+import contextlib
 import json
 import subprocess
 import traceback
@@ -121,6 +122,15 @@ def _tma_loads(tma):
     from patchattn.kernels import triton_attention
 
     return _module_flag(triton_attention, "TMA", tma)
+
+
+@contextlib.contextmanager
+def _persistent_buffers(gluon_attention, form):
+    """The persistent form's buffers for a test form: persistent_k2 two K stages, persistent_q3
+    three q buffers, else the defaults (2 q buffers, 3 K stages)."""
+    with _module_flag(gluon_attention, "WSP_K_STAGES", 2 if form == "persistent_k2" else 3), \
+            _module_flag(gluon_attention, "WSP_Q_BUFFERS", 3 if form == "persistent_q3" else 2):
+        yield
 
 
 def _gluon_kernel(gluon):
@@ -573,12 +583,12 @@ def test_tma_only_where_descriptors_can_address_the_tensors(monkeypatch):
     assert not ta._tma_usable(x, x[..., ::2], x)
 
 
-@pytest.mark.parametrize("form", ["per_item", "warp_specialized", "persistent", "persistent_k2"])
+@pytest.mark.parametrize("form", ["per_item", "warp_specialized", "persistent", "persistent_k2", "persistent_q3"])
 def test_gluon_kernel_compiles_for_hopper(form):
     """The Gluon sm_90 kernel compiles on a CPU machine, with the overlap intact: the next tile's
     q.K^T is waited with one product still outstanding (pendings = 1), and ptxas keeps the wgmma
     pipeline (no C7514 serialisation) without spills. The warp-specialised variant and its
-    persistent form (3 K stages, and 2) have these products once per compute partition, and the
+    persistent form (3 K stages, 2, and 3 q buffers with 2 K stages) have these products once per compute partition, and the
     persistent form's buffers fit one block's shared memory. Spills: none with triton 3.6, the
     GPU machine's (where the kernel is timed and tested); other versions' ptxas input may spill a
     few scalars (triton 3.9: 20 bytes in the persistent form, kernel parameters stored at a
@@ -588,9 +598,9 @@ def test_gluon_kernel_compiles_for_hopper(form):
     from patchattn.kernels import gluon_attention
 
     persistent = form.startswith("persistent")
-    with _module_flag(gluon_attention, "WSP_K_STAGES", 2 if form == "persistent_k2" else 3):
+    with _persistent_buffers(gluon_attention, form):
         kernel = compile_gluon_block_sparse(128, 128, 128, form == "warp_specialized", persistent)
-        assert gluon_attention.wsp_k_stages(128, 128) == (2 if form == "persistent_k2" else 3)
+        assert gluon_attention.wsp_buffers(128, 128) == {"persistent_k2": (2, 2), "persistent_q3": (3, 2)}.get(form, (2, 3))
     assert kernel.metadata.shared <= gluon_attention.SM90_SHARED_BYTES
     ir = kernel.asm["ttgir"]
     # S(0), S(t+1), P.V(t), last tile's P.V (per compute partition)
@@ -604,7 +614,7 @@ def test_gluon_kernel_compiles_for_hopper(form):
 
 
 def test_gluon_persistent_k_stages_fit_shared_memory():
-    """Three K stages only where the persistent form's buffers fit 227 KB, else two."""
+    """Three K stages (or q buffers) only where the persistent form's buffers fit 227 KB, else two."""
     pytest.importorskip("triton")
     from patchattn.kernels import gluon_attention as ga
 
@@ -614,6 +624,10 @@ def test_gluon_persistent_k_stages_fit_shared_memory():
         assert ga.wsp_k_stages(256, 128) == 2
     with _module_flag(ga, "WSP_K_STAGES", 2):
         assert ga.wsp_k_stages(64, 64) == 2
+    with _module_flag(ga, "WSP_Q_BUFFERS", 3), _module_flag(ga, "WSP_K_STAGES", 3):
+        assert ga.wsp_buffers(128, 128) == (3, 2)  # 3 q buffers and 3 K stages: 256 KB
+        assert ga.wsp_buffers(64, 128) == (3, 3)
+        assert ga.wsp_buffers(256, 128) == (2, 2)  # 3 q buffers: 448 KB
 
 
 def test_gluon_kernel_takes_only_what_it_supports():
@@ -737,7 +751,7 @@ def test_block_sparse_gpu(one_config, d, variant):
     assert not res["nan"] and res["same"] and res["out"] <= 1e-2 and res["lse"] <= 2e-2, res
 
 
-@pytest.mark.parametrize("form", ["per_item", "warp_specialized", "persistent", "persistent_k2"])
+@pytest.mark.parametrize("form", ["per_item", "warp_specialized", "persistent", "persistent_k2", "persistent_q3"])
 @pytest.mark.parametrize("variant", ["plain", "pad_offset", "d64_shared_lists", "blocks64_ragged", "gqa_batch_pad",
                                      "many_programs", "empty_lists"])
 @pytest.mark.gpu
@@ -745,7 +759,7 @@ def test_block_sparse_gpu(one_config, d, variant):
                     reason="needs a Hopper (sm_90) GPU")
 def test_block_sparse_gluon_gpu(one_config, variant, form):
     """The Gluon sm_90 kernel, its warp-specialised variant and that variant's persistent form
-    (the default for 128-row blocks; 3 K stages where they fit, and 2) against the fp32 oracle
+    (the default for 128-row blocks; 3 K stages where they fit, 2, and 3 q buffers) against the fp32 oracle
     (poisoned output, lse)."""
     pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
     from patchattn.kernels import gluon_attention
@@ -769,7 +783,7 @@ def test_block_sparse_gluon_gpu(one_config, variant, form):
         pytest.skip("the warp-specialised variant takes 128-row blocks")
     with _module_flag(gluon_attention, "WARP_SPECIALIZED", form != "per_item"), \
             _module_flag(gluon_attention, "PERSISTENT", form.startswith("persistent")), \
-            _module_flag(gluon_attention, "WSP_K_STAGES", 2 if form == "persistent_k2" else 3):
+            _persistent_buffers(gluon_attention, form):
         res = check_block_sparse(**kw)
     assert res["gluon_used"], res
     assert not res["nan"] and res["same"] and res["out"] <= 1e-2 and res["lse"] <= 2e-2, res

@@ -53,7 +53,7 @@ def compile_gluon_block_sparse(head_dim: int = 128, block_m: int = 128, block_n:
     if warp_specialized:
         const = dict(HEAD_DIM=head_dim, BLOCK_N=block_n, num_warps=4)
     if persistent:
-        const["K_STAGES"] = ga.wsp_k_stages(head_dim, block_n)
+        const["Q_BUFS"], const["K_STAGES"] = ga.wsp_buffers(head_dim, block_n)
 
     def desc(rows: int) -> str:
         layout = gl.NVMMASharedLayout.get_default_for([rows, head_dim], gl.bfloat16)
@@ -112,7 +112,8 @@ def main(argv=None):
                                 ("ws", 128, 128, 128), ("ws", 64, 128, 128), ("ws", 128, 128, 64),
                                 ("wsp", 128, 128, 128), ("wsp", 64, 128, 128), ("wsp", 128, 128, 64)):
             kernel = compile_gluon_block_sparse(d, bm, bn, form == "ws", form == "wsp")
-            stages = f", {ga.wsp_k_stages(d, bn)} K stages" if form == "wsp" else ""
+            q_bufs, k_stages = ga.wsp_buffers(d, bn)
+            stages = f", {q_bufs} q buffers, {k_stages} K stages" if form == "wsp" else ""
             print(f"{names[form]} head_dim {d}, tile {bm}x{bn}{stages}:", counts(kernel), ptxas_report(kernel),
                   f"shared {kernel.metadata.shared} B")
             assert kernel.metadata.shared <= ga.SM90_SHARED_BYTES, "over the shared memory of one sm_90 block"
