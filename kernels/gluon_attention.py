@@ -462,7 +462,7 @@ if gluon is not None:
         `Counter`, so the items in flight stay consecutive, as the per-item grid's are) and
         hands each to the compute partitions through its q buffer's slots (item, list length,
         kv_start: 3 slots of `item_smem` per q buffer), so that they make no global loads. Per
-        item: the q tile into the q buffer (of two) that the compute partitions released, then
+        item: the q tile into the q buffer (of Q_BUFS) that the compute partitions released, then
         its K / V tiles through the ring, whose position `c` runs on across items. The next item's q and
         first tiles are therefore in flight while the compute partitions finish an item. After
         the last item: slot value -1.
@@ -471,8 +471,9 @@ if gluon is not None:
         does): the compute partitions release K(c)'s stage half a tile before V(c)'s, so a
         loader that issued V(c) before K(c+1) would hold K(c+1) back until V(c)'s stage is free
         and leave K about one tile of lead; this order gives K and V about 1.5 tiles each. An
-        item's last V is issued at the item's end. The list entry for the next tile is loaded before the waits, out of the issue chain, and goes to
-        the compute partitions in the K stage's slot of `kb_smem`."""
+        item's last V is issued at the item's end. The list entry for the next tile is loaded
+        before the waits, out of the issue chain, and goes to the compute partitions in the K
+        stage's slot of `kb_smem`."""
         n_kv = n_heads // group
         c = 0  # ring position of the next K tile
         v_done = 0  # V tiles issued: V(c - 1) is pending (its row in v_row) while v_done < c
@@ -489,7 +490,8 @@ if gluon is not None:
             kv_row = (b * n_kv + kvh) * n_k
             # The list's last entry goes first: in an ascending causal list it is the diagonal
             # block, whose masked softmax then runs under the next tile's q.K^T instead of at the
-            # item's end, where nothing overlaps it (the compute side takes any order).
+            # item's end, where nothing overlaps it (the compute side takes any order). On the H200
+            # this timed 0.99-1.01x of the diagonal-last order (kernel_variants_listorder_h200.json).
             next_kb = gl.load(idx_base + count - 1, mask=count > 0, other=0)
             kv_start = gl.load(KvStart + b)
             qbuf = local % Q_BUFS
@@ -548,10 +550,10 @@ if gluon is not None:
             count = _get_scalar(item_smem.index(3 * qbuf + 1), 4)
             kv_start = _get_scalar(item_smem.index(3 * qbuf + 2), 4)
             b, h, kvh, qb = _item_coords(item, n_heads, group, n_qb)
-            _ws_half(q_smem.index(2 * qbuf + HALF), q_ready.index(qbuf), (local // Q_BUFS) & 1, k_smem, v_smem, kb_smem,
-                     k_ready, k_empty, v_ready, v_empty, o_desc, Out, Lse, count, c0, qb * (2 * HALF_M), kv_start,
-                     n_q, n_k, q_offset, qk_scale, (b * n_heads + h).to(gl.int64) * n_q, HALF, HEAD_DIM, HALF_M,
-                     BLOCK_N, K_STAGES)
+            _ws_half(q_smem.index(2 * qbuf + HALF), q_ready.index(qbuf), (local // Q_BUFS) & 1, k_smem, v_smem,
+                     kb_smem, k_ready, k_empty, v_ready, v_empty, o_desc, Out, Lse, count, c0, qb * (2 * HALF_M),
+                     kv_start, n_q, n_k, q_offset, qk_scale, (b * n_heads + h).to(gl.int64) * n_q, HALF, HEAD_DIM,
+                     HALF_M, BLOCK_N, K_STAGES)
             mbarrier.arrive(q_empty.index(qbuf), count=1)  # every product reading this q is done
             c0 += count
             local += 1
@@ -569,8 +571,8 @@ if gluon is not None:
         item, then claims the next free one (`_item_coords` order) from `Counter` (zeroed by the
         host, counts claims after the first grid), so an item's q load and first K / V tiles
         overlap the previous item's last tiles and store (the fixed cost per item that the
-        per-item kernels pay in series). Q_BUFS q buffers (2 or 3), each with its item's slots; a ring of
-        K_STAGES K tiles (each with a list-entry slot) and 2 V tiles."""
+        per-item kernels pay in series). Q_BUFS q buffers (2 or 3), each with its item's slots; a
+        ring of K_STAGES K tiles (each with a list-entry slot) and 2 V tiles."""
         HALF_M: gl.constexpr = 64
         dtype: gl.constexpr = q_desc.dtype
         q_smem = gl.allocate_shared_memory(dtype, [2 * Q_BUFS, HALF_M, HEAD_DIM], q_desc.layout)
@@ -583,7 +585,7 @@ if gluon is not None:
         v_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         v_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         slot: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
-        item_smem = gl.allocate_shared_memory(gl.int32, [3 * Q_BUFS, 1], slot)  # per q buffer: item, list length, kv_start
+        item_smem = gl.allocate_shared_memory(gl.int32, [3 * Q_BUFS, 1], slot)  # per q buffer: item, count, kv_start
         kb_smem = gl.allocate_shared_memory(gl.int32, [K_STAGES, 1], slot)
         for i in gl.static_range(Q_BUFS):
             mbarrier.init(q_ready.index(i), count=1)

@@ -588,9 +588,9 @@ def test_gluon_kernel_compiles_for_hopper(form):
     """The Gluon sm_90 kernel compiles on a CPU machine, with the overlap intact: the next tile's
     q.K^T is waited with one product still outstanding (pendings = 1), and ptxas keeps the wgmma
     pipeline (no C7514 serialisation) without spills. The warp-specialised variant and its
-    persistent form (3 K stages, 2, and 3 q buffers with 2 K stages) have these products once per compute partition, and the
-    persistent form's buffers fit one block's shared memory. Spills: none with triton 3.6, the
-    GPU machine's (where the kernel is timed and tested); other versions' ptxas input may spill a
+    persistent form (3 K stages, 2, and 3 q buffers with 2 K stages) have these products once per
+    compute partition, and the persistent form's buffers fit one block's shared memory. Spills:
+    none with triton 3.6, the GPU machine's (where the kernel is timed and tested); other versions' ptxas input may spill a
     few scalars (triton 3.9: 20 bytes in the persistent form, kernel parameters stored at a
     partition's start and reloaded later), so up to 32 bytes pass there."""
     pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
@@ -600,7 +600,8 @@ def test_gluon_kernel_compiles_for_hopper(form):
     persistent = form.startswith("persistent")
     with _persistent_buffers(gluon_attention, form):
         kernel = compile_gluon_block_sparse(128, 128, 128, form == "warp_specialized", persistent)
-        assert gluon_attention.wsp_buffers(128, 128) == {"persistent_k2": (2, 2), "persistent_q3": (3, 2)}.get(form, (2, 3))
+        expected = {"persistent_k2": (2, 2), "persistent_q3": (3, 2)}.get(form, (2, 3))
+        assert gluon_attention.wsp_buffers(128, 128) == expected
     assert kernel.metadata.shared <= gluon_attention.SM90_SHARED_BYTES
     ir = kernel.asm["ttgir"]
     # S(0), S(t+1), P.V(t), last tile's P.V (per compute partition)
@@ -759,8 +760,8 @@ def test_block_sparse_gpu(one_config, d, variant):
                     reason="needs a Hopper (sm_90) GPU")
 def test_block_sparse_gluon_gpu(one_config, variant, form):
     """The Gluon sm_90 kernel, its warp-specialised variant and that variant's persistent form
-    (the default for 128-row blocks; 3 K stages where they fit, 2, and 3 q buffers) against the fp32 oracle
-    (poisoned output, lse)."""
+    (the default for 128-row blocks; 3 K stages where they fit, 2, and 3 q buffers) against the fp32
+    oracle (poisoned output, lse)."""
     pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
     from patchattn.kernels import gluon_attention
 
