@@ -167,20 +167,26 @@ if gluon is not None:
         return warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
 
     @gluon.jit
+    def _finished_rows(acc, m_i, l_i, row_o: gl.constexpr):
+        """(output, natural-log lse) of rows whose online softmax is done; rows without a kept
+        key get out = 0, lse = -inf."""
+        l_o = gl.convert_layout(l_i, row_o)
+        has = l_o > 0.0
+        l_safe = gl.where(has, l_o, 1.0)
+        lse = gl.where(has, (gl.convert_layout(m_i, row_o) + gl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+        return acc / l_safe[:, None], lse
+
+    @gluon.jit
     def _store_rows(acc, m_i, l_i, Out, Lse, base, row0, n_q, HEAD_DIM: gl.constexpr, ROWS: gl.constexpr,
                     o_layout: gl.constexpr, row_o: gl.constexpr):
         """Normalise and store query rows [row0, row0 + ROWS) of one (batch, head) whose output
-        rows start at `base`; rows without a kept key get out = 0, lse = -inf."""
-        l_o = gl.convert_layout(l_i, row_o)
-        m_o = gl.convert_layout(m_i, row_o)
-        has = l_o > 0.0
-        out = acc / gl.where(has, l_o, 1.0)[:, None]
+        rows start at `base` (`_finished_rows`)."""
+        out, lse = _finished_rows(acc, m_i, l_i, row_o)
         rows = row0 + gl.arange(0, ROWS, layout=row_o)
         dims = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
         row_ok = rows < n_q
         gl.store(Out + (base + rows[:, None]) * HEAD_DIM + dims[None, :], out.to(Out.dtype.element_ty),
                  mask=row_ok[:, None])
-        lse = gl.where(has, (m_o + gl.log2(gl.where(has, l_o, 1.0))) * 0.6931471805599453, float("-inf"))  # ln 2
         gl.store(Lse + base + rows, lse, mask=row_ok)
 
     @gluon.jit
@@ -192,16 +198,11 @@ if gluon is not None:
         layout; the TMA has read `staging` when this returns. A ragged last block (the 2-D
         descriptor would run into the next head's rows) and the lse take `_store_rows`' stores."""
         if row0 + ROWS <= n_q:
-            has = gl.convert_layout(l_i, row_o) > 0.0
-            out = acc / gl.where(has, gl.convert_layout(l_i, row_o), 1.0)[:, None]
+            out, lse = _finished_rows(acc, m_i, l_i, row_o)
             staging.store(out.to(staging.dtype))
             fence_async_shared()
             _tma_store(o_desc, [(out_base + row0).to(gl.int32), 0], staging)
-            rows = row0 + gl.arange(0, ROWS, layout=row_o)
-            m_o = gl.convert_layout(m_i, row_o)
-            l_o = gl.convert_layout(l_i, row_o)
-            lse = gl.where(has, (m_o + gl.log2(gl.where(has, l_o, 1.0))) * 0.6931471805599453, float("-inf"))
-            gl.store(Lse + out_base + rows, lse)
+            gl.store(Lse + out_base + row0 + gl.arange(0, ROWS, layout=row_o), lse)
             tma.store_wait(0)
         else:
             _store_rows(acc, m_i, l_i, Out, Lse, out_base, row0, n_q, HEAD_DIM, ROWS, o_layout, row_o)

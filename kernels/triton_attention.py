@@ -469,7 +469,8 @@ _vertical_slash_tuned_n = _autotuned(_vertical_slash_fwd, _ATTN_CONFIGS, ["FLAT_
 
 def _check_qkv(q, k, v):
     if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
-        raise ValueError(f"expected q [B,Hq,N,D], k/v [B,Hkv,Nk,D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(
+            f"expected q [B,Hq,N,D], k/v [B,Hkv,Nk,D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     b, hq, _, d = q.shape
     if k.shape[0] != b or k.shape[3] != d or hq % k.shape[1] != 0:
         raise ValueError(f"incompatible q {tuple(q.shape)} and k {tuple(k.shape)}")

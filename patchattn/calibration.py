@@ -98,7 +98,8 @@ def load_prompts(tokenizer, source: PromptSource, length: int, n: int, seed: int
     if isinstance(source, str) and "," in source and not Path(source).exists():
         return _mixed_prompts(tokenizer, [s.strip() for s in source.split(",")], length, n, seed)
     if source is None or (isinstance(source, str) and source == SYNTHETIC):
-        return _synthetic_prompts(tokenizer, length, n, seed), f"synthetic(passkey,niah_single,niah_multikey;seed={seed})"
+        source = f"synthetic(passkey,niah_single,niah_multikey;seed={seed})"
+        return _synthetic_prompts(tokenizer, length, n, seed), source
     if isinstance(source, (list, tuple)):
         texts = [(f"item{i}", t) for i, t in enumerate(source)]
         desc = f"list[{len(texts)}]"
@@ -122,7 +123,8 @@ def load_prompts(tokenizer, source: PromptSource, length: int, n: int, seed: int
             prompts.append(pending[:length])
             # The rest of a long single text still makes prompts; it restarts with BOS.
             rest = pending[length:]
-            bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and pending[:1] == [tokenizer.bos_token_id] else []
+            starts_with_bos = tokenizer.bos_token_id is not None and pending[:1] == [tokenizer.bos_token_id]
+            bos = [tokenizer.bos_token_id] if starts_with_bos else []
             pending = bos + rest if len(texts) == 1 and rest else []
         if len(prompts) >= n:
             break
@@ -501,8 +503,8 @@ def calibrate(model, tokenizer, prompts: PromptSource = None, recipe: Union[str,
 
     prompts: a directory, a .jsonl or text file, a list of strings, None or "synthetic" for
     synthetic needle prompts, or a comma-separated mix of sources ("DIR,synthetic"; the `samples`
-    prompts are split evenly between them, see `load_prompts`). lengths: >= 2 calibration lengths (budgets are fitted to hold at all of them);
-    check_length: a third length the result is checked on (default: midway between the two
+    prompts are split evenly between them, see `load_prompts`). lengths: >= 2 calibration
+    lengths (budgets are fitted to hold at all of them); check_length: a third length the result is checked on (default: midway between the two
     shortest). `timing`, if a dict, receives the phase durations whatever `record_timing` says.
     cache: a folder where profiles (and retrieval scores) are stored and reused, keyed by
     everything they depend on (prompts, weights, candidates, lengths, rows, seed)."""
@@ -535,9 +537,10 @@ def calibrate(model, tokenizer, prompts: PromptSource = None, recipe: Union[str,
     weights = weights_fingerprint(model)
     # Profiles depend on the inputs and the candidate set, not on the target: a cache lets the
     # same profile be re-allocated under other targets / objectives without new forwards.
+    profiling_settings = rcp.profiling.model_dump(mode="json", exclude={"verify_prompts", "last_weight"})
     profile_key = _sha(json.dumps({"version": PROFILE_VERSION, "prompts": prompt_hash, "weights": weights, "specs": specs,
-                                   "profiling": rcp.profiling.model_dump(mode="json", exclude={"verify_prompts", "last_weight"}), "lengths": lengths,
-                                   "check": check_length, "seed": seed}, sort_keys=True).encode())
+                                   "profiling": profiling_settings, "lengths": lengths, "check": check_length, "seed": seed},
+                                  sort_keys=True).encode())
     cache_file = Path(cache) / f"profile-{profile_key[7:]}.pt" if cache else None
 
     # ---- profile: one forward per prompt

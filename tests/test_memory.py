@@ -38,4 +38,5 @@ def test_16k_sparse_path_memory_is_bounded():
         r = _run(method, params, heads)
         grown_gb = (r["peak_kb"] - r["before_kb"]) / 1e6
         assert r["finite"] and r["density"] < 0.2
-        assert grown_gb < 0.35 * full_scores_gb, f"{method}: peak grew {grown_gb:.2f} GB (N x N x heads = {full_scores_gb:.2f} GB)"
+        assert grown_gb < 0.35 * full_scores_gb, (
+            f"{method}: peak grew {grown_gb:.2f} GB (N x N x heads = {full_scores_gb:.2f} GB)")

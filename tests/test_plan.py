@@ -22,7 +22,8 @@ def _plan_dict(model, method="streaming", params=None):
 
 def test_round_trip_is_byte_identical(model, tmp_path):
     data = _plan_dict(model)
-    data["layers"][1]["kv_heads"] = {"1": {"method": "vertical_slash", "params": {"vertical": {"scale": 0.02, "power": 0.5, "min": 8}, "slash": 16}}}
+    vertical = {"scale": 0.02, "power": 0.5, "min": 8}
+    data["layers"][1]["kv_heads"] = {"1": {"method": "vertical_slash", "params": {"vertical": vertical, "slash": 16}}}
     data["layers"][2]["q_heads"] = {"3": {"method": "block_topk", "params": {"gamma": 0.9}}}
     data["calibration"] = {"recipe": "hand-written", "z": [1, 2], "a": {"b": 1}}
     first = Plan.from_dict(data).save(tmp_path / "a.json")
@@ -42,7 +43,8 @@ def test_round_trip_is_byte_identical(model, tmp_path):
     (lambda d: d.update(schema="patchattn.plan/0"), "schema='patchattn.plan/0' is not supported"),
     (lambda d: d["defaults"].update(dense_below=-1), "defaults.dense_below"),
     (lambda d: d["layers"][1].update(reuse_from=1), "layers[1].reuse_from=1 must name an earlier layer"),
-    (lambda d: d["layers"][0].update(method="block_topk", params={"top_k": 2, "gamma": 0.5}), "exactly one of top_k or gamma"),
+    (lambda d: d["layers"][0].update(method="block_topk", params={"top_k": 2, "gamma": 0.5}),
+     "exactly one of top_k or gamma"),
     (lambda d: d["layers"][0].update(method="block_topk", params={"gamma": 1.5}), "gamma"),
 ])
 def test_bad_plan_errors_name_the_problem(model, mutate, message):

@@ -54,7 +54,8 @@ def dense_oracle(q, k, v, keep, scale, softcap=None, dtype=torch.float64):
 def random_block_lists(bsz, heads, n_q, n_k, bm, bn, q_offset, density, device="cpu"):
     """Ascending random key-block lists (diagonal block and block 0 always in), plus the token mask."""
     nqb, nkb = -(-n_q // bm), -(-n_k // bn)
-    last = ((torch.arange(nqb) * bm + bm).clamp(max=n_q) - 1 + q_offset).div(bn, rounding_mode="floor").clamp(max=nkb - 1)
+    last_row = (torch.arange(nqb) * bm + bm).clamp(max=n_q) - 1 + q_offset
+    last = last_row.div(bn, rounding_mode="floor").clamp(max=nkb - 1)
     kb = torch.arange(nkb)
     pick = (torch.rand(bsz, heads, nqb, nkb) < density) | (kb == 0) | (kb == last[:, None])
     pick &= kb <= last[:, None]
@@ -590,9 +591,10 @@ def test_gluon_kernel_compiles_for_hopper(form):
     pipeline (no C7514 serialisation) without spills. The warp-specialised variant and its
     persistent form (3 K stages, 2, and 3 q buffers with 2 K stages) have these products once per
     compute partition, and the persistent form's buffers fit one block's shared memory. Spills:
-    none with triton 3.6, the GPU machine's (where the kernel is timed and tested); other versions' ptxas input may spill a
-    few scalars (triton 3.9: 20 bytes in the persistent form, kernel parameters stored at a
-    partition's start and reloaded later), so up to 32 bytes pass there."""
+    none with triton 3.6, the GPU machine's (where the kernel is timed and tested); other
+    versions' ptxas input may spill a few scalars (triton 3.9: 20 bytes in the persistent form,
+    kernel parameters stored at a partition's start and reloaded later), so up to 32 bytes pass
+    there."""
     pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
     from patchattn.evals.bench.ttgir_probe import compile_gluon_block_sparse, ptxas_report
     from patchattn.kernels import gluon_attention
