@@ -69,7 +69,8 @@ PERSISTENT = os.environ.get("PATCHATTN_GLUON_PERSISTENT", "1") == "1"
 WSP_K_STAGES = int(os.environ.get("PATCHATTN_GLUON_K_STAGES", "3"))
 # q buffers of the persistent form (PATCHATTN_GLUON_Q_BUFFERS=3 for three): with two, an item's q
 # load starts only when the item two before it is done, one item of lead; three give two, and
-# take the shared memory of the third K stage.
+# take the shared memory of the third K stage. Timed on the H200 (kernel_variants_fixed_q{2,3}_h200.json,
+# 2026-12-03): no gain at density 0.05 (32k 1.22 / 1.22, 64k 1.25 / 1.21 of density x SDPA), so two.
 WSP_Q_BUFFERS = int(os.environ.get("PATCHATTN_GLUON_Q_BUFFERS", "2"))
 SM90_SHARED_BYTES = 232448  # the opt-in shared memory limit of one block on sm_90
 
