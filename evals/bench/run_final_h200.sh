@@ -11,7 +11,7 @@ python3 -m pip install -q --no-deps --no-index .whl/*.whl 2>&1 | tail -1
 python3 -m pip install -q --no-deps --no-index --no-build-isolation -e . >/dev/null 2>&1
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 T0=$(date +%s)
-timeout 170 python3 -m pytest -m gpu tests -q -rA -p no:cacheprovider > "$OUT/pytest_gpu_final_h200.log" 2>&1
+timeout 170 python3 -m pytest -m gpu tests -q -p no:cacheprovider > "$OUT/pytest_gpu_final_h200.log" 2>&1
 echo "pytest rc=$?" >> "$OUT/pytest_gpu_final_h200.log"
 grep -E "FAIL|passed|failed|rc=" "$OUT/pytest_gpu_final_h200.log" | tail -6; echo "t=$(( $(date +%s) - T0 ))"
 for q in 3 2; do
