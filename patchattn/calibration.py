@@ -98,8 +98,8 @@ def load_prompts(tokenizer, source: PromptSource, length: int, n: int, seed: int
     if isinstance(source, str) and "," in source and not Path(source).exists():
         return _mixed_prompts(tokenizer, [s.strip() for s in source.split(",")], length, n, seed)
     if source is None or (isinstance(source, str) and source == SYNTHETIC):
-        source = f"synthetic(passkey,niah_single,niah_multikey;seed={seed})"
-        return _synthetic_prompts(tokenizer, length, n, seed), source
+        desc = f"synthetic(passkey,niah_single,niah_multikey;seed={seed})"
+        return _synthetic_prompts(tokenizer, length, n, seed), desc
     if isinstance(source, (list, tuple)):
         texts = [(f"item{i}", t) for i, t in enumerate(source)]
         desc = f"list[{len(texts)}]"
@@ -504,8 +504,9 @@ def calibrate(model, tokenizer, prompts: PromptSource = None, recipe: Union[str,
     prompts: a directory, a .jsonl or text file, a list of strings, None or "synthetic" for
     synthetic needle prompts, or a comma-separated mix of sources ("DIR,synthetic"; the `samples`
     prompts are split evenly between them, see `load_prompts`). lengths: >= 2 calibration
-    lengths (budgets are fitted to hold at all of them); check_length: a third length the result is checked on (default: midway between the two
-    shortest). `timing`, if a dict, receives the phase durations whatever `record_timing` says.
+    lengths (budgets are fitted to hold at all of them); check_length: a third length the
+    result is checked on (default: midway between the two shortest). `timing`, if a dict,
+    receives the phase durations whatever `record_timing` says.
     cache: a folder where profiles (and retrieval scores) are stored and reused, keyed by
     everything they depend on (prompts, weights, candidates, lengths, rows, seed)."""
     t0 = time.perf_counter()
@@ -538,9 +539,9 @@ def calibrate(model, tokenizer, prompts: PromptSource = None, recipe: Union[str,
     # Profiles depend on the inputs and the candidate set, not on the target: a cache lets the
     # same profile be re-allocated under other targets / objectives without new forwards.
     profiling_settings = rcp.profiling.model_dump(mode="json", exclude={"verify_prompts", "last_weight"})
-    profile_key = _sha(json.dumps({"version": PROFILE_VERSION, "prompts": prompt_hash, "weights": weights, "specs": specs,
-                                   "profiling": profiling_settings, "lengths": lengths, "check": check_length, "seed": seed},
-                                  sort_keys=True).encode())
+    profile_key = _sha(json.dumps({"version": PROFILE_VERSION, "prompts": prompt_hash, "weights": weights,
+                                   "specs": specs, "profiling": profiling_settings, "lengths": lengths,
+                                   "check": check_length, "seed": seed}, sort_keys=True).encode())
     cache_file = Path(cache) / f"profile-{profile_key[7:]}.pt" if cache else None
 
     # ---- profile: one forward per prompt
@@ -717,9 +718,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="patchattn calibrate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m", help="alias, folder, hub id or .gguf (patchattn.models.load)")
-    p.add_argument("--recipe", default="budget", help="shipped recipe name (budget, vertical-slash, retrieval-heads) or YAML path")
-    p.add_argument("--prompts", help="directory of text files, .jsonl or text file, 'synthetic' (generated needle prompts, "
-                        "the default), or a comma-separated mix such as DIR,synthetic (--samples split evenly)")
+    p.add_argument("--recipe", default="budget",
+                   help="shipped recipe name (budget, vertical-slash, retrieval-heads) or YAML path")
+    p.add_argument("--prompts", help="directory of text files, .jsonl or text file, 'synthetic' (generated needle "
+                        "prompts, the default), or a comma-separated mix such as DIR,synthetic (--samples "
+                        "split evenly)")
     p.add_argument("--lengths", default="4096,8192", help="comma-separated calibration lengths (>= 2)")
     p.add_argument("--check-length", type=int, help="held-out length the plan is checked on (default: midway)")
     p.add_argument("--samples", type=int, default=8, help="number of prompts (in all, for a mix of sources)")
