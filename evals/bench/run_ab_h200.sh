@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU call (about 6 minutes on an H200): the kernel GPU tests with the working tree's Gluon
+# One GPU call (about 7 minutes on an H200): the kernel GPU tests with the working tree's Gluon
 # kernel, then an A/B of that kernel against another version of kernels/gluon_attention.py
 # (BEFORE=path, e.g. `git show HEAD~1:kernels/gluon_attention.py > .ab/gluon_attention_before.py`):
 # density sweep (32k / 64k, densities 0.05 / 0.1) and the fixed-cost table (32k) for each.
@@ -17,7 +17,7 @@ timeout 170 python3 -m pytest -m gpu tests/test_triton_kernels.py -q -p no:cache
 echo "pytest rc=$?" >> "$OUT/pytest_gpu_${TAG}_h200.log"
 grep -E "FAIL|passed|failed|rc=" "$OUT/pytest_gpu_${TAG}_h200.log" | tail -6; echo "t=$(( $(date +%s) - T0 ))"
 cp kernels/gluon_attention.py /tmp/gluon_attention_after.py
-for v in after before after2; do
+for v in after before; do
   if [ "$v" = before ]; then cp "$BEFORE" kernels/gluon_attention.py; else cp /tmp/gluon_attention_after.py kernels/gluon_attention.py; fi
   timeout 75 python3 -m patchattn.evals.bench.prefill --blocks 128 --seqlens 32k,64k \
     --densities 0.05,0.1 --no-flex --methods "" --vs-variants "" --ttft-seqlens "" --break-even-seqlens "" \
