@@ -143,13 +143,12 @@ if gluon is not None:
                             gl.num_programs(1))
 
     @gluon.jit
-    def _block_list(b, h, qb, BlockIdx, BlockCnt, si_b, si_h, si_q, sc_b, sc_h, idx_group, valid=True):
+    def _block_list(b, h, qb, BlockIdx, BlockCnt, si_b, si_h, si_q, sc_b, sc_h, idx_group):
         """(first entry, length) of the key-block list of (batch b, q head h, query block qb);
-        lists may be per kv head (shared by the group: idx_group q heads per list). Not `valid`:
-        length 0 without a load."""
+        lists may be per kv head (shared by the group: idx_group q heads per list)."""
         idx_h = h // idx_group
         idx_base = BlockIdx + b.to(gl.int64) * si_b + idx_h.to(gl.int64) * si_h + qb.to(gl.int64) * si_q
-        return idx_base, gl.load(BlockCnt + b * sc_b + idx_h * sc_h + qb, mask=valid, other=0)
+        return idx_base, gl.load(BlockCnt + b * sc_b + idx_h * sc_h + qb)
 
     @gluon.jit
     def _online_state(ROWS: gl.constexpr, HEAD_DIM: gl.constexpr, row_layout: gl.constexpr,
@@ -443,22 +442,11 @@ if gluon is not None:
 
     # ------------------------------------------------- persistent warp-specialised variant
     @gluon.jit
-    def _item_list(item, BlockIdx, BlockCnt, si_b, si_h, si_q, sc_b, sc_h, n_heads, group, idx_group, n_qb,
-                   valid=True):
-        """Work item -> (batch, q head, kv head, query block, its list's first entry, its length);
-        an item past the last (not `valid`) reads nothing and gets length 0."""
+    def _item_list(item, BlockIdx, BlockCnt, si_b, si_h, si_q, sc_b, sc_h, n_heads, group, idx_group, n_qb):
+        """Work item -> (batch, q head, kv head, query block, its list's first entry, its length)."""
         b, h, kvh, qb = _item_coords(item, n_heads, group, n_qb)
-        idx_base, count = _block_list(b, h, qb, BlockIdx, BlockCnt, si_b, si_h, si_q, sc_b, sc_h, idx_group, valid)
+        idx_base, count = _block_list(b, h, qb, BlockIdx, BlockCnt, si_b, si_h, si_q, sc_b, sc_h, idx_group)
         return b, h, kvh, qb, idx_base, count
-
-    @gluon.jit
-    def _first_entry(idx_base, count, KvStart, b, valid=True):
-        """(the list entry an item issues first, the batch's kv_start). The list's last entry goes
-        first: in an ascending causal list it is the diagonal block, whose masked softmax then runs
-        under the next tile's q.K^T instead of at the item's end, where nothing overlaps it (the
-        compute side takes any order). On the H200 this timed 0.99-1.01x of the diagonal-last
-        order (kernel_variants_listorder_h200.json). Not `valid` (an item past the last): no loads."""
-        return gl.load(idx_base + count - 1, mask=count > 0, other=0), gl.load(KvStart + b, mask=valid, other=0)
 
     @gluon.jit
     def _issue_pending_v(v_desc, v_smem, v_ready, v_empty, c, v_row, pred):
@@ -487,31 +475,27 @@ if gluon is not None:
         and leave K about one tile of lead; this order gives K and V about 1.5 tiles each. An
         item's last V is issued at the item's end. The list entry for the next tile is loaded
         before the waits, out of the issue chain, and goes to the compute partitions in the K
-        stage's slot of `kb_smem`.
-
-        Item metadata runs one item ahead: the next item's id (claimed by an atomic issued an item
-        earlier), list length, first-issued entry and kv_start are loaded while this item's tiles
-        are issued, so an item starts without the two dependent global round trips (length, then
-        entry) that otherwise sit between two items' loads."""
+        stage's slot of `kb_smem`."""
         n_kv = n_heads // group
         c = 0  # ring position of the next K tile
         v_done = 0  # V tiles issued: V(c - 1) is pending (its row in v_row) while v_done < c
         v_row = 0
         local = 0
         item = gl.program_id(0)
-        claimed = gl.atomic_add(Counter, 1)  # the item after `item`
-        b, h, kvh, qb, idx_base, count = _item_list(item, BlockIdx, BlockCnt, si_b, si_h, si_q, sc_b, sc_h, n_heads,
-                                                    group, idx_group, n_qb)
-        next_kb, kv_start = _first_entry(idx_base, count, KvStart, b)
         while item < n_items:
-            # The item after the next one is claimed now: two claims are in flight per program, and the
-            # next item's length load goes out here, each used an item later.
-            nxt = gl.num_programs(0) + claimed
+            # The next item is claimed now and used after this item's loads are issued, so the
+            # atomic's round trip runs under them instead of between two items.
             claimed = gl.atomic_add(Counter, 1)
-            nb, nh, nkvh, nqb, n_idx_base, n_count = _item_list(nxt, BlockIdx, BlockCnt, si_b, si_h, si_q, sc_b, sc_h,
-                                                                n_heads, group, idx_group, n_qb, nxt < n_items)
+            b, h, kvh, qb, idx_base, count = _item_list(item, BlockIdx, BlockCnt, si_b, si_h, si_q, sc_b, sc_h,
+                                                        n_heads, group, idx_group, n_qb)
             q_row = (b * n_heads + h) * n_q + qb * (2 * HALF_M)
             kv_row = (b * n_kv + kvh) * n_k
+            # The list's last entry goes first: in an ascending causal list it is the diagonal
+            # block, whose masked softmax then runs under the next tile's q.K^T instead of at the
+            # item's end, where nothing overlaps it (the compute side takes any order). On the H200
+            # this timed 0.99-1.01x of the diagonal-last order (kernel_variants_listorder_h200.json).
+            next_kb = gl.load(idx_base + count - 1, mask=count > 0, other=0)
+            kv_start = gl.load(KvStart + b)
             qbuf = local % Q_BUFS
             mbarrier.wait(q_empty.index(qbuf), ((local // Q_BUFS) & 1) ^ 1)  # fresh: counts as released
             _put_scalar(item_smem.index(3 * qbuf), item, 1)
@@ -536,14 +520,10 @@ if gluon is not None:
             # only when the item before this one is done, so a V held back to it would reach
             # the compute partitions one load latency after they start this item's last tile,
             # on every item (and after an empty list the pending V is an earlier item's).
-            # The next item's first entry and kv_start go out before the V wait below (its length
-            # has landed during this item's tiles).
-            n_next_kb, n_kv_start = _first_entry(n_idx_base, n_count, KvStart, nb, nxt < n_items)
             _issue_pending_v(v_desc, v_smem, v_ready, v_empty, c, v_row, v_done < c)
             v_done = c
             local += 1
-            item, b, h, kvh, qb, idx_base, count = nxt, nb, nh, nkvh, nqb, n_idx_base, n_count
-            next_kb, kv_start = n_next_kb, n_kv_start
+            item = gl.num_programs(0) + claimed
         qbuf = local % Q_BUFS
         mbarrier.wait(q_empty.index(qbuf), ((local // Q_BUFS) & 1) ^ 1)
         _put_scalar(item_smem.index(3 * qbuf), -1, 1)
