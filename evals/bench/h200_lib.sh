@@ -1,0 +1,32 @@
+# Shared by the run_*_h200.sh GPU calls (sourced, from the repository root).
+# h200_setup: install the carried wheels (.whl/) and this checkout, export the offline settings,
+#   start the clock T0.
+# h200_pytest TIMEOUT LOG [PYTEST ARGS...]: `pytest -m gpu` under a timeout into LOG, with its rc
+#   appended; prints the summary lines.
+# h200_sweep_and_fixed NAME: the 32k / 64k density sweep (0.05 / 0.1) and the 32k fixed-cost table,
+#   into $OUT/prefill_density_sweep_NAME_h200.json and $OUT/kernel_variants_fixed_NAME_h200.json
+#   (environment variables set by the caller apply to both).
+
+h200_setup() {
+  python3 -m pip install -q --no-deps --no-index .whl/*.whl 2>&1 | tail -1
+  python3 -m pip install -q --no-deps --no-index --no-build-isolation -e . >/dev/null 2>&1
+  export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+  T0=$(date +%s)
+}
+
+h200_pytest() {
+  local limit=$1 log=$2; shift 2
+  timeout "$limit" python3 -m pytest -m gpu "$@" -q -p no:cacheprovider > "$log" 2>&1
+  echo "pytest rc=$?" >> "$log"
+  grep -E "FAIL|passed|failed|rc=" "$log" | tail -6; echo "t=$(( $(date +%s) - T0 ))"
+}
+
+h200_sweep_and_fixed() {
+  timeout 75 python3 -m patchattn.evals.bench.prefill --blocks 128 --seqlens 32k,64k \
+    --densities 0.05,0.1 --no-flex --methods "" --vs-variants "" --ttft-seqlens "" --break-even-seqlens "" \
+    --timing queued --out "$OUT/prefill_density_sweep_${1}_h200.json" 2>&1 | grep "^|" | grep -v "^| N\|---"
+  timeout 45 python3 -m patchattn.evals.bench.kernel_variants --seqlens 32k \
+    --densities 0.05 --tables fixed --timing queued --out "$OUT/kernel_variants_fixed_${1}_h200.json" 2>&1 \
+    | grep "^|" | grep -v "^| N\|---"
+  echo "$1 t=$(( $(date +%s) - T0 ))"
+}
