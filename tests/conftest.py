@@ -7,6 +7,10 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Test subprocesses (`python -c`, `python -m`) would put the working directory, the repository
+# root, first on sys.path, where the top-level kernels/ shadows Hugging Face's `kernels`, which
+# transformers >= 5.25 imports (the README's pytest command passes -P for this process).
+os.environ.setdefault("PYTHONSAFEPATH", "1")
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
 STORIES = SHARED / "models" / "stories260k"
