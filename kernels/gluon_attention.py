@@ -72,6 +72,9 @@ WSP_K_STAGES = int(os.environ.get("PATCHATTN_GLUON_K_STAGES", "3"))
 # take the shared memory of the third K stage. Timed on the H200 (kernel_variants_fixed_q{2,3}_h200.json,
 # 2026-12-03): no gain at density 0.05 (32k 1.22 / 1.22, 64k 1.25 / 1.21 of density x SDPA), so two.
 WSP_Q_BUFFERS = int(os.environ.get("PATCHATTN_GLUON_Q_BUFFERS", "2"))
+# Compute-partition ping-pong (`_take_turn`; PATCHATTN_GLUON_PINGPONG=0: the two halves issue
+# their products whenever ready, in FlashAttention-3's order either way).
+PINGPONG = os.environ.get("PATCHATTN_GLUON_PINGPONG", "1") == "1"
 SM90_SHARED_BYTES = 232448  # the opt-in shared memory limit of one block on sm_90
 
 if gluon is not None:
@@ -113,17 +116,25 @@ if gluon is not None:
         return p, alpha, m_new, l_i * alpha + gl.sum(p, 1)
 
     @gluon.jit
-    def _softmax_and_pv(s, m_i, l_i, acc, kb, t, v_smem, v_bar, qk_scale, pos, offs_n, first_pos, kv_start, n_k,
-                        BLOCK_N: gl.constexpr, p_layout: gl.constexpr, row_o: gl.constexpr,
-                        V_STAGES: gl.constexpr = 3):
-        """Tile t (key block kb): softmax of its scores s (masked only where the tile crosses the
-        diagonal, n_k or kv_start), acc rescaled, then P.V issued asynchronously on V stage
-        t % V_STAGES. Returns (the in-flight P.V, m, l)."""
+    def _tile_probs(s, m_i, l_i, kb, qk_scale, pos, offs_n, first_pos, kv_start, n_k, dtype: gl.constexpr,
+                    BLOCK_N: gl.constexpr, p_layout: gl.constexpr, row_o: gl.constexpr):
+        """Softmax of key block kb's scores s (masked only where the tile crosses the diagonal, n_k
+        or kv_start). Returns (P as the P.V product's operand, alpha in the accumulator's row
+        layout, m, l)."""
         n0 = kb * BLOCK_N
         masked = (n0 + BLOCK_N - 1 > first_pos) | (n0 + BLOCK_N > n_k) | (n0 < kv_start)
         p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, qk_scale, pos, n0 + offs_n, kv_start, n_k, masked)
-        p_op = gl.convert_layout(p.to(v_smem.dtype), p_layout)
-        acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+        return gl.convert_layout(p.to(dtype), p_layout), gl.convert_layout(alpha, row_o), m_i, l_i
+
+    @gluon.jit
+    def _softmax_and_pv(s, m_i, l_i, acc, kb, t, v_smem, v_bar, qk_scale, pos, offs_n, first_pos, kv_start, n_k,
+                        BLOCK_N: gl.constexpr, p_layout: gl.constexpr, row_o: gl.constexpr,
+                        V_STAGES: gl.constexpr = 3):
+        """Tile t (key block kb): `_tile_probs`, acc rescaled, then P.V issued asynchronously on V
+        stage t % V_STAGES. Returns (the in-flight P.V, m, l)."""
+        p_op, alpha, m_i, l_i = _tile_probs(s, m_i, l_i, kb, qk_scale, pos, offs_n, first_pos, kv_start, n_k,
+                                            v_smem.dtype, BLOCK_N, p_layout, row_o)
+        acc = acc * alpha[:, None]
         mbarrier.wait(v_bar.index(t % V_STAGES), (t // V_STAGES) & 1)
         return warpgroup_mma(p_op, v_smem.index(t % V_STAGES), acc, is_async=True), m_i, l_i
 
@@ -331,16 +342,36 @@ if gluon is not None:
             _issue_tile(v_desc, v_smem.index(stage), v_ready.index(stage), row, True)
 
     @gluon.jit
-    def _ws_half(q_tile, q_bar, q_phase, k_smem, v_smem, kb_smem, k_ready, k_empty, v_ready, v_empty, o_desc, Out, Lse,
-                 count, c0, first_row, kv_start, n_q, n_k, q_offset, qk_scale, out_base, HALF: gl.constexpr,
-                 HEAD_DIM: gl.constexpr, HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, K_STAGES: gl.constexpr = 2):
+    def _take_turn(turn, g, HALF: gl.constexpr, PINGPONG: gl.constexpr):
+        """Wait for this compute partition's g-th turn at the tensor cores: half 0's turn g follows
+        half 1's turn g - 1 (its first is free: a fresh barrier's parity-1 wait returns), half 1's
+        turn g follows half 0's turn g."""
+        if PINGPONG:
+            mbarrier.wait(turn.index(HALF), (g & 1) ^ (1 - HALF))
+
+    @gluon.jit
+    def _pass_turn(turn, HALF: gl.constexpr, PINGPONG: gl.constexpr):
+        """Hand the tensor cores to the other compute partition (its products queue behind ours)."""
+        if PINGPONG:
+            mbarrier.arrive(turn.index(1 - HALF), count=1)
+
+    @gluon.jit
+    def _ws_half(q_tile, q_bar, q_phase, k_smem, v_smem, kb_smem, k_ready, k_empty, v_ready, v_empty, turn, g, o_desc,
+                 Out, Lse, count, c0, first_row, kv_start, n_q, n_k, q_offset, qk_scale, out_base, HALF: gl.constexpr,
+                 HEAD_DIM: gl.constexpr, HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, K_STAGES: gl.constexpr = 2,
+                 PINGPONG: gl.constexpr = True):
         """One compute partition's work on one item: query rows [first_row + HALF * HALF_M,
-        + HALF_M) against the item's list, the per-item kernel's tile loop (S(t+1) issued before
-        softmax(t)) on 64 rows, releasing each K / V ring stage to the loader once its product is
-        done, then the store. c0: the ring position of the list's first tile (the tiles of earlier
-        items in a persistent program); q_phase: the phase of q_bar that holds this item's q.
-        K tile c sits in stage c % K_STAGES, V tile c in stage c % 2; the tile's list entry (for
-        the mask test) in the K stage's slot of kb_smem, read before the stage is released."""
+        + HALF_M) against the item's list, releasing each K / V ring stage to the loader once its
+        product is done, then the store. c0: the ring position of the list's first tile (the tiles
+        of earlier items in a persistent program); q_phase: the phase of q_bar that holds this
+        item's q. K tile c sits in stage c % K_STAGES, V tile c in stage c % 2; the tile's list
+        entry (for the mask test) in the K stage's slot of kb_smem, read before the stage is released.
+
+        FlashAttention-3's order: per tile, S(t+1) = q.K(t+1)^T and acc += P(t).V(t) are issued
+        together, then softmax(t+1) runs under P(t).V(t). With PINGPONG the two partitions take
+        turns to issue (`turn`, g: this partition's turns so far, returned updated: count + 1 per
+        non-empty list), so one partition's softmax and store run under the other's products
+        instead of both softmaxes leaving the tensor cores idle at once."""
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BLOCK_N, 16])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -354,49 +385,67 @@ if gluon is not None:
         first_pos = first_row + q_offset  # the tile's first row decides which tiles need the mask
         zero_s = gl.zeros([HALF_M, BLOCK_N], gl.float32, layout=s_layout)
         m_i, l_i, acc = _online_state(HALF_M, HEAD_DIM, row_s, o_layout)
-        s = _first_scores(q_tile, q_bar, k_smem.index(c0 % K_STAGES), k_ready.index(c0 % K_STAGES), count, zero_s,
-                          q_phase, (c0 // K_STAGES) & 1)
-        kb = _get_scalar(kb_smem.index(c0 % K_STAGES), 4)
-        mbarrier.arrive(k_empty.index(c0 % K_STAGES), count=1, pred=count > 0)
-        for t in range(0, count - 1):
-            c = c0 + t
-            nxt = (c + 1) % K_STAGES
-            mbarrier.wait(k_ready.index(nxt), ((c + 1) // K_STAGES) & 1)
-            kb_next = _get_scalar(kb_smem.index(nxt), 4)
-            s_next = warpgroup_mma(q_tile, k_smem.index(nxt).permute((1, 0)), zero_s, use_acc=False,
-                                   is_async=True)
-            pv, m_i, l_i = _softmax_and_pv(s, m_i, l_i, acc, kb, c, v_smem, v_ready, qk_scale, pos, offs_n,
-                                           first_pos, kv_start, n_k, BLOCK_N, p_layout, row_o, 2)
-            s = warpgroup_mma_wait(num_outstanding=1, deps=(s_next, ))
-            mbarrier.arrive(k_empty.index(nxt), count=1)
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(pv, ))
-            mbarrier.arrive(v_empty.index(c % 2), count=1)
-            kb = kb_next
-        if count > 0:  # the last tile
-            c = c0 + count - 1
-            pv, m_i, l_i = _softmax_and_pv(s, m_i, l_i, acc, kb, c, v_smem, v_ready, qk_scale, pos, offs_n,
-                                           first_pos, kv_start, n_k, BLOCK_N, p_layout, row_o, 2)
+        mbarrier.wait(q_bar, q_phase)
+        if count > 0:
+            stage = c0 % K_STAGES
+            mbarrier.wait(k_ready.index(stage), (c0 // K_STAGES) & 1)
+            kb = _get_scalar(kb_smem.index(stage), 4)
+            _take_turn(turn, g, HALF, PINGPONG)
+            s = warpgroup_mma(q_tile, k_smem.index(stage).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            _pass_turn(turn, HALF, PINGPONG)
+            g += 1
+            s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+            mbarrier.arrive(k_empty.index(stage), count=1)
+            # acc is still zero: the first alpha needs no rescale
+            p_op, alpha, m_i, l_i = _tile_probs(s, m_i, l_i, kb, qk_scale, pos, offs_n, first_pos, kv_start, n_k,
+                                                v_smem.dtype, BLOCK_N, p_layout, row_o)
+            for t in range(0, count - 1):
+                c = c0 + t
+                nxt = (c + 1) % K_STAGES
+                mbarrier.wait(k_ready.index(nxt), ((c + 1) // K_STAGES) & 1)
+                kb = _get_scalar(kb_smem.index(nxt), 4)
+                mbarrier.wait(v_ready.index(c % 2), (c // 2) & 1)
+                _take_turn(turn, g, HALF, PINGPONG)
+                s_next = warpgroup_mma(q_tile, k_smem.index(nxt).permute((1, 0)), zero_s, use_acc=False,
+                                       is_async=True)
+                pv = warpgroup_mma(p_op, v_smem.index(c % 2), acc, is_async=True)
+                _pass_turn(turn, HALF, PINGPONG)
+                g += 1
+                s = warpgroup_mma_wait(num_outstanding=1, deps=(s_next, ))
+                mbarrier.arrive(k_empty.index(nxt), count=1)
+                p_op, alpha, m_i, l_i = _tile_probs(s, m_i, l_i, kb, qk_scale, pos, offs_n, first_pos, kv_start,
+                                                    n_k, v_smem.dtype, BLOCK_N, p_layout, row_o)
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(pv, ))
+                mbarrier.arrive(v_empty.index(c % 2), count=1)
+                acc = acc * alpha[:, None]
+            c = c0 + count - 1  # the last tile's P.V
+            mbarrier.wait(v_ready.index(c % 2), (c // 2) & 1)
+            _take_turn(turn, g, HALF, PINGPONG)
+            pv = warpgroup_mma(p_op, v_smem.index(c % 2), acc, is_async=True)
+            _pass_turn(turn, HALF, PINGPONG)
+            g += 1
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(pv, ))
             mbarrier.arrive(v_empty.index(c % 2), count=1)
         _store_half(acc, m_i, l_i, q_tile, o_desc, Out, Lse, out_base, rows0, n_q, HEAD_DIM, HALF_M, o_layout, row_o)
+        return g
 
     @gluon.jit
-    def _ws_compute(q_smem, k_smem, v_smem, kb_smem, q_bar, k_ready, k_empty, v_ready, v_empty, o_desc, Out, Lse, count,
-                    first_row, kv_start, n_q, n_k, q_offset, qk_scale, out_base, HALF: gl.constexpr,
-                    HEAD_DIM: gl.constexpr, HALF_M: gl.constexpr, BLOCK_N: gl.constexpr):
+    def _ws_compute(q_smem, k_smem, v_smem, kb_smem, q_bar, k_ready, k_empty, v_ready, v_empty, turn, o_desc, Out, Lse,
+                    count, first_row, kv_start, n_q, n_k, q_offset, qk_scale, out_base, HALF: gl.constexpr,
+                    HEAD_DIM: gl.constexpr, HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, PINGPONG: gl.constexpr):
         """4-warp compute partition for one 64-row half of the item (`_ws_half`). The two halves
         share the K/V tiles but not a CTA barrier, so one half's softmax can run under the
         other's wgmma."""
-        _ws_half(q_smem.index(HALF), q_bar, 0, k_smem, v_smem, kb_smem, k_ready, k_empty, v_ready, v_empty, o_desc, Out,
-                 Lse, count, 0, first_row, kv_start, n_q, n_k, q_offset, qk_scale, out_base, HALF, HEAD_DIM, HALF_M,
-                 BLOCK_N)
+        _ws_half(q_smem.index(HALF), q_bar, 0, k_smem, v_smem, kb_smem, k_ready, k_empty, v_ready, v_empty, turn,
+                 gl.to_tensor(0), o_desc, Out, Lse, count, 0, first_row, kv_start, n_q, n_k, q_offset, qk_scale, out_base, HALF, HEAD_DIM,
+                 HALF_M, BLOCK_N, 2, PINGPONG)
 
     @gluon.jit
     def _block_sparse_fwd_sm90_ws(
         q_desc, k_desc, v_desc, o_desc, Out, Lse, BlockIdx, BlockCnt, KvStart,
         si_b, si_h, si_q, sc_b, sc_h,
         n_q, n_k, n_heads, group, idx_group, q_offset, qk_scale,
-        HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, num_warps: gl.constexpr,
+        HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, PINGPONG: gl.constexpr, num_warps: gl.constexpr,
     ):
         """Warp-specialised variant (BLOCK_M = 128 as two 64-row halves): a 1-warp TMA loader and
         two 4-warp compute partitions synchronised only through per-stage ready / released
@@ -421,8 +470,10 @@ if gluon is not None:
         k_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         v_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         v_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # `_take_turn`
         mbarrier.init(q_bar, count=1)
         for i in gl.static_range(2):
+            mbarrier.init(turn.index(i), count=1)
             mbarrier.init(k_ready.index(i), count=1)
             mbarrier.init(v_ready.index(i), count=1)
             mbarrier.init(k_empty.index(i), count=2)  # one arrival per compute partition
@@ -430,12 +481,12 @@ if gluon is not None:
 
         first_row = qb * (2 * HALF_M)
         gl.warp_specialize([
-            (_ws_compute, (q_smem, k_smem, v_smem, kb_smem, q_bar, k_ready, k_empty, v_ready, v_empty, o_desc, Out,
-                           Lse, count, first_row, kv_start, n_q, n_k, q_offset, qk_scale, out_base, 0, HEAD_DIM,
-                           HALF_M, BLOCK_N)),
-            (_ws_compute, (q_smem, k_smem, v_smem, kb_smem, q_bar, k_ready, k_empty, v_ready, v_empty, o_desc, Out,
-                           Lse, count, first_row, kv_start, n_q, n_k, q_offset, qk_scale, out_base, 1, HEAD_DIM,
-                           HALF_M, BLOCK_N)),
+            (_ws_compute, (q_smem, k_smem, v_smem, kb_smem, q_bar, k_ready, k_empty, v_ready, v_empty, turn, o_desc,
+                           Out, Lse, count, first_row, kv_start, n_q, n_k, q_offset, qk_scale, out_base, 0, HEAD_DIM,
+                           HALF_M, BLOCK_N, PINGPONG)),
+            (_ws_compute, (q_smem, k_smem, v_smem, kb_smem, q_bar, k_ready, k_empty, v_ready, v_empty, turn, o_desc,
+                           Out, Lse, count, first_row, kv_start, n_q, n_k, q_offset, qk_scale, out_base, 1, HEAD_DIM,
+                           HALF_M, BLOCK_N, PINGPONG)),
             (_ws_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, kb_smem, q_bar, k_ready, k_empty, v_ready,
                           v_empty, idx_base, count, q_row, kv_row, BLOCK_N, HALF_M)),
         ], [4, 1], [240, 24])
@@ -537,14 +588,15 @@ if gluon is not None:
 
     @gluon.jit
     def _wsp_compute(q_smem, k_smem, v_smem, kb_smem, item_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
-                     o_desc, Out, Lse, n_q, n_k, n_heads, group, n_qb, q_offset, qk_scale, HALF: gl.constexpr,
+                     turn, o_desc, Out, Lse, n_q, n_k, n_heads, group, n_qb, q_offset, qk_scale, HALF: gl.constexpr,
                      HEAD_DIM: gl.constexpr, HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, K_STAGES: gl.constexpr,
-                     Q_BUFS: gl.constexpr):
+                     Q_BUFS: gl.constexpr, PINGPONG: gl.constexpr):
         """4-warp compute partition for one 64-row half of each item the loader hands over
         (`_ws_half`), with the ring position and the q buffer carried across items; the item,
         its list length and kv_start come from the q buffer's slots once its q has landed
         (item -1: none left)."""
         c0 = 0
+        g = gl.to_tensor(0)  # turns taken (`_ws_half`)
         local = 0
         item = _wsp_item(item_smem, q_ready, local, Q_BUFS)
         while item >= 0:
@@ -552,10 +604,10 @@ if gluon is not None:
             count = _get_scalar(item_smem.index(3 * qbuf + 1), 4)
             kv_start = _get_scalar(item_smem.index(3 * qbuf + 2), 4)
             b, h, kvh, qb = _item_coords(item, n_heads, group, n_qb)
-            _ws_half(q_smem.index(2 * qbuf + HALF), q_ready.index(qbuf), (local // Q_BUFS) & 1, k_smem, v_smem,
-                     kb_smem, k_ready, k_empty, v_ready, v_empty, o_desc, Out, Lse, count, c0, qb * (2 * HALF_M),
-                     kv_start, n_q, n_k, q_offset, qk_scale, (b * n_heads + h).to(gl.int64) * n_q, HALF, HEAD_DIM,
-                     HALF_M, BLOCK_N, K_STAGES)
+            g = _ws_half(q_smem.index(2 * qbuf + HALF), q_ready.index(qbuf), (local // Q_BUFS) & 1, k_smem, v_smem,
+                         kb_smem, k_ready, k_empty, v_ready, v_empty, turn, g, o_desc, Out, Lse, count, c0,
+                         qb * (2 * HALF_M), kv_start, n_q, n_k, q_offset, qk_scale,
+                         (b * n_heads + h).to(gl.int64) * n_q, HALF, HEAD_DIM, HALF_M, BLOCK_N, K_STAGES, PINGPONG)
             mbarrier.arrive(q_empty.index(qbuf), count=1)  # every product reading this q is done
             c0 += count
             local += 1
@@ -567,7 +619,7 @@ if gluon is not None:
         si_b, si_h, si_q, sc_b, sc_h,
         n_q, n_k, n_heads, group, idx_group, q_offset, qk_scale, n_qb, n_items, Counter,
         HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, K_STAGES: gl.constexpr, Q_BUFS: gl.constexpr,
-        num_warps: gl.constexpr,
+        PINGPONG: gl.constexpr, num_warps: gl.constexpr,
     ):
         """Persistent warp-specialised variant: one program per SM; each takes its program id's
         item, then claims the next free one (`_item_coords` order) from `Counter` (zeroed by the
@@ -586,6 +638,7 @@ if gluon is not None:
         k_empty = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())
         v_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         v_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # `_take_turn`
         slot: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
         item_smem = gl.allocate_shared_memory(gl.int32, [3 * Q_BUFS, 1], slot)  # per q buffer: item, count, kv_start
         kb_smem = gl.allocate_shared_memory(gl.int32, [K_STAGES, 1], slot)
@@ -593,6 +646,7 @@ if gluon is not None:
             mbarrier.init(q_ready.index(i), count=1)
             mbarrier.init(q_empty.index(i), count=2)  # one arrival per compute partition
         for i in gl.static_range(2):
+            mbarrier.init(turn.index(i), count=1)
             mbarrier.init(v_ready.index(i), count=1)
             mbarrier.init(v_empty.index(i), count=2)
         for i in gl.static_range(K_STAGES):
@@ -600,11 +654,11 @@ if gluon is not None:
             mbarrier.init(k_empty.index(i), count=2)
         gl.warp_specialize([
             (_wsp_compute, (q_smem, k_smem, v_smem, kb_smem, item_smem, q_ready, q_empty, k_ready, k_empty, v_ready,
-                            v_empty, o_desc, Out, Lse, n_q, n_k, n_heads, group, n_qb, q_offset, qk_scale, 0, HEAD_DIM,
-                            HALF_M, BLOCK_N, K_STAGES, Q_BUFS)),
+                            v_empty, turn, o_desc, Out, Lse, n_q, n_k, n_heads, group, n_qb, q_offset, qk_scale, 0,
+                            HEAD_DIM, HALF_M, BLOCK_N, K_STAGES, Q_BUFS, PINGPONG)),
             (_wsp_compute, (q_smem, k_smem, v_smem, kb_smem, item_smem, q_ready, q_empty, k_ready, k_empty, v_ready,
-                            v_empty, o_desc, Out, Lse, n_q, n_k, n_heads, group, n_qb, q_offset, qk_scale, 1, HEAD_DIM,
-                            HALF_M, BLOCK_N, K_STAGES, Q_BUFS)),
+                            v_empty, turn, o_desc, Out, Lse, n_q, n_k, n_heads, group, n_qb, q_offset, qk_scale, 1,
+                            HEAD_DIM, HALF_M, BLOCK_N, K_STAGES, Q_BUFS, PINGPONG)),
             (_wsp_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, kb_smem, item_smem, q_ready, q_empty,
                            k_ready, k_empty, v_ready, v_empty, Counter, BlockIdx, BlockCnt, KvStart, si_b, si_h, si_q,
                            sc_b, sc_h, n_q, n_k, n_heads, group, idx_group, n_qb, n_items, BLOCK_N, HALF_M, K_STAGES,
@@ -689,10 +743,10 @@ def block_sparse_attention_sm90(
             q_bufs, k_stages = wsp_buffers(d, block_n, q.element_size())
             _block_sparse_fwd_sm90_wsp[(grid,)](
                 *args, n_qb, n_items, counter, HEAD_DIM=d, BLOCK_N=block_n, K_STAGES=k_stages,
-                Q_BUFS=q_bufs, num_warps=4, maxnreg=WS_MAXNREG)
+                Q_BUFS=q_bufs, PINGPONG=PINGPONG, num_warps=4, maxnreg=WS_MAXNREG)
         else:
             _block_sparse_fwd_sm90_ws[(bsz * hq, n_qb)](
-                *args, HEAD_DIM=d, BLOCK_N=block_n, num_warps=4, maxnreg=WS_MAXNREG)
+                *args, HEAD_DIM=d, BLOCK_N=block_n, PINGPONG=PINGPONG, num_warps=4, maxnreg=WS_MAXNREG)
         if result is not out:
             out.copy_(result)
         return

@@ -2,6 +2,8 @@
 # One GPU call (about 8 minutes on an H200): every GPU test, then 2 vs 3 Gluon q buffers (density
 # sweep and fixed-cost table each), then the default-form prefill run that #5's acceptance reads
 # (block-sparse vs SDPA and flex, vertical_slash / block_topk end to end, TTFT, break-even).
+# QBUFFERS="3 2" (default) picks the q-buffer settings timed; QBUFFERS="" skips that part.
+# PYTEST_LIMIT (default 170) bounds the test run.
 # Usage: OUT=/some/dir bash evals/bench/run_final_h200.sh   (wheels for pydantic in .whl/)
 set -u
 cd "$(dirname "$0")/../.."
@@ -9,8 +11,8 @@ OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 . evals/bench/h200_lib.sh
 h200_setup
-h200_pytest 170 "$OUT/pytest_gpu_final_h200.log" tests
-for q in 3 2; do
+h200_pytest "${PYTEST_LIMIT:-170}" "$OUT/pytest_gpu_final_h200.log" tests
+for q in ${QBUFFERS-3 2}; do
   PATCHATTN_GLUON_Q_BUFFERS=$q h200_sweep_and_fixed "q${q}"
 done
 timeout 180 python3 -m patchattn.evals.bench.prefill --blocks 128 --timing queued --seqlens 128k,32k,64k \

@@ -51,7 +51,7 @@ def compile_gluon_block_sparse(head_dim: int = 128, block_m: int = 128, block_n:
     params = list(inspect.signature(fn.fn).parameters)
     const = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=8 if block_m == 128 else 4)
     if warp_specialized:
-        const = dict(HEAD_DIM=head_dim, BLOCK_N=block_n, num_warps=4)
+        const = dict(HEAD_DIM=head_dim, BLOCK_N=block_n, PINGPONG=ga.PINGPONG, num_warps=4)
     if persistent:
         const["Q_BUFS"], const["K_STAGES"] = ga.wsp_buffers(head_dim, block_n)
 
