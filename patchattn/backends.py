@@ -70,6 +70,9 @@ def kernels_enabled(device: torch.device) -> bool:
 # With the Gluon block kernel (h200/prefill_gluon_h200.json): 16k 0.98x / 0.72x, 32k 2.43x / 2.68x.
 # With its warp-specialised variant (h200/prefill_gluon_ws_h200.json): 16k 1.00x / 1.06x, 32k
 # 2.60x / 2.78x. block_topk's 16k margin is one run and 6 %, after 0.72x in the run before: 32k stays.
+# With the FlashAttention-3-order Gluon kernel, two runs at 16k and 24k (h200/prefill_break_even_r{1,2}
+# _h200.json): 16k 0.88-1.03x (vertical_slash) and 1.00-1.08x (block_topk), level with SDPA; 24k
+# 1.88-1.94x and 1.82-2.05x. So both move to 24k; the methods not timed at 24k keep 32k.
 # The plan's own dense_below applies on top. PATCHATTN_DENSE_BELOW=<int> overrides every entry.
 # Query rows per program of the vertical_slash kernel. Taller tiles share each gathered column
 # tile and each slash band between more rows, but compute more pairs off a band's diagonals.
@@ -81,8 +84,8 @@ VS_FLAT_SLASH = os.environ.get("PATCHATTN_VS_FLAT_SLASH", "0") == "1"
 
 KERNEL_BREAK_EVEN = {
     "streaming": 32768,
-    "vertical_slash": 32768,
-    "block_topk": 32768,
+    "vertical_slash": 24576,
+    "block_topk": 24576,
     "flexprefill": 32768,
     "xattention": 32768,
 }
