@@ -170,11 +170,11 @@ if gluon is not None:
                 gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout))
 
     @gluon.jit
-    def _first_scores(q_tile, q_bar, k_tile, k_bar, count, zero_s, q_phase=0, k_phase=0):
+    def _first_scores(q_tile, q_bar, k_tile, k_bar, count, zero_s):
         """S(0) = q.K(0)^T once q and K(0) have landed (an empty list computes it from unfilled
         memory and never uses it)."""
-        mbarrier.wait(q_bar, q_phase)
-        mbarrier.wait(k_bar, k_phase, pred=count > 0)
+        mbarrier.wait(q_bar, 0)
+        mbarrier.wait(k_bar, 0, pred=count > 0)
         s = warpgroup_mma(q_tile, k_tile.permute((1, 0)), zero_s, use_acc=False, is_async=True)
         return warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
 
@@ -437,8 +437,8 @@ if gluon is not None:
         share the K/V tiles but not a CTA barrier, so one half's softmax can run under the
         other's wgmma."""
         _ws_half(q_smem.index(HALF), q_bar, 0, k_smem, v_smem, kb_smem, k_ready, k_empty, v_ready, v_empty, turn,
-                 gl.to_tensor(0), o_desc, Out, Lse, count, 0, first_row, kv_start, n_q, n_k, q_offset, qk_scale, out_base, HALF, HEAD_DIM,
-                 HALF_M, BLOCK_N, 2, PINGPONG)
+                 gl.to_tensor(0), o_desc, Out, Lse, count, 0, first_row, kv_start, n_q, n_k, q_offset, qk_scale,
+                 out_base, HALF, HEAD_DIM, HALF_M, BLOCK_N, 2, PINGPONG)
 
     @gluon.jit
     def _block_sparse_fwd_sm90_ws(
