@@ -55,6 +55,14 @@ def kernels_enabled(device: torch.device) -> bool:
     return device.type == "cuda" and _triton_available()
 
 
+# Query rows per program of the vertical_slash kernel. Taller tiles share each gathered column
+# tile and each slash band between more rows, but compute more pairs off a band's diagonals.
+VS_BLOCK_M = int(os.environ.get("PATCHATTN_VS_BLOCK_M", 64))
+# PATCHATTN_VS_FLAT_SLASH=1: walk each query block's slash tiles in one loop over a precomputed
+# tile list (the compiler can prefetch across segments) instead of a loop per segment. Off: slower
+# on H200 end to end, 62.6 vs 40.8 ms at 128k, 8.8 vs 6.5 ms at 32k (h200/prefill_gluon_h200.json).
+VS_FLAT_SLASH = os.environ.get("PATCHATTN_VS_FLAT_SLASH", "0") == "1"
+
 # Prompt length below which a layer runs dense on the kernel backend, per method, from the H100
 # benchmark (evals/bench/results/prefill_h100.json, "methods" rows). At 8k every method loses to
 # SDPA (0.13x-0.27x: estimation, list building and launch overheads against a 1 ms dense call);
@@ -74,14 +82,6 @@ def kernels_enabled(device: torch.device) -> bool:
 # _h200.json): 16k 0.88-1.03x (vertical_slash) and 1.00-1.08x (block_topk), level with SDPA; 24k
 # 1.88-1.94x and 1.82-2.05x. So both move to 24k; the methods not timed at 24k keep 32k.
 # The plan's own dense_below applies on top. PATCHATTN_DENSE_BELOW=<int> overrides every entry.
-# Query rows per program of the vertical_slash kernel. Taller tiles share each gathered column
-# tile and each slash band between more rows, but compute more pairs off a band's diagonals.
-VS_BLOCK_M = int(os.environ.get("PATCHATTN_VS_BLOCK_M", 64))
-# PATCHATTN_VS_FLAT_SLASH=1: walk each query block's slash tiles in one loop over a precomputed
-# tile list (the compiler can prefetch across segments) instead of a loop per segment. Off: slower
-# on H200 end to end, 62.6 vs 40.8 ms at 128k, 8.8 vs 6.5 ms at 32k (h200/prefill_gluon_h200.json).
-VS_FLAT_SLASH = os.environ.get("PATCHATTN_VS_FLAT_SLASH", "0") == "1"
-
 KERNEL_BREAK_EVEN = {
     "streaming": 32768,
     "vertical_slash": 24576,
