@@ -26,3 +26,48 @@ def test_break_even_is_the_shortest_length_winning_from_there_on():
     rows = [{"n": n, "methods": {"m": {"speedup_vs_sdpa": sp}}} for n, sp in ((8192, 0.5), (16384, 1.1), (32768, 0.9),
                                                                                (65536, 2.0))]
     assert break_even_table(rows, ["m", "absent"]) == {"m": 65536, "absent": None}
+
+
+def _ncu_source_csv(path, kernels):
+    """A source-page CSV as `ncu --page source --print-source sass --csv` writes it."""
+    import csv
+
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f, quoting=csv.QUOTE_ALL)
+        for name, rows in kernels:
+            w.writerow(["Kernel Name", name])
+            w.writerow(["Address", "Source", "Warp Stall Sampling (All Samples)",
+                        "Warp Stall Sampling (Not-issued Samples)", "# Samples", "Instructions Executed"])
+            for i, (sass, samples, executed) in enumerate(rows):
+                w.writerow([hex(i * 16), sass, samples, 0, samples, executed])
+
+
+def test_ncu_source_summary_splits_partitions_and_per_item_time(tmp_path):
+    from patchattn.evals.bench.ncu_source_summary import main, read_kernels, summarise
+
+    compute = [("USETMAXREG.TRY_ALLOC.CTAPOOL UP0, 0xf0", 0, 8),
+               ("IMAD R1, R2, R3, RZ", 30, 8),  # per item (executed 8 times)
+               ("HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], RZ", 10, 80),  # per tile (80)
+               ("SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR5], R9", 5, 80),
+               ("@!P0 BRA 0x10", 15, 80),  # the wait loop's branch: an mbarrier wait
+               ("WARPGROUP.DEPBAR.LE gsb0, 0x0", 20, 80),
+               ("STG.E desc[UR4][R2.64], R5", 20, 8)]
+    loader = [("USETMAXREG.DEALLOC.CTAPOOL 0x18", 0, 1), ("ATOMG.E.ADD.STRONG.GPU PT, R11, [R10.64], R13", 10, 8),
+              ("SYNCS.PHASECHK.TRANS64.TRYWAIT P1, [UR21], R9", 2, 80), ("@!P1 BRA 0x20", 8, 80)]
+    idle = [("USETMAXREG.DEALLOC.CTAPOOL 0x18", 0, 1), ("BAR.SYNC.DEFER_BLOCKING 0x1", 0, 1), ("NOP", 50, 1)]
+    path = tmp_path / "src.csv"
+    _ncu_source_csv(path, [("fill_kernel", [("MOV R1, R2", 1, 1)]),
+                           ("_block_sparse_fwd_sm90_wsp", [("LDC R1, c[0x0][0x28]", 0, 1)] + compute + loader + idle)])
+    (_, _), (name, instructions) = read_kernels(str(path))
+    assert name == "_block_sparse_fwd_sm90_wsp" and len(instructions) == 1 + len(compute) + len(loader) + len(idle)
+    parts = {p["label"]: p for p in summarise(instructions)["partitions"]}
+    assert set(parts) == {"compute", "loader", "idle (finished warps)"}
+    c = parts["compute"]
+    assert c["samples"] == 100 and c["per_item_executions"] == 8 and c["per_item_share"] == pytest.approx(0.5)
+    assert c["kinds"]["mbarrier wait"] == pytest.approx(0.2) and c["kinds"]["wgmma wait"] == pytest.approx(0.2)
+    assert "branch" not in c["kinds"]
+    assert parts["loader"]["kinds"]["mbarrier wait"] == pytest.approx(0.5)
+    out = tmp_path / "summary.json"
+    assert main([str(path), "--out", str(out)]) == 0 and out.exists()
+    with pytest.raises(SystemExit, match="no kernel"):
+        main([str(path), "--kernel", "absent_kernel"])
