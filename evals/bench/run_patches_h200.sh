@@ -4,8 +4,8 @@
 # variant is timed against the same kernel in the same call (the spread between calls is larger
 # than most of the differences timed; evals/bench/results/h200/README.md).
 # VARIANTS="name=path/to.patch[,ENV=VALUE...] ..."; a name without a patch times the tree's kernel
-# under those settings ("q3=,PATCHATTN_GLUON_Q_BUFFERS=3"); TESTS=name runs the persistent-form
-# Gluon GPU tests with that variant first (PYTEST_LIMIT seconds, default 150).
+# under those settings ("q3=,PATCHATTN_GLUON_Q_BUFFERS=3"); TESTS=name runs the Gluon kernel's GPU
+# tests (every form) with that variant first (PYTEST_LIMIT seconds, default 150).
 # Usage: OUT=/some/dir VARIANTS="chain=evals/bench/results/h200/patches/gluon_chain.patch base=" \
 #        bash evals/bench/run_patches_h200.sh          (wheels for pydantic in .whl/)
 set -u
@@ -32,7 +32,7 @@ for v in $VARIANTS; do
   [ "$name" = "$TESTS" ] || continue
   settings=$(use_variant "$v") || exit 1
   ([ -z "$settings" ] || export $settings; h200_pytest "${PYTEST_LIMIT:-150}" "$OUT/pytest_gpu_${name}_h200.log" tests/test_triton_kernels.py \
-     -k "test_block_sparse_gluon_gpu and persistent")
+     -k test_block_sparse_gluon_gpu)
 done
 for v in $VARIANTS; do
   name=${v%%=*}
