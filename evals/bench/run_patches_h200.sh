@@ -6,17 +6,21 @@
 # VARIANTS="name=path/to.patch[,ENV=VALUE...] ..."; a name without a patch times the tree's kernel
 # under those settings ("q3=,PATCHATTN_GLUON_Q_BUFFERS=3"); TESTS=name runs the Gluon kernel's GPU
 # tests (every form) with that variant first (PYTEST_LIMIT seconds, default 150).
+# The JSON and logs go into one archive, $OUT/patch_runs_h200.tar.gz (the device tool returns at
+# most 8 files), written however the run ends.
 # Usage: OUT=/some/dir VARIANTS="chain=evals/bench/results/h200/patches/gluon_chain.patch base=" \
 #        bash evals/bench/run_patches_h200.sh          (wheels for pydantic in .whl/)
 set -u
 cd "$(dirname "$0")/../.."
-OUT=${OUT:-/tmp/out}; VARIANTS=${VARIANTS:?name=patch pairs}; TESTS=${TESTS:-}
-mkdir -p "$OUT"
+ARCHIVE_DIR=${OUT:-/tmp/out}; VARIANTS=${VARIANTS:?name=patch pairs}; TESTS=${TESTS:-}
+mkdir -p "$ARCHIVE_DIR"
+OUT=$(mktemp -d)
 . evals/bench/h200_lib.sh
 h200_setup
 TREE=$(mktemp)
 cp kernels/gluon_attention.py "$TREE"
-trap 'cp "$TREE" kernels/gluon_attention.py' EXIT  # the working tree's kernel back, however the run ends
+# the working tree's kernel back and the results packed, however the run ends
+trap 'cp "$TREE" kernels/gluon_attention.py; tar czf "$ARCHIVE_DIR/patch_runs_h200.tar.gz" -C "$OUT" .' EXIT
 
 use_variant() {  # $1: name=patch[,ENV=VALUE...]; prints the settings
   local spec=${1#*=} patch settings
