@@ -27,7 +27,9 @@ use_variant() {  # $1: name=patch[,ENV=VALUE...]; prints the settings
   patch=${spec%%,*}; settings=""
   [ "$spec" != "$patch" ] && settings=${spec#*,}
   cp "$TREE" kernels/gluon_attention.py
-  if [ -n "$patch" ]; then patch -s kernels/gluon_attention.py < "$patch" || { echo "patch $patch failed" >&2; return 1; }; fi
+  if [ -n "$patch" ] && ! patch -s kernels/gluon_attention.py < "$patch"; then
+    echo "patch $patch failed" >&2; return 1
+  fi
   echo "${settings//,/ }"
 }
 
@@ -35,7 +37,8 @@ for v in $VARIANTS; do
   name=${v%%=*}
   [ "$name" = "$TESTS" ] || continue
   settings=$(use_variant "$v") || exit 1
-  ([ -z "$settings" ] || export $settings; h200_pytest "${PYTEST_LIMIT:-150}" "$OUT/pytest_gpu_${name}_h200.log" tests/test_triton_kernels.py \
+  ([ -z "$settings" ] || export $settings
+   h200_pytest "${PYTEST_LIMIT:-150}" "$OUT/pytest_gpu_${name}_h200.log" tests/test_triton_kernels.py \
      -k test_block_sparse_gluon_gpu)
 done
 for v in $VARIANTS; do
