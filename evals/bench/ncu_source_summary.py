@@ -67,16 +67,21 @@ def read_kernels(path: str) -> list:
         elif row[0] == "Address":
             columns = {name: i for i, name in enumerate(row)}
         elif kernels and columns:
-            def num(name):
-                text = row[columns[name]].replace(",", "") if name in columns else "0"
-                return int(float(text)) if text not in ("", "-") else 0
-            kernels[-1][1].append((row[columns["Source"]].strip(), num("Warp Stall Sampling (All Samples)"),
-                                   num("Instructions Executed")))
+            kernels[-1][1].append((row[columns["Source"]].strip(),
+                                   _count(row, columns, "Warp Stall Sampling (All Samples)"),
+                                   _count(row, columns, "Instructions Executed")))
     return kernels
 
 
-def partitions(instructions: list) -> list:
-    """[(label, first index, end index)]: stretches between register reallocations, labelled."""
+def _count(row: list, columns: dict, name: str) -> int:
+    """A numeric cell ("1,234"; "", "-" or a missing column: 0)."""
+    text = row[columns[name]].replace(",", "") if name in columns else ""
+    return int(float(text)) if text not in ("", "-") else 0
+
+
+def partitions(instructions: list, kinds: list) -> list:
+    """[(label, first index, end index)]: stretches between register reallocations, labelled
+    (kinds: `kinds_of(instructions)`)."""
     cuts = [0] + [i for i, (sass, _, _) in enumerate(instructions) if "USETMAXREG" in sass] + [len(instructions)]
     out = []
     for a, b in zip(cuts, cuts[1:]):
@@ -85,8 +90,8 @@ def partitions(instructions: list) -> list:
             label = "loader"
         elif any("HGMMA" in s for s in text):
             label = "compute"
-        elif any(kind(s) == "nop" for s in text) and \
-                all(kind(s) in ("nop", "warp-group barrier", "branch", "other arithmetic") for s in text):
+        elif "nop" in kinds[a:b] and \
+                all(k in ("nop", "warp-group barrier", "branch", "other arithmetic") for k in kinds[a:b]):
             label = "idle (finished warps)"
         else:
             label = "setup"
@@ -98,7 +103,7 @@ def summarise(instructions: list) -> dict:
     total = sum(n for _, n, _ in instructions)
     all_kinds = kinds_of(instructions)
     parts = []
-    for label, a, b in partitions(instructions):
+    for label, a, b in partitions(instructions, all_kinds):
         seg = instructions[a:b]
         samples = sum(n for _, n, _ in seg)
         if samples < 0.01 * total:
