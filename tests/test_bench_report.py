@@ -71,3 +71,22 @@ def test_ncu_source_summary_splits_partitions_and_per_item_time(tmp_path):
     assert main([str(path), "--out", str(out)]) == 0 and out.exists()
     with pytest.raises(SystemExit, match="no kernel"):
         main([str(path), "--kernel", "absent_kernel"])
+
+
+def test_clock_probe_summarizes_samples_inside_each_timed_span():
+    from patchattn.evals.bench.clock_probe import _parse, summarize
+
+    lines = ["2026/12/04 03:50:12.100, 1980, 300.5, 50, 0x0000000000000000",
+             "2026/12/04 03:50:12.300, 1650, 699.0, 55, 0x0000000000000004",
+             "not a sample",
+             "2026/12/04 03:50:14.000, 1400, 100.0, 60, 0x0000000000000004"]
+    samples = _parse(lines)
+    assert len(samples) == 3
+    first = samples[0][0]
+    assert samples[1][0] - first == pytest.approx(0.2)
+    span = summarize(samples, first, first + 0.5)  # the third sample lies outside
+    assert span["samples"] == 2
+    assert span["sm_mhz_mean"] == pytest.approx(1815.0) and span["sm_mhz_min"] == 1650.0
+    assert span["power_w_max"] == 699.0 and span["temp_c_max"] == 55.0
+    assert span["throttle_reasons"] == ["0x0000000000000000", "0x0000000000000004"]
+    assert summarize(samples, first + 10, first + 11) == {"samples": 0}

@@ -26,24 +26,24 @@ from patchattn.kernels import triton_attention as ta
 BLOCK = 128
 
 
-def _lists(n: int, kind: str, heads: int):
+def case_runner(n: int, kind: str):
+    """(run, kernel name, pairs or None) for case N:kind (see the module docstring): run() makes one
+    launch on inputs and lists built here."""
+    q, k, v = random_inputs(n)
+    if kind == "sdpa":
+        return (lambda: sdpa(q, k, v)), "sdpa", None  # noqa: E731
     if kind == "diagonal":  # the first lists of kernel_variants' fixed-cost table
-        _, index, count, _ = next(structure_lists(n, [], BLOCK, heads))
-        return index, count
-    density = float(kind)
-    index, count, _ = random_block_lists(n, density, seed=int(density * 1000), block=BLOCK)
-    return index, count
+        _, index, count, pairs = next(structure_lists(n, [], BLOCK, q.shape[1]))
+    else:
+        density = float(kind)
+        index, count, pairs = random_block_lists(n, density, seed=int(density * 1000), block=BLOCK)
+    run = lambda: ta.block_sparse_attention(q, k, v, index, count, scale=D ** -0.5,  # noqa: E731
+                                            block_m=BLOCK, block_n=BLOCK)
+    return run, ta.block_sparse_kernel(q, BLOCK, BLOCK), pairs
 
 
 def profile_case(n: int, kind: str) -> str:
-    q, k, v = random_inputs(n)
-    if kind == "sdpa":
-        run, name = (lambda: sdpa(q, k, v)), "sdpa"  # noqa: E731
-    else:
-        index, count = _lists(n, kind, q.shape[1])
-        run = lambda: ta.block_sparse_attention(q, k, v, index, count, scale=D ** -0.5,  # noqa: E731
-                                                block_m=BLOCK, block_n=BLOCK)
-        name = ta.block_sparse_kernel(q, BLOCK, BLOCK)
+    run, name, _ = case_runner(n, kind)
     for _ in range(3):
         run()
     torch.cuda.synchronize()
@@ -51,7 +51,7 @@ def profile_case(n: int, kind: str) -> str:
     run()
     torch.cuda.synchronize()
     torch.cuda.profiler.stop()
-    del q, k, v
+    del run
     torch.cuda.empty_cache()
     return name
 

@@ -1,0 +1,186 @@
+"""SM clock and power while the block-sparse kernel and SDPA are timed (run on a GPU).
+
+    python3 -m patchattn.evals.bench.clock_probe --cases 64k:sdpa,64k:0.05 --out clocks.json
+
+Why: under Nsight Compute (one launch, idle GPU before it) the kernel at 64k and density 0.05
+took 1.12x of density x SDPA, while the benchmark's back-to-back timings give about 1.20x. This
+times every case of ncu_block_sparse (N:sdpa, N:DENSITY, N:diagonal) in three ways while
+`nvidia-smi` samples the SM clock, power and throttle reasons every 20 ms:
+* queued: repetitions enqueued back to back (prefill's `--timing queued`), about 1 s of work;
+* synced: each repetition waited for before the next is enqueued;
+* rested: synced, with 200 ms of idle GPU before each repetition (ncu's conditions).
+Prints one row per case and mode and, for each density case, its time over density x the same
+mode's SDPA time at that length. Writes the rows and the raw samples' summaries as JSON.
+
+With `--host`, also the host time of one call (the Python wrapper and launch, measured while a
+`torch.cuda._sleep` keeps the GPU busy, so no call waits for the GPU) and, with `--host-profile
+FILE`, cProfile's top functions over those calls: in `synced` mode a call's host time lies
+inside its timing, and in `queued` mode it is the floor of the timing when it exceeds the
+kernel's time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import json
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from patchattn.evals.bench.ncu_block_sparse import case_runner
+from patchattn.evals.bench.prefill import causal_pairs, parse_lengths
+
+QUERY = "timestamp,clocks.sm,power.draw,temperature.gpu,clocks_throttle_reasons.active"
+MODES = ("queued", "synced", "rested")
+
+
+class ClockSampler:
+    """nvidia-smi sampling into a temporary file in the background; `stop()` returns the lines."""
+
+    def __init__(self, period_ms: int = 20):
+        self.file = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen(
+            ["nvidia-smi", "-i", str(torch.cuda.current_device()), f"--query-gpu={QUERY}",
+             "--format=csv,noheader,nounits", f"-lms={period_ms}"], stdout=self.file, text=True)
+
+    def stop(self) -> list:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+        self.file.seek(0)
+        return [line for line in self.file.read().splitlines() if line.strip()]
+
+
+def _parse(lines):
+    rows = []
+    for line in lines:
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) != 5:
+            continue
+        try:
+            stamp = time.mktime(time.strptime(parts[0].split(".")[0], "%Y/%m/%d %H:%M:%S"))
+            stamp += float("0." + parts[0].split(".")[1]) if "." in parts[0] else 0.0
+            rows.append((stamp, float(parts[1]), float(parts[2]), float(parts[3]), parts[4]))
+        except ValueError:
+            continue
+    return rows
+
+
+def summarize(samples, start: float, end: float) -> dict:
+    inside = [s for s in samples if start <= s[0] <= end]
+    if not inside:
+        return {"samples": 0}
+    return {"samples": len(inside), "sm_mhz_mean": statistics.mean(s[1] for s in inside),
+            "sm_mhz_min": min(s[1] for s in inside), "power_w_mean": statistics.mean(s[2] for s in inside),
+            "power_w_max": max(s[2] for s in inside), "temp_c_max": max(s[3] for s in inside),
+            "throttle_reasons": sorted({s[4] for s in inside})}
+
+
+def time_mode(run, mode: str, budget_ms: float = 1000.0) -> tuple:
+    """(median ms, wall start, wall end) of `run` timed in `mode`."""
+    for _ in range(2):
+        run()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    run()
+    b.record()
+    b.synchronize()
+    reps = max(5, min(200, int(budget_ms / max(a.elapsed_time(b), 1e-3))))
+    if mode == "rested":
+        reps = min(reps, 15)  # 3 s of rests
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    start = time.time()
+    for a, b in events:
+        if mode == "rested":
+            time.sleep(0.2)
+        a.record()
+        run()
+        b.record()
+        if mode != "queued":
+            b.synchronize()
+    torch.cuda.synchronize()
+    end = time.time()
+    return statistics.median(x.elapsed_time(y) for x, y in events), start, end
+
+
+def host_us(run, calls: int = 50, profile=None) -> float:
+    """Host microseconds per call of `run`, the GPU kept busy meanwhile (see the module docstring)."""
+    run()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)  # about a second of GPU work ahead of the calls
+    if profile is not None:
+        profile.enable()
+    start = time.perf_counter()
+    for _ in range(calls):
+        run()
+    elapsed = time.perf_counter() - start
+    if profile is not None:
+        profile.disable()
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e6
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cases", default="64k:sdpa,64k:0.05", help="comma list of N:sdpa, N:DENSITY, N:diagonal")
+    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--host", action="store_true", help="also the host time of one call")
+    p.add_argument("--host-profile", type=Path, help="cProfile's top functions of those calls, into this file")
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+    modes = args.modes.split(",")
+    if set(modes) - set(MODES):
+        p.error(f"--modes: choose from {','.join(MODES)}")
+    sampler = ClockSampler()
+    time.sleep(0.5)
+    spans, hosts, profiles = [], {}, []
+    for case in args.cases.split(","):
+        length, _, kind = case.partition(":")
+        (n,) = parse_lengths(length)
+        run, name, pairs = case_runner(n, kind)
+        for mode in modes:
+            ms, start, end = time_mode(run, mode)
+            spans.append({"case": case, "n": n, "kernel": name, "mode": mode, "ms": ms,
+                          "density": None if pairs is None else pairs / causal_pairs(n), "start": start, "end": end})
+        if args.host or args.host_profile:
+            profile = cProfile.Profile() if args.host_profile else None
+            hosts[case] = host_us(run, profile=profile)
+            if profile is not None:
+                text = io.StringIO()
+                pstats.Stats(profile, stream=text).sort_stats("cumulative").print_stats(25)
+                profiles.append(f"## {case} ({name}): {hosts[case]:.1f} us per call\n{text.getvalue()}")
+        del run
+        torch.cuda.empty_cache()
+    samples = _parse(sampler.stop())
+    sdpa = {(r["n"], r["mode"]): r["ms"] for r in spans if r["kernel"] == "sdpa"}
+    print("| case | kernel | mode | ms | vs density x SDPA | SM MHz mean / min | W mean / max | throttle |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in spans:
+        r.update(summarize(samples, r.pop("start"), r.pop("end")))
+        ref = sdpa.get((r["n"], r["mode"]))
+        r["ratio_vs_density_x_sdpa"] = ref and r["density"] and r["ms"] / (r["density"] * ref)
+        ratio = f"{r['ratio_vs_density_x_sdpa']:.3f}" if r["ratio_vs_density_x_sdpa"] else "-"
+        clocks = (f"{r['sm_mhz_mean']:.0f} / {r['sm_mhz_min']:.0f}" if r["samples"] else "-")
+        power = f"{r['power_w_mean']:.0f} / {r['power_w_max']:.0f}" if r["samples"] else "-"
+        print(f"| {r['case']} | {r['kernel']} | {r['mode']} | {r['ms']:.3f} | {ratio} | {clocks} | {power} "
+              f"| {' '.join(r.get('throttle_reasons', []))} |")
+    for case, us in hosts.items():
+        print(f"host time per call, {case}: {us:.1f} us")
+    if args.host_profile:
+        args.host_profile.write_text("\n".join(profiles))
+    if args.out:
+        report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "query": QUERY,
+                  "rows": spans, "host_us_per_call": hosts}
+        args.out.write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
