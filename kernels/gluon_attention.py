@@ -515,11 +515,10 @@ if gluon is not None:
         `Counter`, so the items in flight stay consecutive, as the per-item grid's are) and
         hands each to the compute partitions through its q buffer's slots (batch x heads + head,
         list length, kv_start, query block: 4 slots of `item_smem` per q buffer), so that they make
-        no global loads or divisions. Per
-        item: the q tile into the q buffer (of Q_BUFS) that the compute partitions released, then
-        its K / V tiles through the ring, whose position `c` runs on across items. The next item's q and
-        first tiles are therefore in flight while the compute partitions finish an item. After
-        the last item: slot value -1.
+        no global loads or divisions. Per item: the q tile into the q buffer (of Q_BUFS) that the
+        compute partitions released, then its K / V tiles through the ring, whose position `c` runs
+        on across items. The next item's q and first tiles are therefore in flight while the
+        compute partitions finish an item. After the last item: slot value -1.
 
         V runs one tile behind K (K(c) is issued before V(c-1), as FlashAttention-3's producer
         does): the compute partitions release K(c)'s stage half a tile before V(c)'s, so a
@@ -643,7 +642,8 @@ if gluon is not None:
         v_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # `_take_turn`
         slot: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
-        item_smem = gl.allocate_shared_memory(gl.int32, [4 * Q_BUFS, 1], slot)  # per q buffer: b * H + h, count, kv_start, qb
+        # per q buffer: b * H + h, list length, kv_start, query block
+        item_smem = gl.allocate_shared_memory(gl.int32, [4 * Q_BUFS, 1], slot)
         kb_smem = gl.allocate_shared_memory(gl.int32, [K_STAGES, 1], slot)
         for i in gl.static_range(Q_BUFS):
             mbarrier.init(q_ready.index(i), count=1)
