@@ -588,10 +588,10 @@ def test_tma_only_where_descriptors_can_address_the_tensors(monkeypatch):
 def test_gluon_kernel_compiles_for_hopper(form):
     """The Gluon sm_90 kernel compiles on a CPU machine, with the overlap intact: the next tile's
     q.K^T is waited with one product still outstanding (pendings = 1), and ptxas keeps the wgmma
-    pipeline (no C7514 serialisation) without spills. The warp-specialised variant and its
-    persistent form (3 K stages, 2, and 3 q buffers with 2 K stages) have these products once per
-    compute partition, and the persistent form's buffers fit one block's shared memory. Spills:
-    none with triton 3.6, the GPU machine's (where the kernel is timed and tested); other
+    pipeline (no "wgmma.mma_async instructions are serialized" note) without spills. The
+    warp-specialised variant and its persistent form (3 K stages, 2, and 3 q buffers with 2 K
+    stages) have these products once per compute partition, and the persistent form's buffers fit
+    one block's shared memory. Spills: none with triton 3.6, the GPU machine's (where the kernel is timed and tested); other
     versions' ptxas input may spill a few scalars (triton 3.9: 20 bytes in the persistent form,
     kernel parameters stored at a partition's start and reloaded later), so up to 32 bytes pass
     there."""

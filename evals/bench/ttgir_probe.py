@@ -69,7 +69,7 @@ def compile_gluon_block_sparse(head_dim: int = 128, block_m: int = 128, block_n:
 
 def ptxas_report(kernel) -> dict:
     """ptxas -v on the kernel's PTX (triton's own ptxas): registers, spills, and whether it
-    serialises the wgmma pipeline (warning C7514)."""
+    serialises the wgmma pipeline (any of its "wgmma.mma_async instructions are serialized" notes)."""
     import re
     import subprocess
     import tempfile
@@ -86,8 +86,12 @@ def ptxas_report(kernel) -> dict:
     text = res.stdout + res.stderr
     regs = re.findall(r"Used (\d+) registers", text)
     spills = re.findall(r"(\d+) bytes spill stores", text)
+    # ptxas names the reason in the code (C7513: non-wgmma instructions define a wgmma's input
+    # registers inside the pipeline stage; C7514 others), so match the message, not one code
+    serialized = re.search(r"wgmma\.mma_async instructions are serialized[^\n]*", text)
     return {"ok": res.returncode == 0, "registers": int(regs[-1]) if regs else None,
-            "spill_bytes": int(spills[-1]) if spills else None, "wgmma_serialized": "C7514" in text,
+            "spill_bytes": int(spills[-1]) if spills else None, "wgmma_serialized": bool(serialized),
+            **({"wgmma_serialized_why": serialized.group(0)} if serialized else {}),
             **({} if res.returncode == 0 else {"error": text[-300:]})}
 
 
