@@ -591,10 +591,10 @@ def test_gluon_kernel_compiles_for_hopper(form):
     pipeline (no "wgmma.mma_async instructions are serialized" note) without spills. The
     warp-specialised variant and its persistent form (3 K stages, 2, and 3 q buffers with 2 K
     stages) have these products once per compute partition, and the persistent form's buffers fit
-    one block's shared memory. Spills: none with triton 3.6, the GPU machine's (where the kernel is timed and tested); other
-    versions' ptxas input may spill a few scalars (triton 3.9: 20 bytes in the persistent form,
-    kernel parameters stored at a partition's start and reloaded later), so up to 32 bytes pass
-    there."""
+    one block's shared memory. Spills: none with triton 3.6, the GPU machine's (where the kernel
+    is timed and tested); other versions' ptxas input may spill a few scalars (triton 3.9: 20
+    bytes in the persistent form, kernel parameters stored at a partition's start and reloaded
+    later), so up to 32 bytes pass there."""
     pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
     from patchattn.evals.bench.ttgir_probe import compile_gluon_block_sparse, ptxas_report
     from patchattn.kernels import gluon_attention
