@@ -90,3 +90,43 @@ def test_clock_probe_summarizes_samples_inside_each_timed_span():
     assert span["power_w_max"] == 699.0 and span["temp_c_max"] == 55.0
     assert span["throttle_reasons"] == ["0x0000000000000000", "0x0000000000000004"]
     assert summarize(samples, first + 10, first + 11) == {"samples": 0}
+
+
+def test_interleaved_ratios_pair_each_sparse_timing_with_the_dense_one_before_it():
+    from patchattn.evals.bench.prefill import interleaved_ratios
+
+    # the dense run slows down round by round (a GPU reaching its power cap); each ratio uses
+    # its own round's dense time
+    times = iter([10.0, 0.6, 12.0, 0.6, 11.0, 0.66])
+    calls = []
+
+    def timer(fn):
+        calls.append(fn())
+        return next(times)
+
+    got = interleaved_ratios(lambda: "dense", lambda: "sparse", 0.05, rounds=3, timer=timer)
+    assert calls == ["dense", "sparse"] * 3
+    assert got["ratios"] == pytest.approx([1.2, 1.0, 1.2])
+    assert (got["median"], got["min"], got["max"]) == pytest.approx((1.2, 1.0, 1.2))
+    assert got["rounds"] == 3
+
+
+def test_prefill_tables_print_saved_runs_with_and_without_interleaved_rounds(capsys):
+    import copy
+    import json
+    from pathlib import Path
+
+    from patchattn.evals.bench.prefill import print_tables
+
+    saved = Path(__file__).resolve().parents[1] / "evals/bench/results/h200/prefill_slots_default_h200.json"
+    if not saved.exists():
+        pytest.skip("saved run not in this checkout")
+    report = json.loads(saved.read_text())
+    print_tables(report)
+    plain = capsys.readouterr().out
+    assert "| 65536 | 128 | 0.048 | 3.40 | 58.39 | 4.41 | 1.20 |  |" in plain
+    rounds = copy.deepcopy(report)
+    row = next(r for r in rounds["results"] if r["n"] == 65536)["block_sparse_b128"][0]
+    row["interleaved"] = {"rounds": 5, "ratios": [1.1] * 5, "median": 1.1, "min": 1.05, "max": 1.2}
+    print_tables(rounds)
+    assert "| 1.20 | 1.100 [1.050, 1.200] (5) |" in capsys.readouterr().out

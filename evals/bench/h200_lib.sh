@@ -5,7 +5,8 @@
 #   appended; prints the summary lines.
 # h200_sweep_and_fixed NAME: the 32k / 64k density sweep (0.05 / 0.1) and the 32k fixed-cost table,
 #   into $OUT/prefill_density_sweep_NAME_h200.json and $OUT/kernel_variants_fixed_NAME_h200.json
-#   (environment variables set by the caller apply to both).
+#   (environment variables set by the caller apply to both); each density row also gets
+#   RATIO_ROUNDS (default 5) interleaved SDPA / block-sparse rounds (prefill --ratio-rounds).
 
 h200_setup() {
   python3 -m pip install -q --no-deps --no-index .whl/*.whl 2>&1 | tail -1
@@ -24,7 +25,8 @@ h200_pytest() {
 h200_sweep_and_fixed() {
   timeout 75 python3 -m patchattn.evals.bench.prefill --blocks 128 --seqlens 32k,64k \
     --densities 0.05,0.1 --no-flex --methods "" --vs-variants "" --ttft-seqlens "" --break-even-seqlens "" \
-    --timing queued --out "$OUT/prefill_density_sweep_${1}_h200.json" 2>&1 | grep "^|" | grep -v "^| N\|---"
+    --timing queued --ratio-rounds "${RATIO_ROUNDS:-5}" --out "$OUT/prefill_density_sweep_${1}_h200.json" 2>&1 \
+    | grep "^|" | grep -v "^| N\|---"
   timeout 45 python3 -m patchattn.evals.bench.kernel_variants --seqlens 32k \
     --densities 0.05 --tables fixed --timing queued --out "$OUT/kernel_variants_fixed_${1}_h200.json" 2>&1 \
     | grep "^|" | grep -v "^| N\|---"

@@ -73,6 +73,20 @@ def cuda_time(fn, budget_ms: float = 800.0, min_reps: int = 3, max_reps: int = 4
     return statistics.median([a.elapsed_time(b) for a, b in events])
 
 
+def interleaved_ratios(dense, sparse, density: float, rounds: int, budget_ms: float = 300.0, timer=None) -> dict:
+    """sparse time / (density x dense time) over `rounds` rounds that each time dense, then
+    sparse, back to back, so both sides of each ratio see the same clocks and temperature (SDPA
+    runs at the power cap; a single pair of timings taken seconds apart moves by several %).
+    Returns every round's ratio and their median, min and max."""
+    timer = timer or (lambda fn: cuda_time(fn, budget_ms=budget_ms))
+    ratios = []
+    for _ in range(rounds):
+        dense_ms = timer(dense)
+        ratios.append(timer(sparse) / (density * dense_ms))
+    return {"rounds": rounds, "ratios": ratios, "median": statistics.median(ratios), "min": min(ratios),
+            "max": max(ratios)}
+
+
 # ----------------------------------------------------------------------------- inputs
 
 
@@ -206,6 +220,8 @@ def bench_dense_and_block_sparse(n, densities, args, notes):
             row["block_sparse_ms"] = cuda_time(run)
             row["target_ms"] = row["density"] * res["sdpa_ms"]
             row["ratio_vs_density_x_sdpa"] = row["block_sparse_ms"] / row["target_ms"]
+            if args.ratio_rounds > 1:
+                row["interleaved"] = interleaved_ratios(lambda: sdpa(q, k, v), run, row["density"], args.ratio_rounds)
             if flex is not None and block == args.flex_block:
                 try:
                     row.update(time_flex(flex, q, k, v, index, count, n, scale, block))
@@ -494,18 +510,23 @@ def print_tables(report):
         for f in fits:
             print(f"| {f['n']} | {f['block']} | {f['fixed_ms']:.2f} | {f['per_pair_vs_sdpa']:.2f} | "
                   f"{f['all_blocks_vs_sdpa']:.2f} |")
-    print("\n| N | tile | density | block-sparse ms | SDPA ms | flex ms | ratio vs density x SDPA |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| N | tile | density | block-sparse ms | SDPA ms | flex ms | ratio vs density x SDPA | interleaved median "
+          "[min, max] |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
         for key in [k for k in r if k.startswith("block_sparse_b") and k[14:].isdigit()]:
             block = key[14:]
             allb = r.get(f"{key}_all_blocks_ms")
             if allb is not None:
-                print(f"| {r['n']} | {block} | all blocks | {allb:.2f} | {r['sdpa_ms']:.2f} | | {allb / r['sdpa_ms']:.2f} |")
+                print(f"| {r['n']} | {block} | all blocks | {allb:.2f} | {r['sdpa_ms']:.2f} | | "
+                      f"{allb / r['sdpa_ms']:.2f} | |")
             for row in r[key]:
                 flex = f"{row['flex_ms']:.2f}" if "flex_ms" in row else row.get("flex_error", "-")[:30]
+                rounds = row.get("interleaved")
+                spread = (f"{rounds['median']:.3f} [{rounds['min']:.3f}, {rounds['max']:.3f}] ({rounds['rounds']})"
+                          if rounds else "")
                 print(f"| {r['n']} | {block} | {row['density']:.3f} | {row['block_sparse_ms']:.2f} | "
-                      f"{r['sdpa_ms']:.2f} | {flex} | {row['ratio_vs_density_x_sdpa']:.2f} |")
+                      f"{r['sdpa_ms']:.2f} | {flex} | {row['ratio_vs_density_x_sdpa']:.2f} | {spread} |")
     print("\n| N | VS kept / computed density | end-to-end ms | index ms | kernel ms | e2e / SDPA |")
     print("|---|---|---|---|---|---|")
     for r in results:
@@ -560,6 +581,8 @@ def main(argv=None):
     parser.add_argument("--diagnostics-n", type=int, default=32 * 1024,
                         help="length at which to also time the mask-every-tile variant")
     parser.add_argument("--timing", choices=sorted(TIMING), default="synced", help="see TIMING")
+    parser.add_argument("--ratio-rounds", type=int, default=1,
+                        help="also time each density row this many times interleaved with SDPA (interleaved_ratios)")
     parser.add_argument("--out", default="evals/bench/results/prefill_h100.json")
     parser.add_argument("--print", dest="print_json", metavar="JSON", help="print the tables of a saved run and exit")
     args = parser.parse_args(argv)

@@ -15,7 +15,8 @@ h200_pytest "${PYTEST_LIMIT:-170}" "$OUT/pytest_gpu_final_h200.log" tests
 for q in ${QBUFFERS-3 2}; do
   PATCHATTN_GLUON_Q_BUFFERS=$q h200_sweep_and_fixed "q${q}"
 done
-timeout 180 python3 -m patchattn.evals.bench.prefill --blocks 128 --timing queued --seqlens 128k,32k,64k \
+timeout 240 python3 -m patchattn.evals.bench.prefill --blocks 128 --timing queued --ratio-rounds 5 \
+  --seqlens 128k,32k,64k \
   --densities 0.05,0.1 --flex-max-n 65536 --vs-variants vertical_slash_g64 --methods vertical_slash_g64,block_topk \
   --break-even-seqlens 16k --ttft-seqlens 128k --ttft-methods vertical_slash_g64,block_topk \
   --out "$OUT/prefill_final_default_h200.json" > "$OUT/prefill_final_default_h200.log" 2>&1
