@@ -596,7 +596,7 @@ def test_gluon_kernel_compiles_for_hopper(form):
     bytes in the persistent form, kernel parameters stored at a partition's start and reloaded
     later), so up to 32 bytes pass there."""
     pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
-    from patchattn.evals.bench.ttgir_probe import compile_gluon_block_sparse, ptxas_report
+    from patchattn.evals.bench.ttgir_probe import compile_gluon_block_sparse, ptxas_report, sass_report
     from patchattn.kernels import gluon_attention
 
     persistent = form.startswith("persistent")
@@ -614,6 +614,8 @@ def test_gluon_kernel_compiles_for_hopper(form):
 
     spill_limit = 0 if triton.__version__.startswith("3.6.") else 32
     assert report["ok"] and not report["wgmma_serialized"] and report["spill_bytes"] <= spill_limit, report
+    sass = sass_report(kernel)  # a serialised pipeline fences every HGMMA (88 of 88 in one such patch)
+    assert sass["hgmma"] > 0 and 4 * sass["wgmma_fences"] <= sass["hgmma"], sass
 
 
 def test_gluon_persistent_k_stages_fit_shared_memory():

@@ -95,6 +95,24 @@ def ptxas_report(kernel) -> dict:
             **({} if res.returncode == 0 else {"error": text[-300:]})}
 
 
+def sass_report(kernel) -> dict:
+    """HGMMA instructions and the wgmma fences (`WARPGROUP.ARRIVE`) around them in the kernel's SASS
+    (nvdisasm of its cubin, triton's own nvdisasm). A kept pipeline fences once per product (8
+    HGMMA for a 128-deep one), a serialised one once per HGMMA: a check that does not depend on
+    the wording of ptxas's note."""
+    import subprocess
+    import tempfile
+
+    from triton import knobs
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([knobs.nvidia.nvdisasm.path, "-c", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    return {"hgmma": sass.count(" HGMMA."), "wgmma_fences": sass.count("WARPGROUP.ARRIVE")}
+
+
 def counts(kernel) -> dict:
     ir = kernel.asm["ttgir"]
     return {"wgmma": ir.count("ttng.warp_group_dot "), "tma_copy": ir.count("async_tma_copy"),
@@ -119,7 +137,7 @@ def main(argv=None):
             q_bufs, k_stages = ga.wsp_buffers(d, bn)
             stages = f", {q_bufs} q buffers, {k_stages} K stages" if form == "wsp" else ""
             print(f"{names[form]} head_dim {d}, tile {bm}x{bn}{stages}:", counts(kernel), ptxas_report(kernel),
-                  f"shared {kernel.metadata.shared} B")
+                  sass_report(kernel), f"shared {kernel.metadata.shared} B")
             assert kernel.metadata.shared <= ga.SM90_SHARED_BYTES, "over the shared memory of one sm_90 block"
         return
     for mode in args.softmax.split(","):
