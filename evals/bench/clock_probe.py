@@ -150,12 +150,14 @@ def main(argv=None) -> int:
             spans.append({"case": case, "n": n, "kernel": name, "mode": mode, "ms": ms,
                           "density": None if pairs is None else pairs / causal_pairs(n), "start": start, "end": end})
         if args.host or args.host_profile:
-            profile = cProfile.Profile() if args.host_profile else None
-            hosts[case] = host_us(run, profile=profile)
-            if profile is not None:
-                text = io.StringIO()
-                pstats.Stats(profile, stream=text).sort_stats("cumulative").print_stats(25)
-                profiles.append(f"## {case} ({name}): {hosts[case]:.1f} us per call\n{text.getvalue()}")
+            hosts[case] = host_us(run)
+        if args.host_profile:  # a second pass: the profiler's own cost stays out of hosts[case]
+            profile = cProfile.Profile()
+            profiled = host_us(run, profile=profile)
+            text = io.StringIO()
+            pstats.Stats(profile, stream=text).sort_stats("cumulative").print_stats(25)
+            profiles.append(f"## {case} ({name}): {hosts[case]:.1f} us per call, {profiled:.1f} us under cProfile\n"
+                            f"{text.getvalue()}")
         del run
         torch.cuda.empty_cache()
     samples = _parse(sampler.stop())
