@@ -130,3 +130,35 @@ def test_prefill_tables_print_saved_runs_with_and_without_interleaved_rounds(cap
     row["interleaved"] = {"rounds": 5, "ratios": [1.1] * 5, "median": 1.1, "min": 1.05, "max": 1.2}
     print_tables(rounds)
     assert "| 1.20 | 1.100 [1.050, 1.200] (5) |" in capsys.readouterr().out
+
+
+def test_cuda_time_rests_before_each_rested_repetition(monkeypatch):
+    from patchattn.evals.bench import prefill
+
+    clock = {"now": 0.0}
+
+    class Event:  # CUDA-event stand-in: elapsed time from a fake clock that fn() advances
+        def __init__(self, enable_timing=False):
+            self.t = None
+
+        def record(self):
+            self.t = clock["now"]
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, other):
+            return other.t - self.t
+
+    sleeps = []
+    monkeypatch.setattr(prefill.torch.cuda, "Event", Event)
+    monkeypatch.setattr(prefill.torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(prefill.time, "sleep", sleeps.append)
+    durations = iter([1.0] * 3 + [2.0, 4.0, 3.0])  # warm-up x2, sizing, then three repetitions
+
+    def fn():
+        clock["now"] += next(durations)
+
+    assert prefill.cuda_time(fn, budget_ms=3.0, min_reps=3, max_reps=3, mode="rested") == 3.0
+    assert sleeps == [0.2] * 3
+    assert "rested" in prefill.TIMING

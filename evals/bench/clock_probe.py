@@ -24,8 +24,8 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
-import pstats
 import json
+import pstats
 import statistics
 import subprocess
 import tempfile
@@ -35,10 +35,10 @@ from pathlib import Path
 import torch
 
 from patchattn.evals.bench.ncu_block_sparse import case_runner
-from patchattn.evals.bench.prefill import causal_pairs, parse_lengths
+from patchattn.evals.bench.prefill import causal_pairs, cuda_time, parse_lengths
 
 QUERY = "timestamp,clocks.sm,power.draw,temperature.gpu,clocks_throttle_reasons.active"
-MODES = ("queued", "synced", "rested")
+MODES = ("queued", "synced", "rested")  # prefill.TIMING
 
 
 class ClockSampler:
@@ -83,31 +83,12 @@ def summarize(samples, start: float, end: float) -> dict:
 
 
 def time_mode(run, mode: str, budget_ms: float = 1000.0) -> tuple:
-    """(median ms, wall start, wall end) of `run` timed in `mode`."""
-    for _ in range(2):
-        run()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    run()
-    b.record()
-    b.synchronize()
-    reps = max(5, min(200, int(budget_ms / max(a.elapsed_time(b), 1e-3))))
-    if mode == "rested":
-        reps = min(reps, 15)  # 3 s of rests
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    """(median ms, wall start, wall end) of `run` timed in `mode` (prefill.cuda_time; the wall
+    span, which selects the clock samples, includes its warm-up). Rested timings stop at 15
+    repetitions: 3 s of rests."""
     start = time.time()
-    for a, b in events:
-        if mode == "rested":
-            time.sleep(0.2)
-        a.record()
-        run()
-        b.record()
-        if mode != "queued":
-            b.synchronize()
-    torch.cuda.synchronize()
-    end = time.time()
-    return statistics.median(x.elapsed_time(y) for x, y in events), start, end
+    ms = cuda_time(run, budget_ms=budget_ms, min_reps=5, max_reps=15 if mode == "rested" else 200, mode=mode)
+    return ms, start, time.time()
 
 
 def host_us(run, calls: int = 50, profile=None) -> float:

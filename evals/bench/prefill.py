@@ -41,14 +41,20 @@ DEV = "cuda"
 # How cuda_time measures (prefill / kernel_variants --timing): "synced" waits for each repetition
 # before the next, so a call's host work (argument checks, allocations, the Triton launcher) is
 # inside its time whenever the GPU waits for it; "queued" enqueues all repetitions first, so the
-# host runs ahead and the events time the GPU work (what triton.testing.do_bench measures).
+# host runs ahead and the events time the GPU work (what triton.testing.do_bench measures);
+# "rested" is "synced" after 200 ms of idle GPU before each repetition, so the GPU boosts its
+# clock as it does before a single profiled launch (clock_probe compares the three).
 TIMING = {"synced": "median of CUDA-event timings after warm-up, each repetition synchronised",
-          "queued": "median of CUDA-event timings after warm-up, repetitions enqueued back to back"}
+          "queued": "median of CUDA-event timings after warm-up, repetitions enqueued back to back",
+          "rested": "median of CUDA-event timings after warm-up, each repetition synchronised after 200 ms idle"}
 TIMING_MODE = "synced"
 
 
-def cuda_time(fn, budget_ms: float = 800.0, min_reps: int = 3, max_reps: int = 40, warmup: int = 2) -> float:
-    """Median milliseconds of fn() over enough repetitions to fill about budget_ms (TIMING_MODE)."""
+def cuda_time(fn, budget_ms: float = 800.0, min_reps: int = 3, max_reps: int = 40, warmup: int = 2,
+              mode: str = None) -> float:
+    """Median milliseconds of fn() over enough repetitions to fill about budget_ms, timed as
+    `mode` says (a key of TIMING; None: TIMING_MODE)."""
+    mode = mode or TIMING_MODE
     for _ in range(warmup):
         fn()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -62,8 +68,14 @@ def cuda_time(fn, budget_ms: float = 800.0, min_reps: int = 3, max_reps: int = 4
 
     first = once()
     reps = max(min_reps, min(max_reps, int(budget_ms / max(first, 1e-3))))
-    if TIMING_MODE == "synced":
+    if mode == "synced":
         return statistics.median([once() for _ in range(reps)])
+    if mode == "rested":
+        times = []
+        for _ in range(reps):
+            time.sleep(0.2)
+            times.append(once())
+        return statistics.median(times)
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
     for a, b in events:
         a.record()
