@@ -162,3 +162,39 @@ def test_cuda_time_rests_before_each_rested_repetition(monkeypatch):
     assert prefill.cuda_time(fn, budget_ms=3.0, min_reps=3, max_reps=3, mode="rested") == 3.0
     assert sleeps == [0.2] * 3
     assert "rested" in prefill.TIMING
+
+
+def test_clock_probe_hot_mode_heats_with_sdpa_then_times_queued(monkeypatch):
+    from patchattn.evals.bench import clock_probe
+
+    clock = {"now": 0.0}
+
+    class Event:  # CUDA-event stand-in, as above
+        def __init__(self, enable_timing=False):
+            self.t = None
+
+        def record(self):
+            self.t = clock["now"]
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, other):
+            return other.t - self.t
+
+    calls = []
+    monkeypatch.setattr(clock_probe.torch.cuda, "Event", Event)
+    monkeypatch.setattr(clock_probe.torch.cuda, "synchronize", lambda: None)
+
+    def sdpa():
+        calls.append("sdpa")
+        clock["now"] += 30.0
+
+    clock_probe.heat(sdpa, ms=300.0)
+    assert calls == ["sdpa"] * 10  # the sizing launch and 9 more: 300 ms of 30-ms launches
+    timed = []
+    monkeypatch.setattr(clock_probe, "cuda_time", lambda run, **kw: timed.append(kw) or 1.5)
+    calls.clear()
+    ms, start, end = clock_probe.time_mode(lambda: None, "hot", heater=lambda: calls.append("heat"))
+    assert ms == 1.5 and calls == ["heat"] and timed[0]["mode"] == "queued" and timed[0]["budget_ms"] == 100.0
+    assert start <= end

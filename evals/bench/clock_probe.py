@@ -8,7 +8,9 @@ times every case of ncu_block_sparse (N:sdpa, N:DENSITY, N:diagonal) in three wa
 `nvidia-smi` samples the SM clock, power and throttle reasons every 20 ms:
 * queued: repetitions enqueued back to back (prefill's `--timing queued`), about 1 s of work;
 * synced: each repetition waited for before the next is enqueued;
-* rested: synced, with 200 ms of idle GPU before each repetition (ncu's conditions).
+* rested: synced, with 200 ms of idle GPU before each repetition (ncu's conditions);
+* hot: queued, right after about 300 ms of back-to-back SDPA at the same length, so the case
+  starts at the clock SDPA leaves behind (prefill's `--ratio-rounds` pairs its timings so).
 Prints one row per case and mode and, for each density case, its time over density x the same
 mode's SDPA time at that length. Writes the rows and the raw samples' summaries as JSON.
 
@@ -38,7 +40,8 @@ from patchattn.evals.bench.ncu_block_sparse import case_runner
 from patchattn.evals.bench.prefill import causal_pairs, cuda_time, parse_lengths
 
 QUERY = "timestamp,clocks.sm,power.draw,temperature.gpu,clocks_throttle_reasons.active"
-MODES = ("queued", "synced", "rested")  # prefill.TIMING
+MODES = ("queued", "synced", "rested", "hot")  # prefill.TIMING, and "hot" (module docstring)
+HEAT_MS = 300.0
 
 
 class ClockSampler:
@@ -82,10 +85,27 @@ def summarize(samples, start: float, end: float) -> dict:
             "throttle_reasons": sorted({s[4] for s in inside})}
 
 
-def time_mode(run, mode: str, budget_ms: float = 1000.0) -> tuple:
+def heat(sdpa_run, ms: float = HEAT_MS) -> None:
+    """Enqueue SDPA back to back for about `ms` of GPU time and wait for it."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    sdpa_run()
+    end.record()
+    end.synchronize()
+    for _ in range(max(0, int(ms / max(start.elapsed_time(end), 1e-3)) - 1)):
+        sdpa_run()
+    torch.cuda.synchronize()
+
+
+def time_mode(run, mode: str, budget_ms: float = 1000.0, heater=None) -> tuple:
     """(median ms, wall start, wall end) of `run` timed in `mode` (prefill.cuda_time; the wall
     span, which selects the clock samples, includes its warm-up). Rested timings stop at 15
-    repetitions: 3 s of rests."""
+    repetitions: 3 s of rests. "hot" calls `heater()` first and times queued, with a budget
+    small enough (100 ms) that the clock has no time to recover."""
+    if mode == "hot":
+        heater()
+        start = time.time()
+        return cuda_time(run, budget_ms=100.0, min_reps=5, max_reps=200, mode="queued"), start, time.time()
     start = time.time()
     ms = cuda_time(run, budget_ms=budget_ms, min_reps=5, max_reps=15 if mode == "rested" else 200, mode=mode)
     return ms, start, time.time()
@@ -126,8 +146,12 @@ def main(argv=None) -> int:
         length, _, kind = case.partition(":")
         (n,) = parse_lengths(length)
         run, name, pairs = case_runner(n, kind)
+        heater = None
+        if "hot" in modes:
+            sdpa_run = run if kind == "sdpa" else case_runner(n, "sdpa")[0]
+            heater = lambda: heat(sdpa_run)  # noqa: E731
         for mode in modes:
-            ms, start, end = time_mode(run, mode)
+            ms, start, end = time_mode(run, mode, heater=heater)
             spans.append({"case": case, "n": n, "kernel": name, "mode": mode, "ms": ms,
                           "density": None if pairs is None else pairs / causal_pairs(n), "start": start, "end": end})
         if args.host or args.host_profile:
@@ -139,7 +163,7 @@ def main(argv=None) -> int:
             pstats.Stats(profile, stream=text).sort_stats("cumulative").print_stats(25)
             profiles.append(f"## {case} ({name}): {hosts[case]:.1f} us per call, {profiled:.1f} us under cProfile\n"
                             f"{text.getvalue()}")
-        del run
+        del run, heater
         torch.cuda.empty_cache()
     samples = _parse(sampler.stop())
     sdpa = {(r["n"], r["mode"]): r["ms"] for r in spans if r["kernel"] == "sdpa"}
