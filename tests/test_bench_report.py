@@ -198,3 +198,33 @@ def test_clock_probe_hot_mode_heats_with_sdpa_then_times_queued(monkeypatch):
     ms, start, end = clock_probe.time_mode(lambda: None, "hot", heater=lambda: calls.append("heat"))
     assert ms == 1.5 and calls == ["heat"] and timed[0]["mode"] == "queued" and timed[0]["budget_ms"] == 100.0
     assert start <= end
+
+
+def test_clock_probe_rep_trace_keeps_every_repetition_in_order(monkeypatch):
+    from patchattn.evals.bench import clock_probe
+
+    clock = {"now": 0.0}
+
+    class Event:  # CUDA-event stand-in, as above
+        def __init__(self, enable_timing=False):
+            self.t = None
+
+        def record(self):
+            self.t = clock["now"]
+
+        def elapsed_time(self, other):
+            return other.t - self.t
+
+    monkeypatch.setattr(clock_probe.torch.cuda, "Event", Event)
+    monkeypatch.setattr(clock_probe.torch.cuda, "synchronize", lambda: None)
+    durations = iter([5.0, 5.0] + [1.0 + 0.01 * i for i in range(250)])  # 2 warm-up calls, then a drift
+
+    def run():
+        clock["now"] += next(durations)
+
+    times = clock_probe.rep_trace(run, 250)
+    assert len(times) == 250 and times[0] == 1.0 and abs(times[-1] - 3.49) < 1e-9
+    windows = clock_probe.window_medians(times)
+    assert list(windows) == ["0-10", "10-40", "40-100", "100-200", "200-250"]
+    assert abs(windows["0-10"] - 1.045) < 1e-9 and windows["200-250"] > windows["100-200"] > windows["0-10"]
+    assert list(clock_probe.window_medians(times[:15])) == ["0-10", "10-15"]

@@ -14,6 +14,12 @@ times every case of ncu_block_sparse (N:sdpa, N:DENSITY, N:diagonal) in three wa
 Prints one row per case and mode and, for each density case, its time over density x the same
 mode's SDPA time at that length. Writes the rows and the raw samples' summaries as JSON.
 
+With `--trace R`, each density case is also run R times back to back, once after 2 s of idle
+GPU ("rested") and once right after the heat ("hot"), with every repetition's time kept
+(`rep_trace`), and the medians of successive windows of repetitions printed: a kernel whose
+time drifts while it runs (clock, power or temperature management) shows it there, and a
+single timing's number of repetitions then decides what it reports.
+
 With `--host`, also the host time of one call (the Python wrapper and launch, measured while a
 `torch.cuda._sleep` keeps the GPU busy, so no call waits for the GPU) and, with `--host-profile
 FILE`, cProfile's top functions over those calls: in `synced` mode a call's host time lies
@@ -111,6 +117,33 @@ def time_mode(run, mode: str, budget_ms: float = 1000.0, heater=None) -> tuple:
     return ms, start, time.time()
 
 
+TRACE_WINDOWS = ((0, 10), (10, 40), (40, 100), (100, 200), (200, None))
+
+
+def rep_trace(run, reps: int, warmup: int = 2) -> list:
+    """Milliseconds of each of `reps` repetitions of run(), enqueued back to back (as cuda_time's
+    queued mode, but every repetition kept, in order)."""
+    for _ in range(warmup):
+        run()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for a, b in events:
+        a.record()
+        run()
+        b.record()
+    torch.cuda.synchronize()
+    return [a.elapsed_time(b) for a, b in events]
+
+
+def window_medians(times: list) -> dict:
+    """Median of each TRACE_WINDOWS slice of `times` that holds any repetition ("lo-hi": ms)."""
+    out = {}
+    for lo, hi in TRACE_WINDOWS:
+        part = times[lo:hi]
+        if part:
+            out[f"{lo}-{lo + len(part)}"] = statistics.median(part)
+    return out
+
+
 def host_us(run, calls: int = 50, profile=None) -> float:
     """Host microseconds per call of `run`, the GPU kept busy meanwhile (see the module docstring)."""
     run()
@@ -132,6 +165,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cases", default="64k:sdpa,64k:0.05", help="comma list of N:sdpa, N:DENSITY, N:diagonal")
     p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--trace", type=int, default=0, metavar="R",
+                   help="also R repetitions of each density case after a rest and after the heat, each kept")
     p.add_argument("--host", action="store_true", help="also the host time of one call")
     p.add_argument("--host-profile", type=Path, help="cProfile's top functions of those calls, into this file")
     p.add_argument("--out", type=Path)
@@ -141,7 +176,7 @@ def main(argv=None) -> int:
         p.error(f"--modes: choose from {','.join(MODES)}")
     sampler = ClockSampler()
     time.sleep(0.5)
-    spans, hosts, profiles = [], {}, []
+    spans, hosts, profiles, traces = [], {}, [], []
     for case in args.cases.split(","):
         length, _, kind = case.partition(":")
         (n,) = parse_lengths(length)
@@ -154,6 +189,14 @@ def main(argv=None) -> int:
             ms, start, end = time_mode(run, mode, heater=heater)
             spans.append({"case": case, "n": n, "kernel": name, "mode": mode, "ms": ms,
                           "density": None if pairs is None else pairs / causal_pairs(n), "start": start, "end": end})
+        if args.trace and pairs is not None:
+            sdpa_run = case_runner(n, "sdpa")[0]
+            for start_state in ("rested", "hot"):
+                time.sleep(2.0) if start_state == "rested" else heat(sdpa_run)
+                times = rep_trace(run, args.trace)
+                traces.append({"case": case, "after": start_state, "density": pairs / causal_pairs(n),
+                               "ms": times, "window_medians": window_medians(times)})
+            del sdpa_run
         if args.host or args.host_profile:
             hosts[case] = host_us(run)
         if args.host_profile:  # a second pass: the profiler's own cost stays out of hosts[case]
@@ -178,13 +221,17 @@ def main(argv=None) -> int:
         power = f"{r['power_w_mean']:.0f} / {r['power_w_max']:.0f}" if r["samples"] else "-"
         print(f"| {r['case']} | {r['kernel']} | {r['mode']} | {r['ms']:.3f} | {ratio} | {clocks} | {power} "
               f"| {' '.join(r.get('throttle_reasons', []))} |")
+    for t in traces:
+        windows = ", ".join(f"{k}: {v:.3f}" for k, v in t["window_medians"].items())
+        print(f"trace {t['case']} after {t['after']} (ms per repetition, median by repetitions): {windows}")
     for case, us in hosts.items():
         print(f"host time per call, {case}: {us:.1f} us")
     if args.host_profile:
         args.host_profile.write_text("\n".join(profiles))
     if args.out:
         report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "query": QUERY,
-                  "rows": spans, "host_us_per_call": hosts}
+                  "rows": spans, "host_us_per_call": hosts,
+                  "traces": traces}
         args.out.write_text(json.dumps(report, indent=1))
     return 0
 
