@@ -228,3 +228,42 @@ def test_clock_probe_rep_trace_keeps_every_repetition_in_order(monkeypatch):
     assert list(windows) == ["0-10", "10-40", "40-100", "100-200", "200-250"]
     assert abs(windows["0-10"] - 1.045) < 1e-9 and windows["200-250"] > windows["100-200"] > windows["0-10"]
     assert list(clock_probe.window_medians(times[:15])) == ["0-10", "10-15"]
+
+
+def test_cuda_time_runs_the_kernel_to_its_steady_state_before_timing(monkeypatch):
+    from patchattn.evals.bench import prefill
+
+    clock = {"now": 0.0}
+
+    class Event:  # CUDA-event stand-in, as above
+        def __init__(self, enable_timing=False):
+            self.t = None
+
+        def record(self):
+            self.t = clock["now"]
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, other):
+            return other.t - self.t
+
+    monkeypatch.setattr(prefill.torch.cuda, "Event", Event)
+    monkeypatch.setattr(prefill.torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(prefill.time, "sleep", lambda s: None)
+    calls = {"n": 0}
+
+    def fn():  # 10 ms per call for the first 100 ms of GPU time (a boost window), then 12 ms
+        calls["n"] += 1
+        clock["now"] += 10.0 if clock["now"] < 100.0 else 12.0
+
+    for mode in ("queued", "synced"):
+        clock["now"], calls["n"] = 0.0, 0
+        # 2 warm-up calls, the sizing call, 14 more to reach 150 ms, then 5 timed repetitions
+        assert prefill.cuda_time(fn, budget_ms=50.0, min_reps=5, max_reps=5, mode=mode, steady_ms=150.0) == 12.0
+        assert calls["n"] == 2 + 1 + 14 + 5
+    clock["now"], calls["n"] = 0.0, 0
+    assert prefill.cuda_time(fn, budget_ms=50.0, min_reps=5, max_reps=5, mode="queued", steady_ms=0.0) == 10.0
+    clock["now"], calls["n"] = 0.0, 0
+    prefill.cuda_time(fn, budget_ms=50.0, min_reps=5, max_reps=5, mode="rested", steady_ms=150.0)
+    assert calls["n"] == 2 + 1 + 5  # a rested timing starts from rest: no warm-up run

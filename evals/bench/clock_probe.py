@@ -111,9 +111,12 @@ def time_mode(run, mode: str, budget_ms: float = 1000.0, heater=None) -> tuple:
     if mode == "hot":
         heater()
         start = time.time()
-        return cuda_time(run, budget_ms=100.0, min_reps=5, max_reps=200, mode="queued"), start, time.time()
+        return (cuda_time(run, budget_ms=100.0, min_reps=5, max_reps=200, mode="queued", steady_ms=0.0), start,
+                time.time())
     start = time.time()
-    ms = cuda_time(run, budget_ms=budget_ms, min_reps=5, max_reps=15 if mode == "rested" else 200, mode=mode)
+    # steady_ms=0: each mode starts from the state its name says (the module docstring)
+    ms = cuda_time(run, budget_ms=budget_ms, min_reps=5, max_reps=15 if mode == "rested" else 200, mode=mode,
+                   steady_ms=0.0)
     return ms, start, time.time()
 
 

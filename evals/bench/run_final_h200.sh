@@ -2,9 +2,10 @@
 # One GPU call (about 8 minutes on an H200): every GPU test, then 2 vs 3 Gluon q buffers (density
 # sweep and fixed-cost table each), then the default-form prefill run that #5's acceptance reads
 # (block-sparse vs SDPA and flex, vertical_slash / block_topk end to end, TTFT, break-even), then
-# clock_probe's queued and hot timings at 32k / 64k (density 0.05 against SDPA, with SM clocks).
+# clock_probe's queued and hot timings at 32k / 64k (density 0.05 against SDPA, with SM clocks) and
+# its repetition traces after a rest and after SDPA.
 # QBUFFERS="3 2" (default) picks the q-buffer settings timed; QBUFFERS="" skips that part.
-# PYTEST_LIMIT (default 170) bounds the test run.
+# PYTEST_LIMIT (default 170) bounds the test run; PYTEST_LIMIT=0 skips it.
 # Usage: OUT=/some/dir bash evals/bench/run_final_h200.sh   (wheels for pydantic in .whl/)
 set -u
 cd "$(dirname "$0")/../.."
@@ -12,7 +13,7 @@ OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 . evals/bench/h200_lib.sh
 h200_setup
-h200_pytest "${PYTEST_LIMIT:-170}" "$OUT/pytest_gpu_final_h200.log" tests
+[ "${PYTEST_LIMIT:-170}" = 0 ] || h200_pytest "${PYTEST_LIMIT:-170}" "$OUT/pytest_gpu_final_h200.log" tests
 for q in ${QBUFFERS-3 2}; do
   PATCHATTN_GLUON_Q_BUFFERS=$q h200_sweep_and_fixed "q${q}"
 done
@@ -24,4 +25,4 @@ timeout 300 python3 -m patchattn.evals.bench.prefill --blocks 128 --timing queue
 echo "prefill rc=$?" >> "$OUT/prefill_final_default_h200.log"
 grep -v "^| N\|---" "$OUT/prefill_final_default_h200.log" | tail -40; echo "t=$(( $(date +%s) - T0 ))"
 timeout 90 python3 -m patchattn.evals.bench.clock_probe --cases 32k:sdpa,32k:0.05,64k:sdpa,64k:0.05 \
-  --modes queued,hot --out "$OUT/clock_probe_hot_h200.json" 2>&1 | grep "^|"; echo "t=$(( $(date +%s) - T0 ))"
+  --modes queued,hot --trace 300 --out "$OUT/clock_probe_hot_h200.json" 2>&1 | grep "^|\|^trace"; echo "t=$(( $(date +%s) - T0 ))"
