@@ -5,6 +5,7 @@
 # clock_probe's queued and hot timings at 32k / 64k (density 0.05 against SDPA, with SM clocks) and
 # its repetition traces after a rest and after SDPA.
 # QBUFFERS="3 2" (default) picks the q-buffer settings timed; QBUFFERS="" skips that part.
+# BREAK_EVEN (default 16k) lists the extra lengths of the break-even table.
 # PYTEST_LIMIT (default 170) bounds the test run; PYTEST_LIMIT=0 skips it.
 # Usage: OUT=/some/dir bash evals/bench/run_final_h200.sh   (wheels for pydantic in .whl/)
 set -u
@@ -20,7 +21,7 @@ done
 timeout 300 python3 -m patchattn.evals.bench.prefill --blocks 128 --timing queued --ratio-rounds 5 \
   --seqlens 128k,32k,64k \
   --densities 0.05,0.1 --flex-max-n 65536 --vs-variants vertical_slash_g64 --methods vertical_slash_g64,block_topk \
-  --break-even-seqlens 16k --ttft-seqlens 128k --ttft-methods vertical_slash_g64,block_topk \
+  --break-even-seqlens "${BREAK_EVEN:-16k}" --ttft-seqlens 128k --ttft-methods vertical_slash_g64,block_topk \
   --out "$OUT/prefill_final_default_h200.json" > "$OUT/prefill_final_default_h200.log" 2>&1
 echo "prefill rc=$?" >> "$OUT/prefill_final_default_h200.log"
 grep -v "^| N\|---" "$OUT/prefill_final_default_h200.log" | tail -40; echo "t=$(( $(date +%s) - T0 ))"
