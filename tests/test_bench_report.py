@@ -6,6 +6,33 @@ pytest.importorskip("triton")
 from patchattn.evals.bench.prefill import block_sparse_cost_model, break_even_table  # noqa: E402
 
 
+@pytest.fixture
+def fake_cuda_clock(monkeypatch):
+    """CUDA events that read a fake clock (the returned dict's "now", in ms), which the timed
+    function advances; call it with the module whose torch.cuda is to be faked."""
+    clock = {"now": 0.0}
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            self.t = None
+
+        def record(self):
+            self.t = clock["now"]
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, other):
+            return other.t - self.t
+
+    def install(module):
+        monkeypatch.setattr(module.torch.cuda, "Event", Event)
+        monkeypatch.setattr(module.torch.cuda, "synchronize", lambda: None)
+        return clock
+
+    return install
+
+
 def test_cost_model_recovers_fixed_and_per_pair_cost():
     # time = 0.7 ms + 1.2 x density x SDPA (20 ms), at three densities, plus the all-blocks row
     rows = [{"density": d, "block_sparse_ms": 0.7 + 1.2 * d * 20.0} for d in (0.05, 0.1, 0.3)]
@@ -132,27 +159,11 @@ def test_prefill_tables_print_saved_runs_with_and_without_interleaved_rounds(cap
     assert "| 1.20 | 1.100 [1.050, 1.200] (5) |" in capsys.readouterr().out
 
 
-def test_cuda_time_rests_before_each_rested_repetition(monkeypatch):
+def test_cuda_time_rests_before_each_rested_repetition(monkeypatch, fake_cuda_clock):
     from patchattn.evals.bench import prefill
 
-    clock = {"now": 0.0}
-
-    class Event:  # CUDA-event stand-in: elapsed time from a fake clock that fn() advances
-        def __init__(self, enable_timing=False):
-            self.t = None
-
-        def record(self):
-            self.t = clock["now"]
-
-        def synchronize(self):
-            pass
-
-        def elapsed_time(self, other):
-            return other.t - self.t
-
+    clock = fake_cuda_clock(prefill)
     sleeps = []
-    monkeypatch.setattr(prefill.torch.cuda, "Event", Event)
-    monkeypatch.setattr(prefill.torch.cuda, "synchronize", lambda: None)
     monkeypatch.setattr(prefill.time, "sleep", sleeps.append)
     durations = iter([1.0] * 3 + [2.0, 4.0, 3.0])  # warm-up x2, sizing, then three repetitions
 
@@ -164,27 +175,11 @@ def test_cuda_time_rests_before_each_rested_repetition(monkeypatch):
     assert "rested" in prefill.TIMING
 
 
-def test_clock_probe_hot_mode_heats_with_sdpa_then_times_queued(monkeypatch):
+def test_clock_probe_hot_mode_heats_with_sdpa_then_times_queued(monkeypatch, fake_cuda_clock):
     from patchattn.evals.bench import clock_probe
 
-    clock = {"now": 0.0}
-
-    class Event:  # CUDA-event stand-in, as above
-        def __init__(self, enable_timing=False):
-            self.t = None
-
-        def record(self):
-            self.t = clock["now"]
-
-        def synchronize(self):
-            pass
-
-        def elapsed_time(self, other):
-            return other.t - self.t
-
+    clock = fake_cuda_clock(clock_probe)
     calls = []
-    monkeypatch.setattr(clock_probe.torch.cuda, "Event", Event)
-    monkeypatch.setattr(clock_probe.torch.cuda, "synchronize", lambda: None)
 
     def sdpa():
         calls.append("sdpa")
@@ -200,23 +195,10 @@ def test_clock_probe_hot_mode_heats_with_sdpa_then_times_queued(monkeypatch):
     assert start <= end
 
 
-def test_clock_probe_rep_trace_keeps_every_repetition_in_order(monkeypatch):
+def test_clock_probe_rep_trace_keeps_every_repetition_in_order(monkeypatch, fake_cuda_clock):
     from patchattn.evals.bench import clock_probe
 
-    clock = {"now": 0.0}
-
-    class Event:  # CUDA-event stand-in, as above
-        def __init__(self, enable_timing=False):
-            self.t = None
-
-        def record(self):
-            self.t = clock["now"]
-
-        def elapsed_time(self, other):
-            return other.t - self.t
-
-    monkeypatch.setattr(clock_probe.torch.cuda, "Event", Event)
-    monkeypatch.setattr(clock_probe.torch.cuda, "synchronize", lambda: None)
+    clock = fake_cuda_clock(clock_probe)
     durations = iter([5.0, 5.0] + [1.0 + 0.01 * i for i in range(250)])  # 2 warm-up calls, then a drift
 
     def run():
@@ -230,26 +212,10 @@ def test_clock_probe_rep_trace_keeps_every_repetition_in_order(monkeypatch):
     assert list(clock_probe.window_medians(times[:15])) == ["0-10", "10-15"]
 
 
-def test_cuda_time_runs_the_kernel_to_its_steady_state_before_timing(monkeypatch):
+def test_cuda_time_runs_the_kernel_to_its_steady_state_before_timing(monkeypatch, fake_cuda_clock):
     from patchattn.evals.bench import prefill
 
-    clock = {"now": 0.0}
-
-    class Event:  # CUDA-event stand-in, as above
-        def __init__(self, enable_timing=False):
-            self.t = None
-
-        def record(self):
-            self.t = clock["now"]
-
-        def synchronize(self):
-            pass
-
-        def elapsed_time(self, other):
-            return other.t - self.t
-
-    monkeypatch.setattr(prefill.torch.cuda, "Event", Event)
-    monkeypatch.setattr(prefill.torch.cuda, "synchronize", lambda: None)
+    clock = fake_cuda_clock(prefill)
     monkeypatch.setattr(prefill.time, "sleep", lambda s: None)
     calls = {"n": 0}
 

@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 from patchattn.evals.bench.ncu_block_sparse import case_runner
-from patchattn.evals.bench.prefill import causal_pairs, cuda_time, parse_lengths
+from patchattn.evals.bench.prefill import causal_pairs, cuda_time, parse_lengths, queued_times
 
 QUERY = "timestamp,clocks.sm,power.draw,temperature.gpu,clocks_throttle_reasons.active"
 MODES = ("queued", "synced", "rested", "hot")  # prefill.TIMING, and "hot" (module docstring)
@@ -128,13 +128,7 @@ def rep_trace(run, reps: int, warmup: int = 2) -> list:
     queued mode, but every repetition kept, in order)."""
     for _ in range(warmup):
         run()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    for a, b in events:
-        a.record()
-        run()
-        b.record()
-    torch.cuda.synchronize()
-    return [a.elapsed_time(b) for a, b in events]
+    return queued_times(run, reps)
 
 
 def window_medians(times: list) -> dict:

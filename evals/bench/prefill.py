@@ -89,13 +89,18 @@ def cuda_time(fn, budget_ms: float = 800.0, min_reps: int = 3, max_reps: int = 4
             time.sleep(0.2)
             times.append(once())
         return statistics.median(times)
+    return statistics.median(queued_times(fn, reps))
+
+
+def queued_times(fn, reps: int) -> list:
+    """Milliseconds of each of `reps` calls of fn(), enqueued back to back with one sync at the end."""
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
     for a, b in events:
         a.record()
         fn()
         b.record()
     torch.cuda.synchronize()
-    return statistics.median([a.elapsed_time(b) for a, b in events])
+    return [a.elapsed_time(b) for a, b in events]
 
 
 def interleaved_ratios(dense, sparse, density: float, rounds: int, budget_ms: float = 300.0, timer=None) -> dict:
