@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import random
 import sys
 import time
@@ -740,9 +741,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _unwritable(path: Path) -> Optional[str]:
+    """Why a file cannot be written at `path` (None when it can; missing folders are created)."""
+    if path.is_dir():
+        return "is a folder, expected a file path"
+    folder = next((p for p in path.parents if p.exists()), Path("."))
+    if not folder.is_dir():
+        return f"{folder} is not a folder"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"folder {folder} is not writable"
+    return None
+
+
 def calibrate_main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from .models import load
+
+    # Calibration takes minutes: find an unusable output path before it, not after.
+    for flag, target in (("--out", args.out), ("--png", args.png)):
+        problem = target and _unwritable(Path(target))
+        if problem:
+            print(f"patchattn calibrate: {flag} {target}: {problem}", file=sys.stderr)
+            return 2
 
     device = args.device
     if device == "auto":

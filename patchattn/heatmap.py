@@ -97,6 +97,7 @@ def plan_heatmap(plan: Union[Plan, str, Path], path: Union[str, Path], length: i
                  + (f" -- recipe {recipe}" if recipe else ""), fontsize=10)
     fig.tight_layout()
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

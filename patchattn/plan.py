@@ -206,6 +206,7 @@ class Plan(_Strict):
 
     def save(self, path: Union[str, Path]) -> Path:
         path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(self.to_json())
         return path
 

@@ -232,19 +232,37 @@ def test_cli_writes_plan_timing_and_heatmap(tmp_path):
     recipe.write_text(yaml.safe_dump(TINY))
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"text": t}) + "\n" for t in story_prompts()))
-    out = tmp_path / "plan.json"
+    out = tmp_path / "plans" / "new" / "plan.json"  # folders that do not exist yet are created
     rc = calibrate_main(["--model", str(STORIES), "--recipe", str(recipe), "--prompts", str(prompts),
                          "--lengths", "64,128", "--samples", "2", "--out", str(out), "--device", "cpu",
-                         "--png", str(tmp_path / "heads.png"), "--no-progress"])
+                         "--png", str(tmp_path / "figs" / "heads.png"), "--no-progress"])
     assert rc == 0
     plan = Plan.load(out)
     assert plan.calibration["prompts"]["source"] == "prompts.jsonl" and plan.calibration["check_length"] == 96
-    assert json.loads((tmp_path / "plan.json.timing.json").read_text())["total_s"] > 0
-    assert (tmp_path / "heads.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((out.parent / "plan.json.timing.json").read_text())["total_s"] > 0
+    assert (tmp_path / "figs" / "heads.png").read_bytes()[:4] == b"\x89PNG"
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(dict(TINY, objectiv="kl")))
     assert calibrate_main(["--model", str(STORIES), "--recipe", str(bad), "--prompts", str(prompts),
                            "--lengths", "64,128", "--out", str(tmp_path / "x.json"), "--no-progress"]) == 2
+
+
+def test_cli_rejects_unusable_output_paths_before_calibrating(tmp_path, capsys, monkeypatch):
+    import patchattn.models
+
+    def no_load(*a, **k):
+        raise AssertionError("the output path should be checked before the model loads")
+
+    monkeypatch.setattr(patchattn.models, "load", no_load)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    cases = [(["--out", str(tmp_path)], "--out", "is a folder"),
+             (["--out", str(blocker / "plan.json")], "--out", "is not a folder"),
+             (["--out", str(tmp_path / "p.json"), "--png", str(tmp_path)], "--png", "is a folder")]
+    for extra, flag, why in cases:
+        assert calibrate_main(["--model", "unused", "--no-progress", *extra]) == 2
+        err = capsys.readouterr().err
+        assert flag in err and why in err, err
 
 
 @needs(STORIES)
