@@ -223,10 +223,12 @@ def main(argv=None) -> int:
     for case, us in hosts.items():
         print(f"host time per call, {case}: {us:.1f} us")
     if args.host_profile:
+        args.host_profile.parent.mkdir(parents=True, exist_ok=True)
         args.host_profile.write_text("\n".join(profiles))
     if args.out:
         report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "query": QUERY,
                   "rows": spans, "host_us_per_call": hosts, "traces": traces}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1))
     return 0
 

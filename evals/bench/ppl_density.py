@@ -13,6 +13,7 @@ import argparse
 import json
 import platform
 import time
+from pathlib import Path
 
 import torch
 
@@ -72,6 +73,7 @@ def main(argv=None):
                 "torch": torch.__version__, "machine": platform.machine(), "device": where, "dtype": args.dtype,
                 "threads": torch.get_num_threads(),
                 "date": time.strftime("%Y-%m-%d")}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "w") as f:
             json.dump({**meta, "rows": rows}, f, indent=2)
 

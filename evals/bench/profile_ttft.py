@@ -68,6 +68,7 @@ def main(argv=None) -> int:
         unpatch_model(model)
     print(f"{args.method}, N={n}\n{table}")
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     return 0
 

@@ -66,6 +66,7 @@ def main(argv=None) -> int:
         print(f"| {r['n']} | {r['dense_s']:.3f} | {r['first_patched_s']:.2f} | {r['second_patched_s']:.3f} | "
               f"{r['density']:.3f} |")
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "plan": args.plan,
                                               "torch": torch.__version__, "rows": rows}, indent=2) + "\n")
     return 0
