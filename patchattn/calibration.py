@@ -769,7 +769,11 @@ def calibrate_main(argv: Optional[List[str]] = None) -> int:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
     start = time.perf_counter()
-    model, tokenizer = load(args.model, dtype=getattr(torch, args.dtype), device=device)
+    try:
+        model, tokenizer = load(args.model, dtype=getattr(torch, args.dtype), device=device)
+    except FileNotFoundError as e:
+        print(f"patchattn calibrate: --model: {e}", file=sys.stderr)
+        return 2
     load_s = time.perf_counter() - start
     timing: dict = {}
     try:

@@ -186,8 +186,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     try:
         return args.func(args) or 0
-    except PlanError as e:
-        print(f"patchattn: {e}", file=sys.stderr)
+    except (PlanError, FileNotFoundError) as e:
+        print(f"patchattn {args.command}: {e}", file=sys.stderr)
         return 2
 
 

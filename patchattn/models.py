@@ -36,12 +36,20 @@ def resolve(spec: str, gguf_file: Optional[str] = None) -> Tuple[str, Optional[s
         if folder is not None and (folder / filename).is_file():
             return str(folder), filename
         return hub_id, None
-    path = Path(spec)
+    path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file not found: {spec}")
         return str(path.parent), path.name
-    return spec, gguf_file
+    if _looks_like_path(spec) and not path.is_dir():
+        # Otherwise transformers reports a missing folder as a malformed hub id.
+        raise FileNotFoundError(f"model folder not found: {spec}")
+    return (str(path) if path.is_dir() else spec), gguf_file
+
+
+def _looks_like_path(spec: str) -> bool:
+    """A spec that cannot be a hub id ("org/name"): absolute, relative to . or ~, or deeper."""
+    return spec.startswith(("/", ".", "~")) or spec.count("/") > 1 or "\\" in spec
 
 
 def load_tokenizer(spec: str, gguf_file: Optional[str] = None):

@@ -129,3 +129,17 @@ def test_unsupported_architecture_is_named():
     m.model.layers[0].self_attn.layer_idx = 1  # two modules now claim layer 1
     with pytest.raises(UnsupportedModelError, match="two attention modules claim layer 1"):
         patch_model(m, Plan.uniform(m, "dense"))
+
+
+def test_missing_files_give_a_named_error_not_a_traceback(tmp_path, capsys):
+    from patchattn.cli import main
+    from patchattn.models import resolve
+
+    assert main(["inspect", str(tmp_path / "missing.plan.json")]) == 2
+    assert "missing.plan.json" in capsys.readouterr().err
+    for spec in (str(tmp_path / "no_model"), "./no_model", "a/b/c"):
+        with pytest.raises(FileNotFoundError, match="model folder not found"):
+            resolve(spec)
+    (tmp_path / "here").mkdir()
+    assert resolve(str(tmp_path / "here")) == (str(tmp_path / "here"), None)
+    assert resolve("org/name") == ("org/name", None)  # a hub id stays a hub id
