@@ -1,10 +1,10 @@
 # Shared by the run_*_h200.sh GPU calls (sourced, from the repository root).
 # h200_setup: install the carried wheels (.whl/) and this checkout, export the offline settings,
-#   start the clock T0.
+#   set GPU (h100 / h200: the result files' suffix), start the clock T0.
 # h200_pytest TIMEOUT LOG [PYTEST ARGS...]: `pytest -m gpu` under a timeout into LOG, with its rc
 #   appended; prints the summary lines.
 # h200_sweep_and_fixed NAME: the 32k / 64k density sweep (0.05 / 0.1) and the 32k fixed-cost table,
-#   into $OUT/prefill_density_sweep_NAME_h200.json and $OUT/kernel_variants_fixed_NAME_h200.json
+#   into $OUT/prefill_density_sweep_NAME_${GPU}.json and $OUT/kernel_variants_fixed_NAME_${GPU}.json
 #   (environment variables set by the caller apply to both); each density row also gets
 #   RATIO_ROUNDS (default 5) interleaved SDPA / block-sparse rounds (prefill --ratio-rounds).
 
@@ -12,6 +12,9 @@ h200_setup() {
   python3 -m pip install -q --no-deps --no-index .whl/*.whl 2>&1 | tail -1
   python3 -m pip install -q --no-deps --no-index --no-build-isolation -e . >/dev/null 2>&1
   export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+  # GPU names the result files (h100 / h200), from the card unless the caller sets it.
+  GPU=${GPU:-$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | grep -oi 'h[0-9]\{3\}' | tr A-Z a-z)}
+  GPU=${GPU:-gpu}
   T0=$(date +%s)
 }
 
@@ -25,10 +28,10 @@ h200_pytest() {
 h200_sweep_and_fixed() {
   timeout 75 python3 -m patchattn.evals.bench.prefill --blocks 128 --seqlens 32k,64k \
     --densities 0.05,0.1 --no-flex --methods "" --vs-variants "" --ttft-seqlens "" --break-even-seqlens "" \
-    --timing queued --ratio-rounds "${RATIO_ROUNDS:-5}" --out "$OUT/prefill_density_sweep_${1}_h200.json" 2>&1 \
+    --timing queued --ratio-rounds "${RATIO_ROUNDS:-5}" --out "$OUT/prefill_density_sweep_${1}_${GPU}.json" 2>&1 \
     | grep "^|" | grep -v "^| N\|---"
   timeout 45 python3 -m patchattn.evals.bench.kernel_variants --seqlens 32k \
-    --densities 0.05 --tables fixed --timing queued --out "$OUT/kernel_variants_fixed_${1}_h200.json" 2>&1 \
+    --densities 0.05 --tables fixed --timing queued --out "$OUT/kernel_variants_fixed_${1}_${GPU}.json" 2>&1 \
     | grep "^|" | grep -v "^| N\|---"
   echo "$1 t=$(( $(date +%s) - T0 ))"
 }

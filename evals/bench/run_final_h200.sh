@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU call (about 8 minutes on an H200): every GPU test, then 2 vs 3 Gluon q buffers (density
+# One GPU call (about 8 minutes on an H200 or H100; result files end in _h100 / _h200): every GPU test, then 2 vs 3 Gluon q buffers (density
 # sweep and fixed-cost table each), then the default-form prefill run that #5's acceptance reads
 # (block-sparse vs SDPA and flex, vertical_slash / block_topk end to end, TTFT, break-even), then
 # clock_probe's queued and hot timings at 32k / 64k (density 0.05 against SDPA, with SM clocks) and
@@ -14,7 +14,7 @@ OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 . evals/bench/h200_lib.sh
 h200_setup
-[ "${PYTEST_LIMIT:-170}" = 0 ] || h200_pytest "${PYTEST_LIMIT:-170}" "$OUT/pytest_gpu_final_h200.log" tests
+[ "${PYTEST_LIMIT:-170}" = 0 ] || h200_pytest "${PYTEST_LIMIT:-170}" "$OUT/pytest_gpu_final_${GPU}.log" tests
 for q in ${QBUFFERS-3 2}; do
   PATCHATTN_GLUON_Q_BUFFERS=$q h200_sweep_and_fixed "q${q}"
 done
@@ -22,8 +22,8 @@ timeout 300 python3 -m patchattn.evals.bench.prefill --blocks 128 --timing queue
   --seqlens 128k,32k,64k \
   --densities 0.05,0.1 --flex-max-n 65536 --vs-variants vertical_slash_g64 --methods vertical_slash_g64,block_topk \
   --break-even-seqlens "${BREAK_EVEN:-16k}" --ttft-seqlens 128k --ttft-methods vertical_slash_g64,block_topk \
-  --out "$OUT/prefill_final_default_h200.json" > "$OUT/prefill_final_default_h200.log" 2>&1
-echo "prefill rc=$?" >> "$OUT/prefill_final_default_h200.log"
-grep -v "^| N\|---" "$OUT/prefill_final_default_h200.log" | tail -40; echo "t=$(( $(date +%s) - T0 ))"
+  --out "$OUT/prefill_final_default_${GPU}.json" > "$OUT/prefill_final_default_${GPU}.log" 2>&1
+echo "prefill rc=$?" >> "$OUT/prefill_final_default_${GPU}.log"
+grep -v "^| N\|---" "$OUT/prefill_final_default_${GPU}.log" | tail -40; echo "t=$(( $(date +%s) - T0 ))"
 timeout 90 python3 -m patchattn.evals.bench.clock_probe --cases 32k:sdpa,32k:0.05,64k:sdpa,64k:0.05 \
-  --modes queued,hot --trace 300 --out "$OUT/clock_probe_hot_h200.json" 2>&1 | grep "^|\|^trace"; echo "t=$(( $(date +%s) - T0 ))"
+  --modes queued,hot --trace 300 --out "$OUT/clock_probe_hot_${GPU}.json" 2>&1 | grep "^|\|^trace"; echo "t=$(( $(date +%s) - T0 ))"
