@@ -83,30 +83,57 @@ DEMO_PLANS = {
 }
 
 
+def _demo_plans(args, model) -> List[tuple]:
+    """(row name, Plan) for the demo: the hand-written uniform plans of --methods, then the plan files
+    of --plan ("shipped": the calibrated plan that ships for the --model alias, if any)."""
+    from . import Plan
+    from .models import shipped_plan
+
+    plans = [(m, Plan.uniform(model, m, DEMO_PLANS[m])) for m in args.methods.split(",") if m]
+    for item in (x for x in args.plan.split(",") if x):
+        if item == "shipped":
+            path = shipped_plan(args.model)
+            if path is None:
+                print(f"no calibrated plan ships for {args.model!r}: the demo shows the hand-written plans only")
+                continue
+            name, plan = f"calibrated ({path.name})", Plan.load(path)
+        else:
+            name, plan = Path(item).name, Plan.load(item)
+        plan.check_model(model)
+        plans.append((name, plan))
+    return plans
+
+
 def cmd_demo(args) -> int:
-    """Dense vs hand-written sparse plans: perplexity and realized density on one text."""
+    """Dense vs hand-written sparse plans and a calibrated one: perplexity and realized density on one text."""
     import torch
 
-    from . import Plan, patch_model, reset_stats, stats, unpatch_model
+    from . import patch_model, reset_stats, stats, unpatch_model
     from .evals.perplexity import perplexity, read_text
     from .models import load
 
+    unknown = [m for m in args.methods.split(",") if m and m not in DEMO_PLANS]
+    if unknown:
+        print(f"patchattn demo: unknown method(s) {', '.join(unknown)}; choose from {', '.join(DEMO_PLANS)}",
+              file=sys.stderr)
+        return 2
     torch.set_num_threads(max(1, torch.get_num_threads()))
     model, tokenizer = load(args.model)
+    plans = _demo_plans(args, model)  # plan files are checked against the model before any forward
     text = read_text(args.text)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = [{"plan": "dense", **perplexity(model, tokenizer, text, args.tokens, args.window), "density": 1.0}]
     print(f"dense: ppl {rows[0]['ppl']:.3f} ({rows[0]['tokens']} tokens, {rows[0]['seconds']:.1f}s)", flush=True)
-    for method in args.methods.split(","):
-        plan = Plan.uniform(model, method, DEMO_PLANS[method])
-        plan.save(out_dir / f"{method}.plan.json")
+    for name, plan in plans:
+        if name in DEMO_PLANS:
+            plan.save(out_dir / f"{name}.plan.json")
         patch_model(model, plan)
         reset_stats(model)
         result = perplexity(model, tokenizer, text, args.tokens, args.window)
-        rows.append({"plan": method, **result, "density": stats(model).density})
+        rows.append({"plan": name, **result, "density": stats(model).density})
         unpatch_model(model)
-        print(f"{method}: ppl {result['ppl']:.3f}, realized density {rows[-1]['density']:.4f}", flush=True)
+        print(f"{name}: ppl {result['ppl']:.3f}, realized density {rows[-1]['density']:.4f}", flush=True)
     base = rows[0]["ppl"]
     print(f"\n| plan | perplexity | delta vs dense | realized density | forward s |\n|---|---|---|---|---|")
     for r in rows:
@@ -128,12 +155,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--png", help="write a layers x heads heatmap (needs matplotlib)")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("demo", help="perplexity and realized density, dense vs hand-written sparse plans")
+    p = sub.add_parser("demo", help="perplexity and realized density, dense vs hand-written and calibrated plans")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--text", help="text file (default: Python's bundled pydoc topics)")
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--window", type=int, default=2048)
-    p.add_argument("--methods", default="streaming,vertical_slash,block_topk")
+    p.add_argument("--methods", default="streaming,vertical_slash,block_topk",
+                   help="hand-written uniform plans to run (comma list; empty for none)")
+    p.add_argument("--plan", default="shipped",
+                   help="plan files to run too (comma list); 'shipped' is the calibrated plan that ships for "
+                        "the --model alias; empty for none")
     p.add_argument("--out", default="out/demo")
     p.set_defaults(func=cmd_demo)
     for name, helptext in [("calibrate", "calibrate a per-head plan from sample prompts (see --help)"),

