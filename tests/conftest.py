@@ -8,8 +8,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Test subprocesses (`python -c`, `python -m`) would put the working directory, the repository
-# root, first on sys.path, where the top-level kernels/ shadows Hugging Face's `kernels`, which
-# transformers >= 5.25 imports (the README's pytest command passes -P for this process).
+# root, first on sys.path, where the top-level kernels/ is found as `kernels` (it then hands that
+# name to Hugging Face's package, which transformers imports: tests/test_packaging.py checks that
+# without this setting); the README's pytest command passes -P for this process.
 os.environ.setdefault("PYTHONSAFEPATH", "1")
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
