@@ -291,7 +291,8 @@ def sparse_attention(state: LayerState, query, key, value, attention_mask, *, sc
                 def row_mask(start, end, selection=selection):
                     return base_rows(start, end) & selection.rows(q_pos[start:end], k_pos)
             k = key[:, kv_heads] if gqa_keys else k
-            o, _, kept_pairs = chunked_attention(q, k, value[:, kv_heads], row_mask, scale, softcap)
+            o, _, kept_pairs = chunked_attention(q, k, value[:, kv_heads], row_mask, scale, softcap,
+                                                 with_lse=False)
             state.stats.kernels["reference"] += 1
         else:
             o, kept_pairs, kernel = result
