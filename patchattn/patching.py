@@ -271,7 +271,7 @@ def sparse_attention(state: LayerState, query, key, value, attention_mask, *, sc
     # Kernels write straight into [B, M, H, D] storage, so the caller's transpose is free.
     out = query.new_empty(b, m, h, d).transpose(1, 2)
     kept = torch.zeros(b, h, dtype=torch.long, device=query.device)
-    q_pos0 = int(q_pos[0]) if q_pos.numel() else 0
+    q_pos0 = layout.q_offset if layout is not None else 0  # = q_pos[0], without a device sync
     for group in state.groups:
         heads = group.q_heads.to(query.device)
         kv_heads = torch.div(heads, group_size, rounding_mode="floor")

@@ -14,41 +14,72 @@ head group of a sparse prefill, the implementation that ran it: ``reference`` (c
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 import torch
 
 
-@dataclass
 class LayerStats:
-    layer: int
-    methods: List[str]  # per query head
-    kept: List[int] = field(default_factory=list)  # per query head, summed over calls and batch
-    valid: List[int] = field(default_factory=list)
-    sparse_calls: int = 0
-    fallbacks: Counter = field(default_factory=Counter)
-    kernels: Counter = field(default_factory=Counter)
+    """One layer's counters. Pair counts arrive as device tensors and are summed on the device;
+    they reach the host only when read (`kept`, `valid`), so a prefill on the GPU does not stop
+    to synchronise once per layer for its telemetry."""
 
-    def __post_init__(self):
-        heads = len(self.methods)
-        self.kept = self.kept or [0] * heads
-        self.valid = self.valid or [0] * heads
+    def __init__(self, layer: int, methods: List[str], kept: Optional[List[int]] = None,
+                 valid: Optional[List[int]] = None):
+        self.layer = layer
+        self.methods = methods  # per query head
+        self._kept = list(kept) if kept else [0] * len(methods)  # per query head, over calls and batch
+        self._valid = list(valid) if valid else [0] * len(methods)
+        self._pending: Optional[tuple] = None  # (kept [H], valid []) device sums not yet on the host
+        self.sparse_calls = 0
+        self.fallbacks: Counter = Counter()
+        self.kernels: Counter = Counter()
+
+    def _add(self, kept_h: torch.Tensor, valid: torch.Tensor) -> None:
+        kept_h, valid = kept_h.to(torch.long), valid.to(torch.long)
+        if self._pending is not None and self._pending[0].device != kept_h.device:
+            self._flush()
+        if self._pending is None:
+            self._pending = (kept_h.clone(), valid.clone())
+        else:
+            self._pending[0].add_(kept_h)
+            self._pending[1].add_(valid)
+
+    def _flush(self) -> None:
+        if self._pending is not None:
+            kept_h, valid = self._pending[0].tolist(), int(self._pending[1])
+            self._pending = None
+            self._kept = [k + int(x) for k, x in zip(self._kept, kept_h)]
+            self._valid = [v + valid for v in self._valid]
+
+    @property
+    def kept(self) -> List[int]:
+        self._flush()
+        return self._kept
+
+    @kept.setter
+    def kept(self, value: List[int]) -> None:
+        self._flush()
+        self._kept = list(value)
+
+    @property
+    def valid(self) -> List[int]:
+        self._flush()
+        return self._valid
+
+    @valid.setter
+    def valid(self, value: List[int]) -> None:
+        self._flush()
+        self._valid = list(value)
 
     def record_sparse_prefill(self, kept: torch.Tensor, valid: torch.Tensor) -> None:
         """kept [B, H] pairs computed per head, valid [B] pairs of the base mask per row."""
-        kept_h = kept.sum(0).tolist()
-        total_valid = int(valid.sum())
-        for h in range(len(self.methods)):
-            self.kept[h] += int(kept_h[h])
-            self.valid[h] += total_valid
+        self._add(kept.sum(0), valid.sum())
         self.sparse_calls += 1
 
     def record_dense_prefill(self, valid: torch.Tensor) -> None:
-        total_valid = int(valid.sum())
-        for h in range(len(self.methods)):
-            self.kept[h] += total_valid
-            self.valid[h] += total_valid
+        total = valid.sum()
+        self._add(total.expand(len(self.methods)), total)
         self.fallbacks["dense_plan"] += 1
 
     def record_fallback(self, reason: str) -> None:
