@@ -36,7 +36,7 @@ class LayerStats:
         self.kernels: Counter = Counter()
 
     def _add(self, kept_h: torch.Tensor, valid: torch.Tensor) -> None:
-        kept_h, valid = kept_h.to(torch.long), valid.to(torch.long)
+        kept_h, valid = kept_h.to(torch.long), valid.to(device=kept_h.device, dtype=torch.long)
         if self._pending is not None and self._pending[0].device != kept_h.device:
             self._flush()
         if self._pending is None:

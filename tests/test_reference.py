@@ -58,3 +58,19 @@ def test_strided_diagonal_rows_equal_the_gather(b, h, n, c, q0, n_diag):
         d = (q_pos[:, None] - k_pos[None, :]).clamp(0, n_diag - 1)
         expected = sel.columns[:, :, None, :] | sel.diagonals[:, :, d]
         assert torch.equal(sel.rows(q_pos, k_pos), expected)
+
+
+def test_layer_stats_sum_on_the_device_until_read():
+    from patchattn.telemetry import LayerStats
+
+    st = LayerStats(3, ["vertical_slash"] * 2)
+    st.record_sparse_prefill(torch.tensor([[5, 7], [1, 2]]), torch.tensor([10, 10]))
+    st.record_dense_prefill(torch.tensor([4, 6]))
+    st.record_sparse_prefill(torch.tensor([[1, 1]]), torch.tensor([3]))
+    assert st._pending is not None  # nothing read yet: no host conversion happened
+    assert st.kept == [5 + 1 + 10 + 1, 7 + 2 + 10 + 1] and st.valid == [33, 33]
+    assert st._pending is None and st.sparse_calls == 2 and st.fallbacks["dense_plan"] == 1
+    assert st.head_density() == [17 / 33, 20 / 33]
+    st.kept = [0, 0]  # benchmarks reset the counters between timings
+    st.record_sparse_prefill(torch.tensor([[2, 3]]), torch.tensor([4]))
+    assert st.kept == [2, 3] and st.valid == [37, 37]
