@@ -46,6 +46,8 @@ def story_prompts(n=3, words=160):
 def stories():
     from patchattn.models import load
 
+    if not STORIES.exists():  # every test that takes this fixture needs ../shared
+        pytest.skip(f"{STORIES} not present (../shared assets)")
     return load(str(STORIES))
 
 
