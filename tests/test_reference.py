@@ -74,3 +74,7 @@ def test_layer_stats_sum_on_the_device_until_read():
     st.kept = [0, 0]  # benchmarks reset the counters between timings
     st.record_sparse_prefill(torch.tensor([[2, 3]]), torch.tensor([4]))
     assert st.kept == [2, 3] and st.valid == [37, 37]
+    dense_first = LayerStats(0, ["dense"] * 3)  # a broadcast first entry must still take in-place sums
+    dense_first.record_dense_prefill(torch.tensor([4, 6]))
+    dense_first.record_sparse_prefill(torch.tensor([[1, 2, 3]]), torch.tensor([5]))
+    assert dense_first.kept == [11, 12, 13] and dense_first.valid == [15, 15, 15]
