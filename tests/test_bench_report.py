@@ -1,6 +1,9 @@
 """Benchmark report helpers that run without a GPU (on saved or synthetic results)."""
 
+import json
+
 import pytest
+from conftest import STORIES, needs
 
 pytest.importorskip("triton")
 from patchattn.evals.bench.prefill import block_sparse_cost_model, break_even_table  # noqa: E402
@@ -233,3 +236,16 @@ def test_cuda_time_runs_the_kernel_to_its_steady_state_before_timing(monkeypatch
     clock["now"], calls["n"] = 0.0, 0
     prefill.cuda_time(fn, budget_ms=50.0, min_reps=5, max_reps=5, mode="rested", steady_ms=150.0)
     assert calls["n"] == 2 + 1 + 5  # a rested timing starts from rest: no warm-up run
+
+
+@needs(STORIES)
+def test_cpu_forward_bench_writes_its_rows(tmp_path, capsys):
+    from patchattn.evals.bench import cpu_forward
+
+    out = tmp_path / "cpu.json"
+    assert cpu_forward.main(["--model", str(STORIES), "--tokens", "256", "--reps", "1", "--vs-scale", "0.1",
+                             "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["name"] for r in rows] == ["dense", "uniform vertical_slash 0.1"]  # no plan ships for a folder
+    assert rows[0]["density"] == 1.0 and 0 < rows[1]["density"] < 1 and all(r["seconds"] > 0 for r in rows)
+    assert "| uniform vertical_slash 0.1 |" in capsys.readouterr().out
