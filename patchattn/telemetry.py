@@ -88,6 +88,10 @@ class LayerStats:
     def head_density(self) -> List[Optional[float]]:
         return [k / v if v else None for k, v in zip(self.kept, self.valid)]
 
+    def __repr__(self) -> str:
+        return (f"LayerStats(layer={self.layer}, methods={self.methods}, kept={self.kept}, valid={self.valid}, "
+                f"sparse_calls={self.sparse_calls}, fallbacks={dict(self.fallbacks)}, kernels={dict(self.kernels)})")
+
 
 class Stats:
     """Telemetry of a patched model (from `patchattn.stats(model)`)."""
