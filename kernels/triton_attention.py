@@ -393,17 +393,20 @@ def _slash_tile(q, k_base, v_base, ColMask, DiagMask, row_base, n0, k_hi, d_lo, 
 
 @triton.jit
 def _vertical_slash_fwd(
-    Q, K, V, Out, Lse, VIdx, VLo, VHi, SegLo, SegHi, SegCnt, SegFull, ColMask, DiagMask, KvStart,
+    Q, K, V, Out, Lse, VIdx, VLo, VMid, VHi, SegLo, SegHi, SegCnt, SegFull, ColMask, DiagMask, KvStart,
     TileSeg, TileN0, TileCnt,
     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
-    n_q, n_k, n_q_blocks, n_heads, group, q_offset, sm_scale, softcap, window, n_tile_slots, tune_bucket,
+    n_q, n_k, n_q_blocks, n_heads, group, q_offset, sm_scale, softcap, window, n_tile_slots, v_len, seg_len,
+    tune_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, FLAT_SLASH: tl.constexpr, KV_MAJOR: tl.constexpr,
 ):
     (pid_bh, qb, b, h, _, offs_m, offs_n, offs_d, pos, kv_start, first_pos, last_pos, q, k_base,
      v_base) = _program_setup(Q, K, V, KvStart, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, n_q, n_k,
                               n_heads, group, q_offset, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, KV_MAJOR, False)
-    row_base = pid_bh.to(tl.int64) * n_k  # [B, Hq, Nk] index / mask tensors (contiguous)
+    row_base = pid_bh.to(tl.int64) * n_k  # [B, Hq, Nk] masks (contiguous)
+    col_base = pid_bh.to(tl.int64) * v_len  # [B, Hq, Lc] kept columns
+    seg_base = pid_bh.to(tl.int64) * seg_len  # [B, Hq, Ld] slash segments
     qb_slot = pid_bh.to(tl.int64) * n_q_blocks + qb  # [B, Hq, nqb] per-block ranges
 
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
@@ -411,12 +414,22 @@ def _vertical_slash_fwd(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
     # Vertical part: the kept columns this query block can see, gathered BLOCK_N at a time.
+    # Columns [v_lo, v_mid) lie at or before the block's first row, so every row sees them: whole
+    # tiles of those skip the per-pair mask; the rest (the diagonal's edge, the last partial tile)
+    # are masked.
     v_lo = tl.load(VLo + qb_slot)
     v_hi = tl.load(VHi + qb_slot)
-    for t in range(v_lo, v_hi, BLOCK_N):
+    v_open = v_lo + (tl.load(VMid + qb_slot) - v_lo) // BLOCK_N * BLOCK_N
+    for t in range(v_lo, v_open, BLOCK_N):
+        cols = tl.load(VIdx + col_base + t + offs_n)
+        k = _load_rows(k_base, cols, offs_d, sk_n, None, HEAD_DIM, BLOCK_D, False)
+        v = _load_rows(v_base, cols, offs_d, sv_n, None, HEAD_DIM, BLOCK_D, False)
+        s, c = _scaled_scores(q, k, sm_scale, softcap, SOFTCAP)
+        m_i, l_i, acc = _online_step(s, c, v, m_i, l_i, acc, 0)
+    for t in range(v_open, v_hi, BLOCK_N):
         slot = t + offs_n
         live = slot < v_hi
-        cols = tl.load(VIdx + row_base + slot, mask=live, other=0)
+        cols = tl.load(VIdx + col_base + slot, mask=live, other=0)
         k = _load_rows(k_base, cols, offs_d, sk_n, live, HEAD_DIM, BLOCK_D, True)
         v = _load_rows(v_base, cols, offs_d, sv_n, live, HEAD_DIM, BLOCK_D, True)
         s, c = _scaled_scores(q, k, sm_scale, softcap, SOFTCAP)
@@ -433,9 +446,9 @@ def _vertical_slash_fwd(
         for t in range(0, n_t):
             si = tl.load(TileSeg + t_base + t)
             n0 = tl.load(TileN0 + t_base + t)
-            d_lo = tl.load(SegLo + row_base + si)
-            d_hi = tl.load(SegHi + row_base + si)
-            full = tl.load(SegFull + row_base + si)
+            d_lo = tl.load(SegLo + seg_base + si)
+            d_hi = tl.load(SegHi + seg_base + si)
+            full = tl.load(SegFull + seg_base + si)
             k_hi = tl.minimum(last_pos - d_lo, n_k - 1)  # inclusive
             m_i, l_i, acc = _slash_tile(q, k_base, v_base, ColMask, DiagMask, row_base, n0, k_hi, d_lo, d_hi, full,
                                         offs_n, offs_d, pos, kv_start, n_k, window, sk_n, sv_n, sm_scale, softcap,
@@ -446,9 +459,9 @@ def _vertical_slash_fwd(
             k_min = tl.maximum(k_min, first_pos - window + 1)
         n_seg = tl.load(SegCnt + qb_slot)
         for si in range(0, n_seg):
-            d_lo = tl.load(SegLo + row_base + si)
-            d_hi = tl.load(SegHi + row_base + si)
-            full = tl.load(SegFull + row_base + si)  # every diagonal of [d_lo, d_hi] kept: a band
+            d_lo = tl.load(SegLo + seg_base + si)
+            d_hi = tl.load(SegHi + seg_base + si)
+            full = tl.load(SegFull + seg_base + si)  # every diagonal of [d_lo, d_hi] kept: a band
             k_lo = tl.maximum(first_pos - d_hi, k_min)
             k_hi = tl.minimum(last_pos - d_lo, n_k - 1)  # inclusive
             for n0 in range(k_lo, k_hi + 1, BLOCK_N):
@@ -640,8 +653,9 @@ def block_sparse_attention(
 class VerticalSlashIndex:
     """Index form of (column_mask, diagonal_mask) for one query layout (all tensors on-device).
 
-    v_idx / seg_lo / seg_hi are [B, H, Nk] int32, padded with 2**30 past their valid entries;
-    v_lo, v_hi, seg_cnt are [B, H, nqb] int32 ranges per query block.
+    v_idx is [B, H, Lc] and d_idx / seg_lo / seg_hi / seg_full are [B, H, Ld] int32, padded
+    with 2**30 past their valid entries (Lc / Ld: at most Nk, or the caller's bound on kept
+    columns / diagonals); v_lo, v_hi, seg_cnt are [B, H, nqb] int32 ranges per query block.
     """
 
     v_idx: torch.Tensor  # kept columns, ascending
@@ -658,19 +672,29 @@ class VerticalSlashIndex:
     tile_n0: Optional[torch.Tensor] = None
     tile_cnt: Optional[torch.Tensor] = None
     tile_block_n: Optional[int] = None
+    d_idx: Optional[torch.Tensor] = None  # [B, H, Ld] int32: kept diagonals, ascending
+    # [B, H, nqb] int32: slots [v_lo, v_mid) hold columns that every row of the block sees
+    # (none past its first row, no sliding window), so the kernel skips their mask.
+    v_mid: Optional[torch.Tensor] = None
 
 
-def _sorted_kept(mask: torch.Tensor, values: Optional[torch.Tensor] = None) -> torch.Tensor:
+def _sorted_kept(mask: torch.Tensor, values: Optional[torch.Tensor] = None, length: Optional[int] = None
+                 ) -> torch.Tensor:
     """The indices where mask is True (or `values` there, which must ascend along the last dim),
     in ascending order, then _INDEX_PAD; int64 [..., L], no host sync. A cumsum + scatter
-    compaction: linear, where a sort of [B, H, N] cost ~0.6 ms per call at 128k x 32 heads."""
+    compaction: linear, where a sort of [B, H, N] cost ~0.6 ms per call at 128k x 32 heads.
+
+    length: L, an upper bound on the kept entries of any row that the caller guarantees (default
+    the mask's length). Later steps then work on L entries instead of N (at 128k a
+    vertical_slash row keeps a few thousand columns / diagonals of 131072)."""
     n = mask.shape[-1]
-    j = torch.arange(n, device=mask.device)
-    kept_upto = mask.cumsum(-1)
-    # A stable partition: kept entries in order, then the dropped ones (written as padding).
-    slot = torch.where(mask, kept_upto - 1, kept_upto[..., -1:] + j - kept_upto)
-    values = j.expand(mask.shape) if values is None else values.long()
-    return torch.empty_like(slot).scatter_(-1, slot, torch.where(mask, values, _INDEX_PAD))
+    length = n if length is None else min(length, n)
+    kept_upto = mask.cumsum(-1, dtype=torch.int32)
+    # Kept entries go to their rank, everything else to one spill slot past the end.
+    slot = torch.where(mask, kept_upto - 1, length).long()
+    values = torch.arange(n, device=mask.device).expand(mask.shape) if values is None else values.long()
+    out = torch.full((*mask.shape[:-1], length + 1), _INDEX_PAD, dtype=torch.long, device=mask.device)
+    return out.scatter_(-1, slot, torch.where(mask, values, _INDEX_PAD))[..., :length].contiguous()
 
 
 def _block_positions(n_q: int, q_offset: int, block_m: int, device):
@@ -715,12 +739,16 @@ def _flat_slash_tiles(seg_lo, seg_hi, seg_cnt, first_pos, last_pos, k_min, n_k: 
 def vertical_slash_index(
     column_mask: torch.Tensor, diagonal_mask: torch.Tensor, *, n_q: int, q_offset: int = 0,
     kv_start: Optional[torch.Tensor] = None, sliding_window: Optional[int] = None, block_m: int = 64,
-    flat_slash_block_n: Optional[int] = None,
+    flat_slash_block_n: Optional[int] = None, max_columns: Optional[int] = None,
+    max_diagonals: Optional[int] = None,
 ) -> VerticalSlashIndex:
     """Convert bool column/diagonal masks [B, H, Nk] to the kernel's index form, on their device.
 
     flat_slash_block_n: also list every slash tile per query block (the kernel then walks them in
-    one loop with that key tile width instead of a loop per segment)."""
+    one loop with that key tile width instead of a loop per segment).
+    max_columns / max_diagonals: upper bounds on the columns / diagonals any (b, h) row keeps
+    (`ColumnDiagonalSelection` carries them); the lists then have that length instead of Nk. A
+    bound below the true count drops entries, so methods give bounds that hold by construction."""
     bsz, h, n_k = column_mask.shape
     dev = column_mask.device
     kvs = kv_start_tensor(kv_start, bsz, dev).long()[:, None, None]  # [B,1,1]
@@ -732,14 +760,18 @@ def vertical_slash_index(
         k_min = torch.maximum(k_min, (first_pos - sliding_window + 1)[None, None])
     k_max = last_pos[None, None].expand_as(k_min)
 
-    v_idx = _sorted_kept(column_mask)
+    v_idx = _sorted_kept(column_mask, length=max_columns)
     v_lo = torch.searchsorted(v_idx, k_min.expand(bsz, h, -1).contiguous())
     v_hi = torch.searchsorted(v_idx, k_max.expand(bsz, h, -1).contiguous(), right=True)
+    if sliding_window is None:
+        v_mid = torch.maximum(torch.searchsorted(v_idx, first_pos.expand(bsz, h, -1).contiguous(), right=True), v_lo)
+    else:  # a window's far edge moves with the row: every tile keeps its mask
+        v_mid = v_lo
 
     diag = diagonal_mask
     if sliding_window is not None:  # diagonals at or past the window can never be valid
         diag = diag & (torch.arange(n_k, device=dev) < sliding_window)
-    d = _sorted_kept(diag)
+    d = _sorted_kept(diag, length=max_diagonals)
     # Diagonals d < d' cover touching key ranges for a block of block_m rows iff d' - d <= block_m.
     big = torch.full_like(d[..., :1], -_INDEX_PAD)
     gap_before = d - torch.cat([big, d[..., :-1]], dim=-1)
@@ -753,14 +785,13 @@ def vertical_slash_index(
 
     # Segments whose diagonals are all kept (bands such as the local window) are masked by
     # comparing distances instead of looking each pair's diagonal up.
-    kept_before = torch.nn.functional.pad(diag.to(torch.int32).cumsum(-1, dtype=torch.int32), (1, 0))
-    lo_c, hi_c = seg_lo.clamp(max=n_k - 1), seg_hi.clamp(max=n_k - 1)
-    run = kept_before.gather(-1, hi_c + 1) - kept_before.gather(-1, lo_c)
-    seg_full = (seg_lo < _INDEX_PAD) & (run == hi_c - lo_c + 1)
+    # Kept diagonals inside [seg_lo, seg_hi], counted on the sorted list (no pass over Nk).
+    run = torch.searchsorted(d, seg_hi, right=True) - torch.searchsorted(d, seg_lo)
+    seg_full = (seg_lo < _INDEX_PAD) & (run == seg_hi - seg_lo + 1)
 
     i32 = lambda t: t.to(torch.int32).contiguous()  # noqa: E731
     index = VerticalSlashIndex(i32(v_idx), i32(v_lo), i32(v_hi), i32(seg_lo), i32(seg_hi), i32(seg_cnt), block_m,
-                               i32(seg_full))
+                               i32(seg_full), d_idx=i32(d), v_mid=i32(v_mid))
     if flat_slash_block_n:
         index.tile_seg, index.tile_n0, index.tile_cnt = _flat_slash_tiles(
             seg_lo, seg_hi, seg_cnt, first_pos, last_pos, k_min.expand(bsz, h, -1), n_k, flat_slash_block_n)
@@ -771,13 +802,18 @@ def vertical_slash_index(
 def vertical_slash_pair_counts(
     column_mask: torch.Tensor, diagonal_mask: torch.Tensor, *, n_q: int, q_offset: int = 0,
     kv_start: Optional[torch.Tensor] = None, sliding_window: Optional[int] = None,
-    index: Optional[VerticalSlashIndex] = None, block_n: int = 64,
+    index: Optional[VerticalSlashIndex] = None, block_n: int = 64, computed: Optional[bool] = None,
 ) -> dict:
     """Realized pair counts per (b, h), all int64 [B, H]:
 
     kept: base-valid pairs selected by a column or a diagonal (each once);
     base: base-valid pairs (the dense causal count, for density = kept / base);
-    computed: pairs in the score tiles the kernel evaluates (only when `index` is given).
+    computed: pairs in the score tiles the kernel evaluates (needs `index`; by default counted
+    whenever `index` is given).
+
+    kept is counted on the sorted lists of kept columns and diagonals (the index's, when given):
+    per row a search of each diagonal's key range among the columns, so a layer's accounting
+    costs no pass over [B, H, Nk] beyond building those lists.
     """
     bsz, h, n_k = column_mask.shape
     dev = column_mask.device
@@ -790,18 +826,26 @@ def vertical_slash_pair_counts(
     col_rows = (torch.clamp(j + win - 1, max=p_hi) - torch.clamp(j, min=p_lo) + 1).clamp_min(0)
     col_rows = torch.where(j[None, None] >= kvs, col_rows, 0)  # [B,1,Nk]
     base = col_rows.sum(-1).expand(bsz, h)
-    vertical = (column_mask * col_rows).sum(-1)
+    if index is not None and index.d_idx is not None:
+        cols, diags = index.v_idx.long(), index.d_idx.long()
+    else:
+        cols, diags = _sorted_kept(column_mask), _sorted_kept(diagonal_mask & (j < win))
+    real_col = cols < _INDEX_PAD
+    vertical = torch.where(real_col, col_rows.expand(bsz, h, n_k).gather(-1, cols.clamp(max=n_k - 1)), 0).sum(-1)
 
-    # Diagonal d covers keys [max(kv_start, p_lo - d), p_hi - d]; count those not in a column.
-    not_col = torch.cat([torch.zeros_like(column_mask[..., :1], dtype=torch.long),
-                         (~column_mask).long().cumsum(-1)], dim=-1)  # [B,H,Nk+1]
-    lo = torch.maximum(kvs, p_lo - j[None, None]).clamp(0, n_k)
-    hi = (p_hi - j[None, None] + 1).clamp(0, n_k)  # exclusive
-    lo, hi = lo.expand(bsz, h, n_k), hi.expand(bsz, h, n_k)
-    free = (not_col.gather(-1, hi) - not_col.gather(-1, torch.minimum(lo, hi))).clamp_min(0)
-    diag_ok = diagonal_mask & (j < win)[None, None]
-    counts = dict(kept=vertical + (free * diag_ok).sum(-1), base=base)
-    if index is not None:
+    # Diagonal d covers keys [max(kv_start, p_lo - d), p_hi - d]; count those not in a column
+    # (columns below a key = its insertion point in the sorted column list).
+    d = diags.clamp(max=n_k)
+    hi = (p_hi - d + 1).clamp(0, n_k)  # exclusive
+    lo = torch.minimum(torch.maximum(kvs, p_lo - d).clamp(0, n_k), hi)
+    in_cols = torch.searchsorted(cols, hi) - torch.searchsorted(cols, lo)
+    free = torch.where(diags < _INDEX_PAD, hi - lo - in_cols, 0)
+    counts = dict(kept=vertical + free.sum(-1), base=base)
+    if computed is None:
+        computed = index is not None
+    if computed:
+        if index is None:
+            raise ValueError("computed pair counts need the kernel's index")
         counts["computed"] = _computed_pairs(index, n_q, n_k, q_offset, kvs, sliding_window, block_n)
     return counts
 
@@ -857,6 +901,7 @@ def vertical_slash_attention(
         raise ValueError("index was built for a different block_m or [B, Hq]")
     kvs = kv_start_tensor(kv_start, bsz, q.device)
     n_qb = triton.cdiv(n_q, block_m)
+    v_mid = index.v_mid if index.v_mid is not None else index.v_lo  # unknown: mask every column tile
     seg_full = index.seg_full if index.seg_full is not None else torch.zeros_like(index.seg_lo)
     col_u8 = column_mask.contiguous().view(torch.uint8)
     diag_u8 = diagonal_mask.contiguous().view(torch.uint8)
@@ -871,11 +916,12 @@ def vertical_slash_attention(
     fixed_n = dict(BLOCK_N=block_n) if block_n else {}
     _launch(
         _vertical_slash_tuned_n if block_n else _vertical_slash_tuned, _vertical_slash_fwd, (bsz * hq, n_qb),
-        q, k, v, out, lse, index.v_idx, index.v_lo, index.v_hi, index.seg_lo, index.seg_hi, index.seg_cnt,
+        q, k, v, out, lse, index.v_idx, index.v_lo, v_mid, index.v_hi, index.seg_lo, index.seg_hi, index.seg_cnt,
         seg_full, col_u8, diag_u8, kvs, *tiles,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
         n_q, n_k, n_qb, hq, hq // hkv, q_offset, scale, float(softcap or 0.0), int(sliding_window or 0),
-        index.tile_seg.shape[-1] if flat else 0, tune_bucket(n_q), untuned=dict(BLOCK_N=block_n or 64), **fixed_n,
+        index.tile_seg.shape[-1] if flat else 0, index.v_idx.shape[-1], index.seg_lo.shape[-1], tune_bucket(n_q),
+        untuned=dict(BLOCK_N=block_n or 64), **fixed_n,
         FLAT_SLASH=flat, **_common_meta(d, block_m, softcap, sliding_window),
     )
     return out, lse

@@ -299,11 +299,13 @@ def run_group(selection: Selection, query, key, value, heads: torch.Tensor, layo
             return None
         index = ta.vertical_slash_index(cols, diags, n_q=layout.n_q, q_offset=layout.q_offset,
                                         kv_start=layout.kv_start, sliding_window=layout.sliding_window,
-                                        block_m=VS_BLOCK_M, flat_slash_block_n=64 if VS_FLAT_SLASH else None)
+                                        block_m=VS_BLOCK_M, flat_slash_block_n=64 if VS_FLAT_SLASH else None,
+                                        max_columns=selection.max_columns, max_diagonals=selection.max_diagonals)
         o, _ = ta.vertical_slash_attention(q, k, v, cols, diags, index=index, out=out, block_m=VS_BLOCK_M, **opts)
         kernel_calls["vertical_slash"] += 1
         kept = ta.vertical_slash_pair_counts(cols, diags, n_q=layout.n_q, q_offset=layout.q_offset,
-                                             kv_start=layout.kv_start, sliding_window=layout.sliding_window)["kept"]
+                                             kv_start=layout.kv_start, sliding_window=layout.sliding_window,
+                                             index=index, computed=False)["kept"]
         return o, kept, "triton_vertical_slash"
     else:
         return None

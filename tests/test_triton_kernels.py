@@ -214,10 +214,25 @@ def _check_vertical_slash(bsz, hq, hkv, n_q, n_k, d, bm, bn, q_offset, kv_start,
         nested, _ = vertical_slash_attention(q, k, v, col, diag, scale=d ** -0.5, softcap=softcap, block_m=bm,
                                              block_n=bn, **opts)
         extra["flat_equals_nested"] = rel_err(o, nested)
+    # Lists cut at the most columns / diagonals a row keeps (what a method's budgets bound): the
+    # same entries, so the same tiles in the same order.
+    bounded = vertical_slash_index(col, diag, n_q=n_q, block_m=bm, flat_slash_block_n=bn if flat else None,
+                                   max_columns=int(col.sum(-1).max()), max_diagonals=int(diag.sum(-1).max()),
+                                   **opts)
+    o_bounded, _ = vertical_slash_attention(q, k, v, col, diag, scale=d ** -0.5, softcap=softcap, index=bounded,
+                                            block_m=bm, block_n=bn, **opts)
+    # Query blocks whose mask-free loop runs (whole column tiles before the block's first row).
+    extra["open_tiles"] = int(((index.v_mid - index.v_lo) >= (bn or 64)).sum()) if index.v_mid is not None else 0
+    extra["bounded_lists_shorter"] = bounded.v_idx.shape[-1] < n_k and bounded.seg_lo.shape[-1] < n_k
+    extra["bounded_equals_full"] = rel_err(o_bounded, o)
     ref, ref_lse = dense_oracle(q, k, v, keep, d ** -0.5, softcap, torch.float64 if device == "cpu" else torch.float32)
     counts = vertical_slash_pair_counts(col, diag, n_q=n_q, index=index, block_n=bn or 64, **opts)
+    kept = keep.sum((-1, -2)).cpu()
+    extra["kept_ok_bounded"] = torch.equal(
+        vertical_slash_pair_counts(col, diag, n_q=n_q, index=bounded, computed=False, **opts)["kept"].cpu(), kept)
+    extra["kept_ok_masks"] = torch.equal(vertical_slash_pair_counts(col, diag, n_q=n_q, **opts)["kept"].cpu(), kept)
     return dict(out=rel_err(o, ref), lse=_lse_err(lse, ref_lse), nan=bool(o.isnan().any()),
-                kept_ok=torch.equal(counts["kept"].cpu(), keep.sum((-1, -2)).cpu()),
+                kept_ok=torch.equal(counts["kept"].cpu(), kept),
                 base_ok=torch.equal(counts["base"].cpu(), base.sum((-1, -2)).expand(bsz, hq).cpu()),
                 computed_ge_kept=bool((counts["computed"] >= counts["kept"]).all()), **extra)
 
@@ -462,6 +477,10 @@ CPU_CASES = {
     "vs_gqa_pad_heads_fastest": (check_vertical_slash, dict(bsz=2, hq=4, hkv=2, n_q=150, n_k=150, d=32, bm=32, bn=32,
                                                             q_offset=0, kv_start=[0, 37], window=None, softcap=None,
                                                             dtype=F32, kv_major=False)),
+    # Many columns: query blocks with whole column tiles before their first row (the mask-free loop).
+    "vs_dense_columns_offset_pad": (check_vertical_slash, dict(bsz=2, hq=4, hkv=2, n_q=120, n_k=160, d=32, bm=32,
+                                                               bn=16, q_offset=40, kv_start=[0, 23], window=None,
+                                                               softcap=None, dtype=F32, p_col=0.4, p_diag=0.05)),
     "vs_band_only": (check_vertical_slash, dict(bsz=2, hq=2, hkv=1, n_q=120, n_k=120, d=16, bm=16, bn=16, q_offset=0,
                                                 kv_start=[0, 9], window=None, softcap=None, dtype=F32, p_col=0.05,
                                                 p_diag=0.0)),
@@ -539,7 +558,11 @@ def _assert_result(name, res):
             assert res["tma_vs_pointer"] == 0.0 and res["tma_vs_pointer_lse"] == 0.0, res
         if check is check_vertical_slash:
             assert res["kept_ok"] and res["base_ok"] and res["computed_ge_kept"], res
+            assert res["kept_ok_bounded"] and res["kept_ok_masks"], res
             assert res.get("flat_equals_nested", 0.0) == 0.0, res  # same tiles, same order: bit-equal
+            assert res["bounded_lists_shorter"] and res["bounded_equals_full"] == 0.0, res
+            if "dense_columns" in name:
+                assert res["open_tiles"] > 0, res
     elif check is check_pooled:
         assert res["err"] <= 1e-5, res
     else:
@@ -817,7 +840,8 @@ def test_block_sparse_tma_gpu(one_config, variant):
     assert res["tma_vs_pointer"] <= 1e-4 and res["tma_vs_pointer_lse"] <= 1e-4, res
 
 
-@pytest.mark.parametrize("variant", ["plain", "pad_cap_d64", "offset_window_d256", "tall_m128", "flat_slash"])
+@pytest.mark.parametrize("variant", ["plain", "pad_cap_d64", "offset_window_d256", "tall_m128", "flat_slash",
+                                     "many_columns"])
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_vertical_slash_gpu(one_config, variant):
@@ -832,9 +856,15 @@ def test_vertical_slash_gpu(one_config, variant):
         kw.update(bm=128, diag_group=64, p_diag=0.05)
     elif variant == "flat_slash":  # PATCHATTN_VS_FLAT_SLASH=1
         kw.update(diag_group=64, p_diag=0.05, kv_start=[0, 77], flat=True)
+    elif variant == "many_columns":  # whole column tiles before a block's first row: the mask-free loop
+        kw.update(p_col=0.2, diag_group=64, p_diag=0.03, kv_start=[0, 129])
     res = check_vertical_slash(**kw)
+    if variant == "many_columns":
+        assert res["open_tiles"] > 0, res
     assert not res["nan"] and res["out"] <= 1e-2 and res["lse"] <= 2e-2, res
     assert res["kept_ok"] and res["base_ok"] and res["computed_ge_kept"], res
+    assert res["kept_ok_bounded"] and res["kept_ok_masks"] and res["bounded_lists_shorter"], res
+    assert res["bounded_equals_full"] == 0.0, res  # one compiled kernel, the same tiles in the same order
     # Same tiles in the same order; the two loop forms may still contract FMAs differently when
     # compiled (seen: 5.3e-6, a few bf16 roundings), unlike under the interpreter (bit-equal).
     assert res.get("flat_equals_nested", 0.0) <= 1e-4, res

@@ -51,6 +51,11 @@ class ColumnDiagonalSelection(Selection):
 
     columns: torch.Tensor  # bool [B, H, N]: indexed by key index (k_pos - k_pos[0])
     diagonals: torch.Tensor  # bool [B, H, N]: indexed by d >= 0
+    # Bounds on the columns / diagonals any (b, h) row keeps, known from the method's budgets
+    # without reading the masks (no device sync): the kernel index is built at that length
+    # instead of N. None: no bound. A bound must hold; the kernel would drop what exceeds it.
+    max_columns: Optional[int] = None
+    max_diagonals: Optional[int] = None
 
     def rows(self, q_pos, k_pos):
         cols = self.columns[:, :, None, :]  # [B,H,1,N]

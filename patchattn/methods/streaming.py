@@ -34,6 +34,8 @@ class Streaming(SparseMethod):
         return ColumnDiagonalSelection(
             columns=sink_columns(ctx, self.params.sink),
             diagonals=local_diagonals(ctx, window),
+            max_columns=self.params.sink,
+            max_diagonals=window,
         )
 
     def expected_density(self, n: int) -> float:

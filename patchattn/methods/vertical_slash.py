@@ -40,10 +40,12 @@ class VerticalSlash(SparseMethod):
         n = ctx.kv_len
         p = self.params
         vertical_scores, slash_scores = estimate_vertical_slash(q, k, ctx, p.last_q)
-        columns = sink_columns(ctx, p.sink) | top_mask(vertical_scores, resolve_budget(p.vertical, n))
-        diagonals = local_diagonals(ctx, p.window) | top_group_mask(slash_scores, resolve_budget(p.slash, n),
-                                                                    p.slash_group)
-        return ColumnDiagonalSelection(columns=columns, diagonals=diagonals)
+        vertical, slash = resolve_budget(p.vertical, n), resolve_budget(p.slash, n)
+        columns = sink_columns(ctx, p.sink) | top_mask(vertical_scores, vertical)
+        diagonals = local_diagonals(ctx, p.window) | top_group_mask(slash_scores, slash, p.slash_group)
+        # The union of at most sink + vertical columns, and of window + whole slash groups.
+        return ColumnDiagonalSelection(columns=columns, diagonals=diagonals, max_columns=p.sink + vertical,
+                                       max_diagonals=p.window + -(-slash // p.slash_group) * p.slash_group)
 
     def expected_density(self, n: int) -> float:
         # Upper bound: selected columns and diagonals counted as if disjoint and full length;
