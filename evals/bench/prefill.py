@@ -210,9 +210,16 @@ def vertical_slash_pipeline(q, k, v, n_vertical, n_slash, last_q=64, slash_group
     cols[..., :4] = True  # attention sink
     diags = top_group_mask(slash, n_slash, slash_group)
     diags[..., :64] = True  # local window
-    index = ta.vertical_slash_index(cols, diags, n_q=n, block_m=block_m, flat_slash_block_n=64 if flat else None)
+    index = ta.vertical_slash_index(cols, diags, n_q=n, block_m=block_m, flat_slash_block_n=64 if flat else None,
+                                    **vertical_slash_bounds(n_vertical, n_slash, slash_group))
     out, _ = ta.vertical_slash_attention(q, k, v, cols, diags, scale=scale, index=index, block_m=block_m)
     return out, (cols, diags, index)
+
+
+def vertical_slash_bounds(n_vertical, n_slash, slash_group):
+    """The list bounds `VerticalSlash.select` gives the kernel index, for this pipeline's masks
+    (4 sink columns, a 64-diagonal local window)."""
+    return dict(max_columns=4 + n_vertical, max_diagonals=64 + -(-n_slash // slash_group) * slash_group)
 
 
 # ----------------------------------------------------------------------------- per-length benchmark
@@ -323,8 +330,9 @@ def bench_vertical_slash(n, sdpa_ms, locality=1.5, slash_group=1, block_m=64, fl
     _, (cols, diags, index) = run()  # also warms up
     vs = {"n_vertical": n_vertical, "n_slash": n_slash, "slash_group": slash_group, "block_m": block_m, "flat": flat}
     vs["end_to_end_ms"] = cuda_time(run)
-    vs["index_ms"] = cuda_time(lambda: ta.vertical_slash_index(cols, diags, n_q=n, block_m=block_m,
-                                                               flat_slash_block_n=index.tile_block_n))
+    vs["index_ms"] = cuda_time(lambda: ta.vertical_slash_index(
+        cols, diags, n_q=n, block_m=block_m, flat_slash_block_n=index.tile_block_n,
+        **vertical_slash_bounds(n_vertical, n_slash, slash_group)))
     vs["kernel_ms"] = cuda_time(lambda: ta.vertical_slash_attention(q, k, v, cols, diags, scale=scale, index=index,
                                                                     block_m=block_m))
     best = getattr(ta._vertical_slash_tuned_n if flat else ta._vertical_slash_tuned, "best_config", None)
