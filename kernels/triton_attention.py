@@ -380,14 +380,18 @@ def _slash_tile(q, k_base, v_base, ColMask, DiagMask, row_base, n0, k_hi, d_lo, 
     k = _load_rows(k_base, cols, offs_d, sk_n, live, HEAD_DIM, BLOCK_D, True)
     v = _load_rows(v_base, cols, offs_d, sv_n, live, HEAD_DIM, BLOCK_D, True)
     s, c = _scaled_scores(q, k, sm_scale, softcap, SOFTCAP)
-    ok = live[None, :] & _base_valid(pos, cols, kv_start, n_k, window, HAS_WINDOW)
     dist = pos[:, None] - cols[None, :]
-    if full != 0:  # a band needs no per-pair lookup of the diagonal mask (the common case)
-        on_diag = (dist >= d_lo) & (dist <= d_hi)
-    else:
-        on_diag = tl.load(DiagMask + row_base + dist, mask=ok & (dist < n_k), other=0) != 0
     in_vertical = tl.load(ColMask + row_base + cols, mask=live, other=1)
-    keep = ok & on_diag & (in_vertical == 0)[None, :]
+    if full != 0:
+        # A band needs no per-pair lookup of the diagonal mask (the common case), nor the base
+        # mask: 0 <= d_lo <= dist <= d_hi puts the key at or before the row (causal), inside the
+        # window (the index drops diagonals >= window) and at or before k_hi; keys start at
+        # k_lo >= kv_start. (Rows past n_q may reach past k_hi: zero keys, rows never stored.)
+        keep = (dist >= d_lo) & (dist <= d_hi)
+    else:
+        ok = live[None, :] & _base_valid(pos, cols, kv_start, n_k, window, HAS_WINDOW)
+        keep = ok & (tl.load(DiagMask + row_base + dist, mask=ok & (dist < n_k), other=0) != 0)
+    keep = keep & (in_vertical == 0)[None, :]
     return _online_step(tl.where(keep, s, float("-inf")), c, v, m_i, l_i, acc, 0)
 
 
