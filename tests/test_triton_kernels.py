@@ -864,7 +864,9 @@ def test_vertical_slash_gpu(one_config, variant):
     assert not res["nan"] and res["out"] <= 1e-2 and res["lse"] <= 2e-2, res
     assert res["kept_ok"] and res["base_ok"] and res["computed_ge_kept"], res
     assert res["kept_ok_bounded"] and res["kept_ok_masks"] and res["bounded_lists_shorter"], res
-    assert res["bounded_equals_full"] == 0.0, res  # one compiled kernel, the same tiles in the same order
+    # The same tiles in the same order; compiled apart (the list lengths are specialised
+    # arguments), so allow what differently contracted FMAs could give.
+    assert res["bounded_equals_full"] <= 1e-5, res
     # Same tiles in the same order; the two loop forms may still contract FMAs differently when
     # compiled (seen: 5.3e-6, a few bf16 roundings), unlike under the interpreter (bit-equal).
     assert res.get("flat_equals_nested", 0.0) <= 1e-4, res
