@@ -694,8 +694,9 @@ def _sorted_kept(mask: torch.Tensor, values: Optional[torch.Tensor] = None, leng
     n = mask.shape[-1]
     length = n if length is None else min(length, n)
     kept_upto = mask.cumsum(-1, dtype=torch.int32)
-    # Kept entries go to their rank, everything else to one spill slot past the end.
-    slot = torch.where(mask, kept_upto - 1, length).long()
+    # Kept entries go to their rank, everything else to one spill slot past the end (so do ranks
+    # past a broken bound: an index error inside a CUDA scatter would kill the process).
+    slot = torch.where(mask, kept_upto - 1, length).clamp(max=length).long()
     values = torch.arange(n, device=mask.device).expand(mask.shape) if values is None else values.long()
     out = torch.full((*mask.shape[:-1], length + 1), _INDEX_PAD, dtype=torch.long, device=mask.device)
     return out.scatter_(-1, slot, torch.where(mask, values, _INDEX_PAD))[..., :length].contiguous()
