@@ -692,7 +692,9 @@ def _sorted_kept(mask: torch.Tensor, values: Optional[torch.Tensor] = None, leng
     the mask's length). Later steps then work on L entries instead of N (at 128k a
     vertical_slash row keeps a few thousand columns / diagonals of 131072)."""
     n = mask.shape[-1]
-    length = n if length is None else min(length, n)
+    # At least one slot: an empty CUDA tensor has a null data pointer, which Triton refuses as a
+    # kernel argument (streaming with sink 0 keeps no column).
+    length = n if length is None else max(1, min(length, n))
     kept_upto = mask.cumsum(-1, dtype=torch.int32)
     # Kept entries go to their rank, everything else to one spill slot past the end (so do ranks
     # past a broken bound: an index error inside a CUDA scatter would kill the process).

@@ -65,7 +65,7 @@ def random_block_lists(bsz, heads, n_q, n_k, bm, bn, q_offset, density, device="
     return index.to(device), count.to(device), tokens.to(device)
 
 
-def random_vs_masks(bsz, heads, n_q, n_k, q_offset, p_col, p_diag, device="cpu", diag_group=1):
+def random_vs_masks(bsz, heads, n_q, n_k, q_offset, p_col, p_diag, device="cpu", diag_group=1, sink=True):
     col = torch.rand(bsz, heads, n_k) < p_col
     diag = torch.rand(bsz, heads, n_k) < p_diag
     if diag_group > 1:  # whole aligned groups of diagonals, as vertical_slash's slash_group selects them
@@ -73,7 +73,7 @@ def random_vs_masks(bsz, heads, n_q, n_k, q_offset, p_col, p_diag, device="cpu",
 
         diag = top_group_mask(torch.rand(bsz, heads, n_k), max(1, int(p_diag * n_k)), diag_group)
     diag[..., :3] = True  # local band
-    col[..., 0] = True  # sink
+    col[..., 0] = sink  # attention sink
     d = (torch.arange(n_q)[:, None] + q_offset - torch.arange(n_k)[None]).clamp(0, n_k - 1)
     tokens = col[:, :, None, :] | diag[:, :, d]
     return col.to(device), diag.to(device), tokens.to(device)
@@ -188,20 +188,21 @@ def _check_block_sparse(bsz, hq, hkv, n_q, n_k, d, bm, bn, q_offset, kv_start, w
 
 
 def check_vertical_slash(bsz, hq, hkv, n_q, n_k, d, bm, bn, q_offset, kv_start, window, softcap, dtype,
-                         p_col=0.08, p_diag=0.08, device="cpu", diag_group=1, flat=False, kv_major=None):
+                         p_col=0.08, p_diag=0.08, device="cpu", diag_group=1, flat=False, kv_major=None,
+                         no_sink=False):
     with _program_order(kv_major):
         return _check_vertical_slash(bsz, hq, hkv, n_q, n_k, d, bm, bn, q_offset, kv_start, window, softcap, dtype,
-                                     p_col, p_diag, device, diag_group, flat)
+                                     p_col, p_diag, device, diag_group, flat, not no_sink)
 
 
 def _check_vertical_slash(bsz, hq, hkv, n_q, n_k, d, bm, bn, q_offset, kv_start, window, softcap, dtype,
-                          p_col, p_diag, device, diag_group, flat):
+                          p_col, p_diag, device, diag_group, flat, sink):
     from patchattn.kernels.triton_attention import (
         vertical_slash_attention, vertical_slash_index, vertical_slash_pair_counts)
 
     q, k, v = _qkv(bsz, hq, hkv, n_q, n_k, d, dtype, device)
     kvs = torch.tensor(kv_start, dtype=torch.int32)
-    col, diag, tokens = random_vs_masks(bsz, hq, n_q, n_k, q_offset, p_col, p_diag, device, diag_group)
+    col, diag, tokens = random_vs_masks(bsz, hq, n_q, n_k, q_offset, p_col, p_diag, device, diag_group, sink)
     base = base_keep(bsz, n_q, n_k, q_offset, kvs, window, device)
     keep = base & tokens
     opts = dict(q_offset=q_offset, kv_start=kvs.to(device), sliding_window=window)
@@ -481,6 +482,10 @@ CPU_CASES = {
     "vs_dense_columns_offset_pad": (check_vertical_slash, dict(bsz=2, hq=4, hkv=2, n_q=120, n_k=160, d=32, bm=32,
                                                                bn=16, q_offset=40, kv_start=[0, 23], window=None,
                                                                softcap=None, dtype=F32, p_col=0.4, p_diag=0.05)),
+    # Streaming with sink 0: no column at all (the column list keeps one padding slot).
+    "vs_no_columns": (check_vertical_slash, dict(bsz=2, hq=2, hkv=1, n_q=100, n_k=100, d=16, bm=16, bn=16, q_offset=0,
+                                                 kv_start=[0, 11], window=None, softcap=None, dtype=F32, p_col=0.0,
+                                                 p_diag=0.05, no_sink=True)),
     "vs_band_only": (check_vertical_slash, dict(bsz=2, hq=2, hkv=1, n_q=120, n_k=120, d=16, bm=16, bn=16, q_offset=0,
                                                 kv_start=[0, 9], window=None, softcap=None, dtype=F32, p_col=0.05,
                                                 p_diag=0.0)),
@@ -841,7 +846,7 @@ def test_block_sparse_tma_gpu(one_config, variant):
 
 
 @pytest.mark.parametrize("variant", ["plain", "pad_cap_d64", "offset_window_d256", "tall_m128", "flat_slash",
-                                     "many_columns"])
+                                     "many_columns", "no_columns"])
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_vertical_slash_gpu(one_config, variant):
@@ -858,6 +863,8 @@ def test_vertical_slash_gpu(one_config, variant):
         kw.update(diag_group=64, p_diag=0.05, kv_start=[0, 77], flat=True)
     elif variant == "many_columns":  # whole column tiles before a block's first row: the mask-free loop
         kw.update(p_col=0.2, diag_group=64, p_diag=0.03, kv_start=[0, 129])
+    elif variant == "no_columns":  # streaming with sink 0: a one-slot padding column list reaches Triton
+        kw.update(p_col=0.0, no_sink=True, diag_group=64, p_diag=0.05)
     res = check_vertical_slash(**kw)
     if variant == "many_columns":
         assert res["open_tiles"] > 0, res
