@@ -396,6 +396,27 @@ def _slash_tile(q, k_base, v_base, ColMask, DiagMask, row_base, n0, k_hi, d_lo, 
 
 
 @triton.jit
+def _column_tile(q, k_base, v_base, col_list, t, v_hi, offs_n, offs_d, pos, kv_start, n_k, window, sk_n, sv_n,
+                 sm_scale, softcap, m_i, l_i, acc, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                 SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, MASKED: tl.constexpr):
+    """Fold list slots [t, t + BLOCK_N) of the kept columns (gathered keys) into the softmax
+    state; MASKED applies the base mask and the list's end v_hi (compiled out for tiles of
+    columns that every row of the block sees)."""
+    slot = t + offs_n
+    live = slot < v_hi
+    if MASKED:
+        cols = tl.load(col_list + slot, mask=live, other=0)
+    else:
+        cols = tl.load(col_list + slot)
+    k = _load_rows(k_base, cols, offs_d, sk_n, live, HEAD_DIM, BLOCK_D, MASKED)
+    v = _load_rows(v_base, cols, offs_d, sv_n, live, HEAD_DIM, BLOCK_D, MASKED)
+    s, c = _scaled_scores(q, k, sm_scale, softcap, SOFTCAP)
+    if MASKED:
+        s = tl.where(live[None, :] & _base_valid(pos, cols, kv_start, n_k, window, HAS_WINDOW), s, float("-inf"))
+    return _online_step(s, c, v, m_i, l_i, acc, 0)
+
+
+@triton.jit
 def _vertical_slash_fwd(
     Q, K, V, Out, Lse, VIdx, VLo, VMid, VHi, SegLo, SegHi, SegCnt, SegFull, ColMask, DiagMask, KvStart,
     TileSeg, TileN0, TileCnt,
@@ -425,20 +446,13 @@ def _vertical_slash_fwd(
     v_hi = tl.load(VHi + qb_slot)
     v_open = v_lo + (tl.load(VMid + qb_slot) - v_lo) // BLOCK_N * BLOCK_N
     for t in range(v_lo, v_open, BLOCK_N):
-        cols = tl.load(VIdx + col_base + t + offs_n)
-        k = _load_rows(k_base, cols, offs_d, sk_n, None, HEAD_DIM, BLOCK_D, False)
-        v = _load_rows(v_base, cols, offs_d, sv_n, None, HEAD_DIM, BLOCK_D, False)
-        s, c = _scaled_scores(q, k, sm_scale, softcap, SOFTCAP)
-        m_i, l_i, acc = _online_step(s, c, v, m_i, l_i, acc, 0)
+        m_i, l_i, acc = _column_tile(q, k_base, v_base, VIdx + col_base, t, v_hi, offs_n, offs_d, pos, kv_start, n_k,
+                                     window, sk_n, sv_n, sm_scale, softcap, m_i, l_i, acc, HEAD_DIM, BLOCK_D, SOFTCAP,
+                                     HAS_WINDOW, False)
     for t in range(v_open, v_hi, BLOCK_N):
-        slot = t + offs_n
-        live = slot < v_hi
-        cols = tl.load(VIdx + col_base + slot, mask=live, other=0)
-        k = _load_rows(k_base, cols, offs_d, sk_n, live, HEAD_DIM, BLOCK_D, True)
-        v = _load_rows(v_base, cols, offs_d, sv_n, live, HEAD_DIM, BLOCK_D, True)
-        s, c = _scaled_scores(q, k, sm_scale, softcap, SOFTCAP)
-        keep = live[None, :] & _base_valid(pos, cols, kv_start, n_k, window, HAS_WINDOW)
-        m_i, l_i, acc = _online_step(tl.where(keep, s, float("-inf")), c, v, m_i, l_i, acc, 0)
+        m_i, l_i, acc = _column_tile(q, k_base, v_base, VIdx + col_base, t, v_hi, offs_n, offs_d, pos, kv_start, n_k,
+                                     window, sk_n, sv_n, sm_scale, softcap, m_i, l_i, acc, HEAD_DIM, BLOCK_D, SOFTCAP,
+                                     HAS_WINDOW, True)
 
     # Slash part: each segment of nearby kept diagonals [d_lo, d_hi] covers one contiguous key
     # range for this query block, walked in BLOCK_N tiles.

@@ -219,7 +219,9 @@ def vertical_slash_pipeline(q, k, v, n_vertical, n_slash, last_q=64, slash_group
 def vertical_slash_bounds(n_vertical, n_slash, slash_group):
     """The list bounds `VerticalSlash.select` gives the kernel index, for this pipeline's masks
     (4 sink columns, a 64-diagonal local window)."""
-    return dict(max_columns=4 + n_vertical, max_diagonals=64 + -(-n_slash // slash_group) * slash_group)
+    from patchattn.methods.vertical_slash import whole_groups
+
+    return dict(max_columns=4 + n_vertical, max_diagonals=64 + whole_groups(n_slash, slash_group))
 
 
 # ----------------------------------------------------------------------------- per-length benchmark

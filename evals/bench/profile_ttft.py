@@ -19,29 +19,17 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from .prefill import METHODS, _method_name, llama3_8b_shaped, parse_lengths
+from .prefill import METHODS, _method_name, cuda_time, llama3_8b_shaped, parse_lengths
 
 VOCAB = 128256
-
-
-def _wall_ms(forward, reps: int = 3) -> float:
-    """Median CUDA-event time of the forward without the profiler (its per-op overhead would
-    inflate the host side, which is what the gap below is about)."""
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        forward()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 def _profile(forward, rows: int):
     forward()  # warm-up: compile / autotune outside the profile
     torch.cuda.synchronize()
-    wall_ms = _wall_ms(forward)
+    # Timed without the profiler: its per-op overhead would inflate the host side, which is
+    # what the idle gap below is about.
+    wall_ms = cuda_time(forward, min_reps=3, max_reps=3, warmup=0, mode="synced")
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         forward()
         torch.cuda.synchronize()

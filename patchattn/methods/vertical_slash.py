@@ -45,16 +45,21 @@ class VerticalSlash(SparseMethod):
         diagonals = local_diagonals(ctx, p.window) | top_group_mask(slash_scores, slash, p.slash_group)
         # The union of at most sink + vertical columns, and of window + whole slash groups.
         return ColumnDiagonalSelection(columns=columns, diagonals=diagonals, max_columns=p.sink + vertical,
-                                       max_diagonals=p.window + -(-slash // p.slash_group) * p.slash_group)
+                                       max_diagonals=p.window + whole_groups(slash, p.slash_group))
 
     def expected_density(self, n: int) -> float:
         # Upper bound: selected columns and diagonals counted as if disjoint and full length;
         # a column of key j spans n - j rows, so take the mean length n / 2.
         p = self.params
         band = band_pairs(n, p.sink, p.window)
-        slash = -(-resolve_budget(p.slash, n) // p.slash_group) * p.slash_group
+        slash = whole_groups(resolve_budget(p.slash, n), p.slash_group)
         extra = (resolve_budget(p.vertical, n) + slash) * n / 2
         return min(1.0, (band + extra) / causal_pairs(n))
+
+
+def whole_groups(count: int, group: int) -> int:
+    """Diagonals kept for a slash budget of `count`: ceil(count / group) whole groups."""
+    return -(-count // group) * group
 
 
 def top_mask(scores: torch.Tensor, count: int) -> torch.Tensor:
