@@ -24,7 +24,13 @@ from .prefill import METHODS, _method_name, cuda_time, llama3_8b_shaped, parse_l
 VOCAB = 128256
 
 
-def _profile(forward, rows: int):
+# --sort: the profiler table's column, and the key of the JSON's top operators.
+SORTS = {"cuda": ("cuda_time_total", lambda e: e.device_time_total),
+         "cpu": ("self_cpu_time_total", lambda e: e.self_cpu_time_total),  # host cost (short prompts)
+         "count": ("count", lambda e: e.count)}
+
+
+def _profile(forward, rows: int, sort: str = "cuda"):
     forward()  # warm-up: compile / autotune outside the profile
     torch.cuda.synchronize()
     # Timed without the profiler: its per-op overhead would inflate the host side, which is
@@ -34,16 +40,20 @@ def _profile(forward, rows: int):
         forward()
         torch.cuda.synchronize()
     events = prof.key_averages()
-    table = events.table(sort_by="cuda_time_total", row_limit=rows)
-    top = sorted(events, key=lambda e: e.device_time_total, reverse=True)[:rows]
+    column, key = SORTS[sort]
+    table = events.table(sort_by=column, row_limit=rows)
+    top = sorted(events, key=key, reverse=True)[:rows]
     # The device-side events (kernels, memcpy, memset) summed are the GPU's busy time (one stream,
     # so they do not overlap); what the forward's wall time has beyond it is the GPU waiting on
     # the host (syncs, launch gaps).
     busy_ms = sum(e.device_time_total for e in prof.events() if e.device_type == DeviceType.CUDA) / 1e3
-    summary = {"wall_ms": wall_ms, "gpu_busy_ms": busy_ms, "gpu_idle_ms": wall_ms - busy_ms,
+    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx"))
+    summary = {"wall_ms": wall_ms, "gpu_busy_ms": busy_ms, "gpu_idle_ms": wall_ms - busy_ms, "launches": launches,
                "ops": [{"name": e.key, "calls": e.count, "cuda_ms": e.device_time_total / 1e3,
-                        "cpu_ms": e.cpu_time_total / 1e3} for e in top]}
-    table += f"\nwall {wall_ms:.1f} ms (no profiler), GPU busy {busy_ms:.1f} ms, idle {wall_ms - busy_ms:.1f} ms"
+                        "cpu_ms": e.cpu_time_total / 1e3, "self_cpu_ms": e.self_cpu_time_total / 1e3}
+                       for e in top]}
+    table += (f"\nwall {wall_ms:.1f} ms (no profiler), GPU busy {busy_ms:.1f} ms, idle {wall_ms - busy_ms:.1f} ms, "
+              f"{launches} kernel launches")
     return table, summary
 
 
@@ -55,6 +65,7 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--method", default="vertical_slash_g64", choices=sorted(METHODS))
     p.add_argument("--rows", type=int, default=25, help="operators listed per profile")
+    p.add_argument("--sort", choices=sorted(SORTS), default="cuda", help="order of the operator table")
     p.add_argument("--out")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -69,11 +80,11 @@ def main(argv=None) -> int:
 
     report = {"n": n, "layers": args.layers, "method": args.method, "params": METHODS[args.method],
               "gpu": torch.cuda.get_device_name()}
-    table, report["dense"] = _profile(forward, args.rows)
+    table, report["dense"] = _profile(forward, args.rows, args.sort)
     print(f"dense, N={n}\n{table}")
     patch_model(model, Plan.uniform(model, _method_name(args.method), METHODS[args.method]))
     try:
-        table, report["patched"] = _profile(forward, args.rows)
+        table, report["patched"] = _profile(forward, args.rows, args.sort)
     finally:
         unpatch_model(model)
     print(f"{args.method}, N={n}\n{table}")
