@@ -2,7 +2,9 @@
 # One GPU call (about 9 minutes): every GPU test, then the short-prompt picture that sets the
 # kernel backend's dense_below (backends.KERNEL_BREAK_EVEN): attention-only method timings with
 # their host time at 16k / 24k / 32k, the 4-layer Llama-3-8B-shaped TTFT at the same lengths, and
-# a host-side (CPU-sorted) profile of one patched 16k forward.
+# a host-side (CPU-sorted) profile of one patched 16k forward; then the 30-layer SmolLM2-135M-shaped
+# TTFT at 8k / 16k / 32k. PATCHATTN_DENSE_BELOW=0 throughout: patched layers run their kernels at
+# every length (the default thresholds would make the short rows dense).
 # Usage: OUT=/some/dir bash evals/bench/run_short_h100.sh   (wheels for pydantic in .whl/)
 set -u
 cd "$(dirname "$0")/../.."
@@ -10,7 +12,8 @@ OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 . evals/bench/h200_lib.sh
 h200_setup
-[ "${PYTEST_LIMIT:-250}" = 0 ] || h200_pytest "${PYTEST_LIMIT:-250}" "$OUT/pytest_gpu_${GPU}.log" tests
+[ "${PYTEST_LIMIT:-230}" = 0 ] || h200_pytest "${PYTEST_LIMIT:-230}" "$OUT/pytest_gpu_${GPU}.log" tests
+export PATCHATTN_DENSE_BELOW=0
 timeout 200 python3 -m patchattn.evals.bench.prefill --timing queued --seqlens "" --vs-variants "" \
   --methods vertical_slash_g64,block_topk --break-even-seqlens 16k,24k,32k \
   --ttft-seqlens 16k,24k,32k --ttft-methods vertical_slash_g64,block_topk \
@@ -21,3 +24,9 @@ timeout 90 python3 -m patchattn.evals.bench.profile_ttft --n 16k --layers 4 --me
   --sort cpu --rows 30 --out "$OUT/profile_ttft_16k_cpu_${GPU}.json" > "$OUT/profile_ttft_16k_cpu_${GPU}.log" 2>&1
 echo "profile rc=$?" >> "$OUT/profile_ttft_16k_cpu_${GPU}.log"
 grep "wall\|rc=" "$OUT/profile_ttft_16k_cpu_${GPU}.log"; echo "t=$(( $(date +%s) - T0 ))"
+timeout 100 python3 -m patchattn.evals.bench.prefill --timing queued --seqlens "" --vs-variants "" --methods "" \
+  --break-even-seqlens "" --ttft-seqlens 8k,16k,32k --ttft-layers 30 --ttft-shape smollm2-135m \
+  --ttft-methods vertical_slash_g64,block_topk --out "$OUT/ttft_smollm2_shape_${GPU}.json" \
+  > "$OUT/ttft_smollm2_shape_${GPU}.log" 2>&1
+echo "smollm2 ttft rc=$?" >> "$OUT/ttft_smollm2_shape_${GPU}.log"
+grep "TTFT N=.*dense [0-9]\|rc=" "$OUT/ttft_smollm2_shape_${GPU}.log"; echo "t=$(( $(date +%s) - T0 ))"
