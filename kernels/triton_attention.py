@@ -732,7 +732,7 @@ def _segment_tiles(seg_lo, seg_hi, seg_cnt, first_pos, last_pos, k_min, n_k: int
     lo = seg_lo[..., None, :].long()  # [B, H, 1, S]
     hi = seg_hi[..., None, :].long()
     k_lo = torch.maximum(first_pos[:, None] - hi, k_min[..., None])  # [B, H, nqb, S]
-    k_hi = torch.minimum(last_pos[:, None] - lo, torch.tensor(n_k - 1, device=lo.device))
+    k_hi = (last_pos[:, None] - lo).clamp(max=n_k - 1)
     used = torch.arange(lo.shape[-1], device=lo.device) < seg_cnt[..., None]
     return k_lo, torch.where(used & (k_hi >= k_lo), (k_hi - k_lo + block_n) // block_n, 0)
 

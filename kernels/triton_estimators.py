@@ -244,10 +244,12 @@ def last_q_scores(
 # ============================================================================ pooled blocks
 
 
-def _block_means(x: torch.Tensor, first_valid: torch.Tensor, bs: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def _block_means(x: torch.Tensor, first_valid: torch.Tensor, bs: int, max_pad: Optional[int] = None
+                 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Mean of rows >= first_valid[b] within each bs-row block of x [B,H,L,D] -> ([B,H,nb,D] fp32, count [B,nb]).
 
     Sums in fp32 straight from x's dtype (no fp32 copy of x), then removes the padded prefix.
+    max_pad: a bound on first_valid known to the caller (None: read it, one device sync).
     """
     b, h, n, d = x.shape
     nb = -(-n // bs)
@@ -258,7 +260,12 @@ def _block_means(x: torch.Tensor, first_valid: torch.Tensor, bs: int) -> Tuple[t
     if n % bs:
         sums[:, :, full] = x[:, :, full * bs:].sum(2, dtype=torch.float32)
     rows = torch.arange(n, device=x.device)
-    pad = int(first_valid.max().clamp(0, n)) if b else 0
+    if not b:
+        pad = 0
+    elif max_pad is None:
+        pad = int(first_valid.max().clamp(0, n))
+    else:
+        pad = max(0, min(max_pad, n))
     if pad:  # subtract the left-padding rows (only the leading blocks hold any)
         pad_w = (rows[:pad] < first_valid[:, None]).to(torch.float32)  # [B,pad]
         pad_x = x[:, :, :pad].float() * pad_w[:, None, :, None]
@@ -272,21 +279,22 @@ def _block_means(x: torch.Tensor, first_valid: torch.Tensor, bs: int) -> Tuple[t
 
 def pooled_block_scores(
     q: torch.Tensor, k: torch.Tensor, *, block_size: int, scale: float, kv_start: Optional[torch.Tensor] = None,
-    q_offset: Optional[int] = None, softcap: Optional[float] = None,
+    q_offset: Optional[int] = None, softcap: Optional[float] = None, max_pad: Optional[int] = None,
 ) -> torch.Tensor:
     """Block-causal softmax of pooled scores, [B, Hq, ceil(N/bs), ceil(Nk/bs)] fp32.
 
     Query and key blocks are mean-pooled over their valid (non-padding) tokens; key block kb is
     allowed for query block qb when it holds a valid key and starts at or before the block's
     last query position. Query blocks with no valid row give a zero row. One memory-bound pass
-    over q and k in torch (a Triton kernel would not move fewer bytes).
+    over q and k in torch (a Triton kernel would not move fewer bytes). max_pad: an upper bound
+    on kv_start known to the caller, so that no device sync reads it (None: read).
     """
     b, hq, n_q, _ = q.shape
     n_k = k.shape[2]
     q_offset = n_k - n_q if q_offset is None else q_offset
     kvs = kv_start_tensor(kv_start, b, q.device).long()
-    pq, q_count = _block_means(q, kvs - q_offset, block_size)
-    pk, k_count = _block_means(k, kvs, block_size)
+    pq, q_count = _block_means(q, kvs - q_offset, block_size, None if max_pad is None else max_pad - q_offset)
+    pk, k_count = _block_means(k, kvs, block_size, max_pad)
     s = _softcap(_grouped_scores(pq, pk) * scale, softcap)
     q_last = torch.clamp(torch.arange(pq.shape[2], device=q.device) * block_size + block_size, max=n_q) - 1
     allowed = (torch.arange(pk.shape[2], device=q.device) * block_size)[None, :] <= (q_last + q_offset)[:, None]

@@ -111,16 +111,28 @@ class KernelLayout:
     sliding_window: Optional[int]
     n_q: int
     n_k: int
+    max_kv_start: int = 0  # max of kv_start, on the host (estimators size their padding work by it)
 
 
 def kernel_layout(attention_mask, query, key, sliding_window) -> Optional[KernelLayout]:
-    """KernelLayout when the kernels can reproduce this call's base mask exactly, else None."""
-    from transformers.masking_utils import causal_mask_function
+    """KernelLayout when the kernels can reproduce this call's base mask exactly, else None.
 
+    Worked out once per mask and call shape: the decoder's layers share one mask per forward,
+    and checking a padding mask reads it back from the device (a sync)."""
     from .patching import LazyMask  # patching imports this module; import at call time
 
     if not kernels_enabled(query.device) or not isinstance(attention_mask, LazyMask):
         return None
+    key_ = (query.shape[-2], key.shape[-2], sliding_window, query.device)
+    cache = attention_mask.layouts
+    if key_ not in cache:
+        cache[key_] = _kernel_layout(attention_mask, query, key, sliding_window)
+    return cache[key_]
+
+
+def _kernel_layout(attention_mask, query, key, sliding_window) -> Optional[KernelLayout]:
+    from transformers.masking_utils import causal_mask_function
+
     kw = attention_mask.kwargs
     n_q, n_k = query.shape[-2], key.shape[-2]
     if kw.get("kv_offset", 0) != 0 or kw["q_length"] != n_q or kw["kv_length"] != n_k:
@@ -130,6 +142,7 @@ def kernel_layout(attention_mask, query, key, sliding_window) -> Optional[Kernel
         return None
     padding = kw.get("attention_mask")
     kv_start = attention_mask.kv_start()
+    max_kv_start = int(kw.get("kv_offset", 0))  # no padding: kv_start is that everywhere
     if padding is not None:
         # Kernels know left padding only: every key from the first valid one on must be valid.
         padding = padding.to(torch.bool)
@@ -138,8 +151,9 @@ def kernel_layout(attention_mask, query, key, sliding_window) -> Optional[Kernel
         j = torch.arange(n_k, device=padding.device)
         if not torch.equal(padding[:, :n_k], j[None, :] >= kv_start.to(padding.device)[:, None]):
             return None
+        max_kv_start = int(kv_start.max())
     layout = KernelLayout(q_offset, kv_start.to(device=query.device, dtype=torch.int32).contiguous(),
-                          sliding_window, n_q, n_k)
+                          sliding_window, n_q, n_k, max_kv_start)
     fn = kw.get("mask_function")
     if fn is causal_mask_function and sliding_window is None:
         return layout
@@ -184,9 +198,8 @@ def range_pairs(p0, p1, c0, c1, window: Optional[int]) -> torch.Tensor:
 def base_pairs(layout: KernelLayout) -> torch.Tensor:
     """Pairs of the base mask per batch row, int64 [B] (closed form: no N x N mask)."""
     kvs = layout.kv_start.long()
-    p0 = torch.tensor(layout.q_offset, device=kvs.device)
-    p1 = p0 + layout.n_q - 1
-    return range_pairs(p0, p1, kvs, torch.full_like(kvs, layout.n_k - 1), layout.sliding_window)
+    p0 = layout.q_offset  # Python ints: torch.tensor(..., device=cuda) would sync on its copy
+    return range_pairs(p0, p0 + layout.n_q - 1, kvs, torch.full_like(kvs, layout.n_k - 1), layout.sliding_window)
 
 
 def _tile_pairs(layout: KernelLayout, bm: int, bn: int) -> torch.Tensor:
@@ -220,15 +233,23 @@ def _kernel_tiles(block_size: int, q_offset: int, head_dim: int) -> Optional[Tup
 TILE_MAX = 128
 
 
-def lists_from_blocks(keep: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def lists_from_blocks(keep: torch.Tensor, max_count: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """bool [..., nkb] -> (ascending kept block ids int32 [..., maxk], count int32 [...]).
 
-    A cumulative-sum scatter instead of a sort: O(elements), and one host sync for maxk.
+    A cumulative-sum scatter instead of a sort: O(elements). maxk is `max_count` (a bound on any
+    row's kept blocks that the caller guarantees; rows past it would be cut) or else read from
+    the mask, one host sync.
     """
     count = keep.sum(-1, dtype=torch.int32)
-    maxk = max(1, int(count.max())) if count.numel() else 1
+    if max_count is not None:
+        maxk = max(1, min(max_count, keep.shape[-1]))
+        count = count.clamp(max=maxk)  # a broken bound drops blocks, never reads past the list
+    else:
+        maxk = max(1, int(count.max())) if count.numel() else 1
     slot = keep.cumsum(-1, dtype=torch.int32) - 1
-    slot = torch.where(keep, slot, maxk)  # unkept entries land in a spill column
+    # Unkept entries land in a spill column, and so do ranks past a broken bound (an index error
+    # inside a CUDA scatter would kill the process).
+    slot = torch.where(keep, slot, maxk).clamp(max=maxk)
     index = torch.zeros(*keep.shape[:-1], maxk + 1, dtype=torch.int32, device=keep.device)
     ids = torch.arange(keep.shape[-1], device=keep.device, dtype=torch.int32).expand_as(slot)
     index.scatter_(-1, slot.long(), ids)
@@ -247,7 +268,9 @@ def block_selection_lists(selection: BlockSelection, layout: KernelLayout, q_pos
     cols = torch.arange(0, layout.n_k, bn, device=dev) // bs - selection.first_k_block
     keep = selection.blocks[:, :, rows][:, :, :, cols]
     keep = keep & (tile_pairs > 0)[:, None]
-    index, count = lists_from_blocks(keep)
+    # A kept block spans bs // bn kernel tiles per row of tiles.
+    bound = None if selection.max_blocks is None else selection.max_blocks * max(1, bs // bn)
+    index, count = lists_from_blocks(keep, bound)
     return index, count, keep
 
 
@@ -261,27 +284,40 @@ def _kept_block_pairs(keep: torch.Tensor, tile_pairs: torch.Tensor, heads: int) 
     return out.expand(b, heads) if hs == 1 else out
 
 
-def _heads_for_kernel(query, key, value, heads: torch.Tensor):
+def whole_kv_groups(q_heads: torch.Tensor, group_size: int) -> bool:
+    """Whether ascending query heads `q_heads` (host tensor) form whole GQA groups of `group_size`,
+    so the kernels can read each key head once for its group (decided on the host: a device-side
+    check would sync)."""
+    kv_of = torch.div(q_heads, group_size, rounding_mode="floor")
+    _, counts = torch.unique(kv_of, return_counts=True)
+    return bool((counts == group_size).all())
+
+
+def _heads_for_kernel(query, key, value, heads: torch.Tensor, whole_groups: bool):
     """q, k, v for the kernels with native GQA where the group's heads allow it."""
     hq, hkv = query.shape[1], key.shape[1]
     g = hq // hkv
     if heads.numel() == hq:
         return query, key, value
     kv_of = torch.div(heads, g, rounding_mode="floor")
-    uniq, counts = torch.unique(kv_of, return_counts=True)
-    if bool((counts == g).all()):  # whole GQA groups: heads (ascending) map to uniq in order
-        return query[:, heads], key[:, uniq], value[:, uniq]
+    if whole_groups:  # heads (ascending) hold each kv head's g query heads in order
+        kv_once = kv_of[::g]
+        return query[:, heads], key[:, kv_once], value[:, kv_once]
     return query[:, heads], key[:, kv_of], value[:, kv_of]  # partial groups: one kv head per q head
 
 
 def run_group(selection: Selection, query, key, value, heads: torch.Tensor, layout: KernelLayout, q_pos0: int, *,
-              scale: float, softcap: Optional[float], out: Optional[torch.Tensor] = None):
+              scale: float, softcap: Optional[float], out: Optional[torch.Tensor] = None,
+              whole_groups: Optional[bool] = None):
     """Attention for one head group on the kernels. Returns (out [B,h,M,D], kept pairs [B,h],
     the kernel's telemetry name) or None when this selection has no kernel form (the caller then
-    runs the reference)."""
+    runs the reference). whole_groups: `whole_kv_groups` of the heads (None: worked out here,
+    which reads `heads` back from the device)."""
     from .kernels import triton_attention as ta
 
-    q, k, v = _heads_for_kernel(query, key, value, heads)
+    if whole_groups is None:
+        whole_groups = whole_kv_groups(heads.cpu(), query.shape[1] // key.shape[1])
+    q, k, v = _heads_for_kernel(query, key, value, heads, whole_groups)
     h = q.shape[1]
     opts = dict(scale=scale, q_offset=layout.q_offset, kv_start=layout.kv_start,
                 sliding_window=layout.sliding_window, softcap=softcap)

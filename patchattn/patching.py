@@ -60,6 +60,7 @@ class LazyMask:
         self._original = None
         self._original_built = False
         self._kv_start = None
+        self.layouts = {}  # backends.kernel_layout's answers for this mask, by call shape
 
     @property
     def shape(self):
@@ -135,10 +136,24 @@ def _tensor_context(mask: Optional[torch.Tensor], batch: int, q_len: int, kv_len
 class HeadGroup:
     method: SparseMethod
     q_heads: torch.Tensor  # long [h]: query heads this method runs on
+    _on_device: Dict[torch.device, torch.Tensor] = field(default_factory=dict, repr=False)
+    _whole_groups: Dict[int, bool] = field(default_factory=dict, repr=False)
 
     @property
     def is_dense(self) -> bool:
         return self.method.name == "dense"
+
+    def whole_kv_groups(self, group_size: int) -> bool:
+        if group_size not in self._whole_groups:
+            self._whole_groups[group_size] = backends.whole_kv_groups(self.q_heads, group_size)
+        return self._whole_groups[group_size]
+
+    def heads_on(self, device: torch.device) -> torch.Tensor:
+        """q_heads on `device`, copied once: a pageable host-to-GPU copy synchronises the stream
+        (torch's copy_ waits for it), which would stall every patched layer's prefill."""
+        if device not in self._on_device:
+            self._on_device[device] = self.q_heads.to(device)
+        return self._on_device[device]
 
 
 @dataclass
@@ -273,7 +288,7 @@ def sparse_attention(state: LayerState, query, key, value, attention_mask, *, sc
     kept = torch.zeros(b, h, dtype=torch.long, device=query.device)
     q_pos0 = layout.q_offset if layout is not None else 0  # = q_pos[0], without a device sync
     for group in state.groups:
-        heads = group.q_heads.to(query.device)
+        heads = group.heads_on(query.device)
         kv_heads = torch.div(heads, group_size, rounding_mode="floor")
         every_head = heads.numel() == h  # q_heads are ascending, so this is query itself
         q = query if every_head else query[:, heads]
@@ -283,7 +298,8 @@ def sparse_attention(state: LayerState, query, key, value, attention_mask, *, sc
         result = None
         if layout is not None:
             result = backends.run_group(selection, query, key, value, heads, layout, q_pos0, scale=scale,
-                                        softcap=softcap, out=out if every_head else None)
+                                        softcap=softcap, out=out if every_head else None,
+                                        whole_groups=group.whole_kv_groups(group_size))
         if result is None:
             if isinstance(selection, AllPairs):
                 row_mask = base_rows

@@ -591,6 +591,28 @@ def test_block_sparse_tuning_tiles_divide_the_list_blocks():
     assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in kept} == {(32, 32)}
 
 
+def test_block_lists_with_a_host_bound_match_the_mask():
+    """lists_from_blocks with a bound (block_topk's top_k + 2, no device sync) gives the lists
+    read from the mask, padded to the bound; a broken bound cuts rows, never overruns them."""
+    from patchattn.backends import lists_from_blocks
+
+    g = torch.Generator().manual_seed(7)
+    keep = torch.rand(2, 3, 7, 11, generator=g) < 0.35
+    index, count = lists_from_blocks(keep)
+    width = int(keep.sum(-1).max())
+    assert index.shape[-1] == width
+    bounded, bcount = lists_from_blocks(keep, max_count=width + 3)
+    assert bounded.shape[-1] == width + 3 and torch.equal(bcount, count)
+    for b, h, r in zip(*[t.flatten() for t in torch.meshgrid(*map(torch.arange, keep.shape[:3]), indexing="ij")]):
+        want = keep[b, h, r].nonzero().flatten().to(torch.int32)
+        assert torch.equal(bounded[b, h, r, :count[b, h, r]], want)
+        assert torch.equal(index[b, h, r, :count[b, h, r]], want)
+    cut, ccount = lists_from_blocks(keep, max_count=2)  # rows keep up to `width` > 2 blocks
+    assert width > 2 and cut.shape[-1] == 2 and torch.equal(ccount, count.clamp(max=2))
+    listed = torch.arange(2) < ccount[..., None]
+    assert torch.equal(cut[listed], index[..., :2][listed])  # each row's lowest kept blocks
+
+
 def test_tma_only_where_descriptors_can_address_the_tensors(monkeypatch):
     """The block-sparse kernel takes the descriptor path only on layouts TMA accepts (and, off
     CUDA, only under the interpreter); anything else runs the pointer loads."""

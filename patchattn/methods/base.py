@@ -92,6 +92,9 @@ class BlockSelection(Selection):
     block_size: int
     first_q_block: int  # absolute block id of blocks[..., 0, :]
     first_k_block: int
+    # Bound on the key blocks any query block keeps, known from the method's budget (no device
+    # sync): the kernel lists get that width. None: read from the mask (one sync).
+    max_blocks: Optional[int] = None
 
     def rows(self, q_pos, k_pos):
         qb = torch.div(q_pos, self.block_size, rounding_mode="floor") - self.first_q_block

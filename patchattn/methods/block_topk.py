@@ -32,19 +32,22 @@ class BlockTopK(SparseMethod):
     def select(self, q, k, ctx):
         bs = self.params.block_size
         probs, first_q, first_k = pooled_block_probs(q, k, ctx, bs)  # [B,H,nqb,nkb]
+        bound = None  # gamma keeps as many blocks as the mass needs
         if self.params.gamma is not None:
             keep = mass_mask(probs, self.params.gamma)
         else:
             # top_k counts key blocks; budgets as rules resolve against the number of blocks.
             count = resolve_budget(self.params.top_k, probs.shape[-1])
             keep = _top_blocks(probs, count)
+            bound = count + 2  # + the diagonal and the sink block
         nqb, nkb = probs.shape[-2:]
         q_blocks = first_q + torch.arange(nqb, device=q.device)
         k_blocks = first_k + torch.arange(nkb, device=q.device)
         diagonal = q_blocks[:, None] == k_blocks[None, :]
         sink_block = torch.div(ctx.kv_start, bs, rounding_mode="floor")[:, None, None, None]
         keep = keep | diagonal | (k_blocks[None, None, None, :] == sink_block)
-        return BlockSelection(blocks=keep, block_size=bs, first_q_block=first_q, first_k_block=first_k)
+        return BlockSelection(blocks=keep, block_size=bs, first_q_block=first_q, first_k_block=first_k,
+                              max_blocks=bound)
 
     def expected_density(self, n: int) -> float:
         bs = self.params.block_size
@@ -88,14 +91,16 @@ def pooled_block_attention(q, k, ctx, bs: int):
 def pooled_block_probs(q, k, ctx, bs: int):
     """`pooled_block_attention`, from the fused Triton estimator when this call runs on the kernels."""
     layout = ctx.layout
-    if layout is not None and int(ctx.q_pos[0]) % bs == 0 and int(ctx.k_pos[0]) == 0:
+    # The layout's q_offset is q_pos[0] and its keys start at 0, known on the host (reading
+    # q_pos back would sync the device).
+    if layout is not None and layout.q_offset % bs == 0:
         # Kernel path: pooled sums straight from q/k's dtype (no fp32 copies of [B,H,N,D]);
         # same block-causal softmax, row blocks aligned with absolute blocks here.
         from ..kernels.triton_estimators import pooled_block_scores
 
         probs = pooled_block_scores(q, k, block_size=bs, scale=ctx.scale, kv_start=layout.kv_start,
-                                    q_offset=layout.q_offset, softcap=ctx.softcap)
-        return probs, int(ctx.q_pos[0]) // bs, 0
+                                    q_offset=layout.q_offset, softcap=ctx.softcap, max_pad=layout.max_kv_start)
+        return probs, layout.q_offset // bs, 0
     return pooled_block_attention(q, k, ctx, bs)
 
 
