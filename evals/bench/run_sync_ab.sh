@@ -3,7 +3,7 @@
 # then short-prompt timings with this checkout and with the files of commit 2da45b0 (before the
 # per-layer syncs were removed, kept in stage/ab3/), in one call so both sides share the card:
 # attention-only methods at 16k / 32k with their host time, 4-layer Llama-3-8B-shaped TTFT at
-# 16k / 32k, 30-layer SmolLM2-135M-shaped TTFT at 8k / 16k / 32k. PATCHATTN_DENSE_BELOW=0: the
+# 16k / 32k, 30-layer SmolLM2-135M-shaped TTFT at 8k / 16k / 32k / 64k. PATCHATTN_DENSE_BELOW=0: the
 # kernels run at every length.
 # Usage: OUT=/some/dir bash evals/bench/run_sync_ab.sh   (wheels in .whl/, old files in stage/ab3/)
 set -u
@@ -23,7 +23,7 @@ short() {  # $1: tag
   echo "prefill rc=$?" >> "$OUT/prefill_short_$1_${GPU}.log"
   grep "^| [0-9]\|TTFT N=.*dense [0-9]\|rc=" "$OUT/prefill_short_$1_${GPU}.log" | tail -8
   timeout 70 python3 -m patchattn.evals.bench.prefill --timing queued --seqlens "" --vs-variants "" --methods "" \
-    --break-even-seqlens "" --ttft-seqlens 8k,16k,32k --ttft-layers 30 --ttft-shape smollm2-135m \
+    --break-even-seqlens "" --ttft-seqlens 8k,16k,32k,64k --ttft-layers 30 --ttft-shape smollm2-135m \
     --ttft-methods vertical_slash_g64,block_topk --out "$OUT/ttft_smollm2_shape_$1_${GPU}.json" \
     > "$OUT/ttft_smollm2_shape_$1_${GPU}.log" 2>&1
   echo "smollm2 ttft rc=$?" >> "$OUT/ttft_smollm2_shape_$1_${GPU}.log"
