@@ -13,7 +13,7 @@ mkdir -p "$OUT"
 . evals/bench/h200_lib.sh
 h200_setup
 h200_pytest "${PYTEST_LIMIT:-150}" "$OUT/pytest_gpu_sync_${GPU}.log" tests/test_dynamic_methods.py \
-  tests/test_triton_kernels.py -k "never_syncs or kernel_backend or patched_model or vertical_slash_gpu or estimators_gpu"
+  tests/test_triton_kernels.py -k "${PYTEST_K:-never_syncs or kernel_backend or patched_model or vertical_slash_gpu or estimators_gpu}"
 export PATCHATTN_DENSE_BELOW=0
 short() {  # $1: tag
   timeout 100 python3 -m patchattn.evals.bench.prefill --timing queued --seqlens "" --vs-variants "" \
