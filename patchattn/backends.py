@@ -16,6 +16,7 @@ gets exact results.
 
 from __future__ import annotations
 
+import math
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -91,6 +92,15 @@ KERNEL_BREAK_EVEN = {
 }
 
 
+# KERNEL_BREAK_EVEN holds for Llama-3-8B's attention width (32 query heads x 128). A layer's dense
+# attention costs about Hq x D x N^2, while what patching adds per layer (estimation, list
+# building, some 200 host-side launches) grows at most linearly in N: a narrower model reaches
+# the same attention time, and so the same gain, only at a longer prompt. Thresholds therefore
+# scale by sqrt(BREAK_EVEN_WIDTH / (Hq x D)) for narrower layers; wider ones keep the measured
+# value (not measured lower).
+BREAK_EVEN_WIDTH = 32 * 128
+
+
 def kernel_dense_below(state, query) -> int:
     """Length below which this layer should run dense on the kernel backend (0 off it)."""
     if not kernels_enabled(query.device) or backend_choice() == "triton":  # forced: always the kernels
@@ -98,7 +108,15 @@ def kernel_dense_below(state, query) -> int:
     override = os.environ.get("PATCHATTN_DENSE_BELOW")
     if override is not None:
         return int(override)
-    return max((KERNEL_BREAK_EVEN.get(g.method.name, 0) for g in state.groups if not g.is_dense), default=0)
+    measured = max((KERNEL_BREAK_EVEN.get(g.method.name, 0) for g in state.groups if not g.is_dense), default=0)
+    return width_scaled_break_even(measured, query.shape[1] * query.shape[-1])
+
+
+def width_scaled_break_even(length: int, width: int) -> int:
+    """KERNEL_BREAK_EVEN `length` moved to a layer of attention width Hq x D (BREAK_EVEN_WIDTH)."""
+    if width >= BREAK_EVEN_WIDTH or not length:
+        return length
+    return int(math.ceil(length * math.sqrt(BREAK_EVEN_WIDTH / width) / 1024)) * 1024
 
 
 @dataclass

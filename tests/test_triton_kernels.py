@@ -613,6 +613,36 @@ def test_block_lists_with_a_host_bound_match_the_mask():
     assert torch.equal(cut[listed], index[..., :2][listed])  # each row's lowest kept blocks
 
 
+def test_kernel_break_even_scales_with_attention_width(monkeypatch):
+    """The kernel backend's dense_below is the measured Llama-3-8B threshold, moved to longer
+    prompts for narrower layers (less attention work per token pair to win back the fixed
+    per-layer costs) and kept for wider ones; the environment override wins."""
+    from types import SimpleNamespace
+
+    from patchattn import backends
+
+    monkeypatch.setattr(backends, "kernels_enabled", lambda device: True)
+    monkeypatch.delenv(backends.BACKEND_ENV, raising=False)
+    monkeypatch.delenv("PATCHATTN_DENSE_BELOW", raising=False)
+
+    def state(*methods):
+        return SimpleNamespace(groups=[SimpleNamespace(method=SimpleNamespace(name=m), is_dense=m == "dense")
+                                       for m in methods])
+
+    def below(st, heads, dim):
+        return backends.kernel_dense_below(st, torch.empty(1, heads, 1, dim, device="meta"))
+
+    measured = backends.KERNEL_BREAK_EVEN["vertical_slash"]
+    assert below(state("vertical_slash", "dense"), 32, 128) == measured  # Llama-3-8B: as measured
+    assert below(state("vertical_slash"), 64, 128) == measured  # wider: not below the measurement
+    smol = below(state("vertical_slash"), 9, 64)  # SmolLM2-135M: 576 wide, sqrt(4096 / 576) = 2.67x
+    assert smol == backends.width_scaled_break_even(measured, 576) and 2.6 * measured < smol <= 2.7 * measured
+    assert below(state("streaming", "vertical_slash"), 9, 64) > smol  # the group with the higher threshold
+    assert below(state("dense"), 9, 64) == 0
+    monkeypatch.setenv("PATCHATTN_DENSE_BELOW", "4096")
+    assert below(state("vertical_slash"), 9, 64) == 4096
+
+
 def test_tma_only_where_descriptors_can_address_the_tensors(monkeypatch):
     """The block-sparse kernel takes the descriptor path only on layouts TMA accepts (and, off
     CUDA, only under the interpreter); anything else runs the pointer loads."""
