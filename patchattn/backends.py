@@ -306,9 +306,8 @@ def whole_kv_groups(q_heads: torch.Tensor, group_size: int) -> bool:
     """Whether ascending query heads `q_heads` (host tensor) form whole GQA groups of `group_size`,
     so the kernels can read each key head once for its group (decided on the host: a device-side
     check would sync)."""
-    kv_of = torch.div(q_heads, group_size, rounding_mode="floor")
-    _, counts = torch.unique(kv_of, return_counts=True)
-    return bool((counts == group_size).all())
+    per_kv = Counter(h // group_size for h in q_heads.tolist())
+    return all(n == group_size for n in per_kv.values())
 
 
 def _heads_for_kernel(query, key, value, heads: torch.Tensor, whole_groups: bool):

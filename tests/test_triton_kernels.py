@@ -352,11 +352,48 @@ def check_pooled(bsz, hq, hkv, n_q, n_k, d, bs, kv_start):
     return dict(err=rel_err(out, ref))
 
 
+class _HostReads:
+    """Records the operators that read a tensor's value back to the host (on CUDA each one waits
+    for the GPU: `.item()`, `int(t)`, `bool(t)`, `torch.equal`, `nonzero`). The kernel path of
+    vertical_slash / block_topk / streaming makes none (the GPU test `test_kernel_prefill_never_syncs_gpu`
+    checks host-to-device copies too)."""
+
+    READS = ("aten._local_scalar_dense", "aten.equal", "aten.nonzero", "aten.is_nonzero")
+
+    def __init__(self):
+        self.ops = []
+
+    @contextlib.contextmanager
+    def around(self, module, name):
+        """Record the reads made inside module.name (the function swapped for a recording one)."""
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        ops = self.ops
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if str(func.overloadpacket) in _HostReads.READS:
+                    ops.append(str(func))
+                return func(*args, **(kwargs or {}))
+
+        original = getattr(module, name)
+
+        def recorded(*args, **kwargs):
+            with Mode():
+                return original(*args, **kwargs)
+
+        setattr(module, name, recorded)
+        try:
+            yield self
+        finally:
+            setattr(module, name, original)
+
+
 def check_patching_kernel_path(method, params, bsz, hq, hkv, n_q, n_k, d, pad, softcap, dtype, device="cpu"):
     """patchattn's own execution with PATCHATTN_BACKEND=triton: the selection a method makes is
     run by the kernels (backends.run_group) and must equal a masked softmax over that selection,
     with telemetry counting exactly the kept pairs; the reference backend must agree."""
-    from patchattn import backends
+    from patchattn import backends, patching
     from patchattn.methods import get_method
     from patchattn.patching import causal_lazy_mask, run_method
 
@@ -369,9 +406,11 @@ def check_patching_kernel_path(method, params, bsz, hq, hkv, n_q, n_k, d, pad, s
     old = os.environ.get(backends.BACKEND_ENV)
     try:
         os.environ[backends.BACKEND_ENV] = "triton"
-        layout_ok = backends.kernel_layout(mask, q, k, None) is not None
+        layout_ok = backends.kernel_layout(mask, q, k, None) is not None  # (padding: read once per mask)
         launches = sum(backends.kernel_calls.values())
-        out, kept, keep = run_method(m, q, k, v, mask, scale=d ** -0.5, softcap=softcap, return_mask=True)
+        reads = _HostReads()
+        with reads.around(patching, "sparse_attention"):
+            out, kept, keep = run_method(m, q, k, v, mask, scale=d ** -0.5, softcap=softcap, return_mask=True)
         layout_ok = layout_ok and sum(backends.kernel_calls.values()) > launches  # the kernels really ran
         os.environ[backends.BACKEND_ENV] = "reference"
         ref_path, ref_kept, ref_keep = run_method(m, q, k, v, mask, scale=d ** -0.5, softcap=softcap,
@@ -382,7 +421,7 @@ def check_patching_kernel_path(method, params, bsz, hq, hkv, n_q, n_k, d, pad, s
     base = mask.rows(0, n_q).expand_as(keep)
     same_sel = torch.equal(keep, ref_keep)
     return dict(out=rel_err(out, ref), nan=bool(out.isnan().any()), layout_ok=layout_ok,
-                kept_ok=torch.equal(kept.cpu(), keep.sum((-1, -2)).sum(0).cpu()),
+                kept_ok=torch.equal(kept.cpu(), keep.sum((-1, -2)).sum(0).cpu()), host_reads=reads.ops,
                 skips=bool((base & ~keep).any()),
                 ref_agrees=(rel_err(ref_path, out) <= 1e-4 and torch.equal(ref_kept, kept)) if same_sel else True)
 
@@ -554,6 +593,8 @@ def _assert_result(name, res):
     elif check is check_patching_kernel_path:
         assert res["layout_ok"] and not res["nan"] and res["out"] <= tol, res
         assert res["kept_ok"] and res["skips"] and res["ref_agrees"], res
+        if CPU_CASES[name][1]["method"] in ("vertical_slash", "block_topk", "streaming"):
+            assert res["host_reads"] == [], res["host_reads"]
     elif check in (check_block_sparse, check_vertical_slash):
         assert not res["nan"] and res["out"] <= tol and res["lse"] <= 1e-3, res
         kw = CPU_CASES[name][1]
