@@ -136,8 +136,8 @@ def _tensor_context(mask: Optional[torch.Tensor], batch: int, q_len: int, kv_len
 class HeadGroup:
     method: SparseMethod
     q_heads: torch.Tensor  # long [h]: query heads this method runs on
-    _on_device: Dict[torch.device, torch.Tensor] = field(default_factory=dict, repr=False)
-    _whole_groups: Dict[int, bool] = field(default_factory=dict, repr=False)
+    _on_device: Dict[torch.device, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
+    _whole_groups: Dict[int, bool] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def is_dense(self) -> bool:
