@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import os
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
 import torch
@@ -130,6 +130,8 @@ class KernelLayout:
     n_q: int
     n_k: int
     max_kv_start: int = 0  # max of kv_start, on the host (estimators size their padding work by it)
+    # base_pairs(self), kept: every layer of a forward shares the layout (one per mask and shape).
+    _base_pairs: Optional[torch.Tensor] = field(default=None, repr=False, compare=False)
 
 
 def kernel_layout(attention_mask, query, key, sliding_window) -> Optional[KernelLayout]:
@@ -214,10 +216,14 @@ def range_pairs(p0, p1, c0, c1, window: Optional[int]) -> torch.Tensor:
 
 
 def base_pairs(layout: KernelLayout) -> torch.Tensor:
-    """Pairs of the base mask per batch row, int64 [B] (closed form: no N x N mask)."""
-    kvs = layout.kv_start.long()
-    p0 = layout.q_offset  # Python ints: torch.tensor(..., device=cuda) would sync on its copy
-    return range_pairs(p0, p0 + layout.n_q - 1, kvs, torch.full_like(kvs, layout.n_k - 1), layout.sliding_window)
+    """Pairs of the base mask per batch row, int64 [B] (closed form: no N x N mask), worked out
+    once per layout."""
+    if layout._base_pairs is None:
+        kvs = layout.kv_start.long()
+        p0 = layout.q_offset  # Python ints: torch.tensor(..., device=cuda) would sync on its copy
+        layout._base_pairs = range_pairs(p0, p0 + layout.n_q - 1, kvs, torch.full_like(kvs, layout.n_k - 1),
+                                         layout.sliding_window)
+    return layout._base_pairs
 
 
 def _tile_pairs(layout: KernelLayout, bm: int, bn: int) -> torch.Tensor:
