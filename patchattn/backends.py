@@ -135,13 +135,21 @@ class KernelLayout:
 
 
 def kernel_layout(attention_mask, query, key, sliding_window) -> Optional[KernelLayout]:
-    """KernelLayout when the kernels can reproduce this call's base mask exactly, else None.
+    """KernelLayout when the kernels run this call and can reproduce its base mask exactly, else None."""
+    if not kernels_enabled(query.device):
+        return None
+    return mask_layout(attention_mask, query, key, sliding_window)
+
+
+def mask_layout(attention_mask, query, key, sliding_window) -> Optional[KernelLayout]:
+    """The call's base mask in KernelLayout terms (causal + left padding [+ window]), or None for
+    any other mask; on any device (pair counts use it in closed form).
 
     Worked out once per mask and call shape: the decoder's layers share one mask per forward,
     and checking a padding mask reads it back from the device (a sync)."""
     from .patching import LazyMask  # patching imports this module; import at call time
 
-    if not kernels_enabled(query.device) or not isinstance(attention_mask, LazyMask):
+    if not isinstance(attention_mask, LazyMask):
         return None
     key_ = (query.shape[-2], key.shape[-2], sliding_window, query.device)
     cache = attention_mask.layouts

@@ -261,7 +261,11 @@ def _base(attention_mask, query, key, sliding_window):
 
 
 def _valid_pairs(attention_mask, query, key, sliding_window) -> torch.Tensor:
-    """Number of base-mask pairs per batch row (for density accounting of dense layers)."""
+    """Number of base-mask pairs per batch row (for density accounting of dense layers): in
+    closed form for causal / left-padding / window masks, else summed over the mask's rows."""
+    layout = backends.mask_layout(attention_mask, query, key, sliding_window)
+    if layout is not None:
+        return backends.base_pairs(layout)
     base_rows, q_pos, _, _ = _base(attention_mask, query, key, sliding_window)
     total = torch.zeros(query.shape[0], dtype=torch.long, device=query.device)
     step = max(1, (1 << 24) // max(1, key.shape[-2]))
@@ -316,8 +320,7 @@ def sparse_attention(state: LayerState, query, key, value, attention_mask, *, sc
         if o is not out:
             out[:, heads] = o
         kept[:, heads] = kept_pairs.to(kept.dtype)
-    valid = backends.base_pairs(layout) if layout is not None else _valid_pairs(
-        attention_mask, query, key, sliding_window)
+    valid = _valid_pairs(attention_mask, query, key, sliding_window)
     state.stats.record_sparse_prefill(kept, valid)
     return out
 

@@ -108,3 +108,23 @@ def test_column_diagonal_bounds_hold(method_name, params, shape):
     assert sel.max_columns is not None and sel.max_diagonals is not None
     assert int(sel.columns.sum(-1).max()) <= sel.max_columns
     assert int(sel.diagonals.sum(-1).max()) <= sel.max_diagonals
+
+
+@pytest.mark.parametrize("q_len,kv_len,pad,window", [
+    (37, 37, [0, 0], None), (37, 37, [0, 11], None), (20, 53, [5, 0], None),  # prefill after a cache
+    (40, 40, [0, 9], 7), (16, 61, [3, 30], 12), (1, 30, [0, 4], None),
+])
+def test_valid_pairs_closed_form_counts_the_mask(q_len, kv_len, pad, window):
+    """Telemetry's base-pair count (closed form from the mask's layout) equals the pairs the
+    mask itself allows, for causal masks with left padding, a cache offset and a sliding window."""
+    from patchattn import backends
+    from patchattn.patching import _valid_pairs, causal_lazy_mask
+
+    padding = torch.ones(2, kv_len, dtype=torch.long)
+    for b, p in enumerate(pad):
+        padding[b, :p] = 0
+    mask = causal_lazy_mask(2, q_len, kv_len, padding if any(pad) else None, sliding_window=window)
+    q, k = torch.zeros(2, 4, q_len, 8), torch.zeros(2, 2, kv_len, 8)
+    assert backends.mask_layout(mask, q, k, window) is not None  # the closed form is what runs
+    counted = mask.rows(0, q_len).sum(dim=(1, 2, 3))
+    assert torch.equal(_valid_pairs(mask, q, k, window), counted)
