@@ -130,8 +130,10 @@ class KernelLayout:
     n_q: int
     n_k: int
     max_kv_start: int = 0  # max of kv_start, on the host (estimators size their padding work by it)
-    # base_pairs(self), kept: every layer of a forward shares the layout (one per mask and shape).
+    # base_pairs(self) and tile_pairs(self, bm, bn), kept: every layer of a forward shares the
+    # layout (one per mask and shape).
     _base_pairs: Optional[torch.Tensor] = field(default=None, repr=False, compare=False)
+    _tile_pairs_by_shape: dict = field(default_factory=dict, repr=False, compare=False)
 
 
 def kernel_layout(attention_mask, query, key, sliding_window) -> Optional[KernelLayout]:
@@ -234,8 +236,15 @@ def base_pairs(layout: KernelLayout) -> torch.Tensor:
     return layout._base_pairs
 
 
+def tile_pairs(layout: KernelLayout, bm: int, bn: int) -> torch.Tensor:
+    """Base-valid pairs of each (query row block, key block) tile, int64 [B, nqb, nkb], worked
+    out once per layout and tile shape."""
+    if (bm, bn) not in layout._tile_pairs_by_shape:
+        layout._tile_pairs_by_shape[bm, bn] = _tile_pairs(layout, bm, bn)
+    return layout._tile_pairs_by_shape[bm, bn]
+
+
 def _tile_pairs(layout: KernelLayout, bm: int, bn: int) -> torch.Tensor:
-    """Base-valid pairs of each (query row block, key block) tile, int64 [B, nqb, nkb]."""
     dev = layout.kv_start.device
     kvs = layout.kv_start.long()[:, None, None]
     r0 = torch.arange(0, layout.n_q, bm, device=dev)
@@ -292,7 +301,7 @@ def block_selection_lists(selection: BlockSelection, layout: KernelLayout, q_pos
                           tile_pairs: torch.Tensor):
     """Kernel block lists for a BlockSelection: (index, count, keep_tiles [B,Hs,nqb,nkb]).
 
-    `tile_pairs` is `_tile_pairs(layout, *tiles)`: tiles without a base-valid pair are dropped."""
+    `tile_pairs` is `tile_pairs(layout, *tiles)`: tiles without a base-valid pair are dropped."""
     bm, bn = tiles
     bs = selection.block_size
     dev = selection.blocks.device
@@ -379,11 +388,11 @@ def run_group(selection: Selection, query, key, value, heads: torch.Tensor, layo
     if tiles is None:
         return None
     bm, bn = tiles
-    tile_pairs = _tile_pairs(layout, bm, bn)  # drops empty tiles and counts kept pairs
-    index, count, keep = block_selection_lists(selection, layout, q_pos0, tiles, tile_pairs)
+    pairs = tile_pairs(layout, bm, bn)  # drops empty tiles and counts kept pairs
+    index, count, keep = block_selection_lists(selection, layout, q_pos0, tiles, pairs)
     if index.shape[1] not in (1, h) and h % index.shape[1]:
         return None
     o, _ = ta.block_sparse_attention(q, k, v, index, count, block_m=bm, block_n=bn, out=out, **opts)
     kernel_calls["block"] += 1
     kernel = ta.block_sparse_kernel(q, bm, bn, softcap, layout.sliding_window)
-    return o, _kept_block_pairs(keep, tile_pairs, h), kernel
+    return o, _kept_block_pairs(keep, pairs, h), kernel
