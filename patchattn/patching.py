@@ -260,6 +260,14 @@ def _base(attention_mask, query, key, sliding_window):
     return _tensor_context(attention_mask, batch, q_len, kv_len, query.device, sliding_window)
 
 
+def _first_positions(attention_mask, query, key):
+    """(q_pos[0], k_pos[0]) of `_base`'s positions, on the host."""
+    if isinstance(attention_mask, LazyMask):
+        kw = attention_mask.kwargs
+        return int(kw.get("q_offset", 0)), int(kw.get("kv_offset", 0))
+    return key.shape[-2] - query.shape[-2], 0
+
+
 def _valid_pairs(attention_mask, query, key, sliding_window) -> torch.Tensor:
     """Number of base-mask pairs per batch row (for density accounting of dense layers): in
     closed form for causal / left-padding / window masks, else summed over the mask's rows."""
@@ -283,8 +291,10 @@ def sparse_attention(state: LayerState, query, key, value, attention_mask, *, sc
     """
     base_rows, q_pos, k_pos, kv_start = _base(attention_mask, query, key, sliding_window)
     layout = backends.kernel_layout(attention_mask, query, key, sliding_window)
+    q_start, k_start = _first_positions(attention_mask, query, key)
     ctx = AttnContext(q_pos=q_pos, k_pos=k_pos, kv_start=kv_start, base_rows=base_rows,
-                      scale=scale, softcap=softcap, layer=state.layer, layout=layout)
+                      scale=scale, softcap=softcap, layer=state.layer, layout=layout,
+                      q_start=q_start, k_start=k_start)
     group_size = query.shape[1] // key.shape[1]
     b, h, m, d = query.shape
     # Kernels write straight into [B, M, H, D] storage, so the caller's transpose is free.
@@ -457,8 +467,9 @@ def run_method(method: SparseMethod, query, key, value, mask: LazyMask, *, scale
     group_size = query.shape[1] // key.shape[1]
     k = key.repeat_interleave(group_size, dim=1)
     q_pos, k_pos = mask.positions()
+    q_start, k_start = _first_positions(mask, query, key)
     ctx = AttnContext(q_pos=q_pos, k_pos=k_pos, kv_start=mask.kv_start(), base_rows=mask.rows,
-                      scale=scale, softcap=softcap, layer=0,
+                      scale=scale, softcap=softcap, layer=0, q_start=q_start, k_start=k_start,
                       layout=backends.kernel_layout(mask, query, key, None))  # same estimators as the run
     selection = method.select(query, k, ctx)
     keep = mask.rows(0, q_pos.numel()) & selection.rows(q_pos, k_pos)

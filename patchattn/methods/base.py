@@ -31,10 +31,30 @@ class AttnContext:
     # backends.KernelLayout when this call runs on the Triton kernels (methods may then use the
     # Triton estimators, which model the same causal / left-padding / window mask); else None.
     layout: Any = None
+    # q_pos[0] / k_pos[0] known on the host (positions run consecutively from there). Reading them
+    # from the tensors instead would sync a GPU; None: read them.
+    q_start: Optional[int] = None
+    k_start: Optional[int] = None
 
     @property
     def kv_len(self) -> int:
         return int(self.k_pos.numel())
+
+    @property
+    def q_first(self) -> int:
+        return self.q_start if self.q_start is not None else int(self.q_pos[0])
+
+    @property
+    def q_last(self) -> int:
+        return self.q_first + self.q_pos.numel() - 1
+
+    @property
+    def k_first(self) -> int:
+        return self.k_start if self.k_start is not None else int(self.k_pos[0])
+
+    @property
+    def k_last(self) -> int:
+        return self.k_first + self.k_pos.numel() - 1
 
 
 class Selection:

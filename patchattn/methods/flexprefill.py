@@ -36,14 +36,14 @@ class FlexPrefill(SparseMethod):
         bs = p.block_size
         vertical, slash = estimate_vertical_slash(q, k, ctx, p.last_q)  # [B,H,N] each
         k_blk = torch.div(ctx.k_pos, bs, rounding_mode="floor")
-        first_k = int(k_blk[0])
-        nkb = int(k_blk[-1]) - first_k + 1
+        first_k = ctx.k_first // bs
+        nkb = ctx.k_last // bs - first_k + 1
         estimated = _normalise(_block_sum(vertical, k_blk - first_k, nkb))
         pooled = _last_rows_pooled(q, k, ctx, bs, p.last_q, nkb, first_k)
         query_aware = js_divergence(estimated, pooled).sqrt() < p.tau  # [B,H]
 
-        first_q = int(ctx.q_pos[0]) // bs
-        nqb = int(ctx.q_pos[-1]) // bs - first_q + 1
+        first_q = ctx.q_first // bs
+        nqb = ctx.q_last // bs - first_q + 1
         keep = torch.zeros(*q.shape[:2], nqb, nkb, dtype=torch.bool, device=q.device)
         if bool(query_aware.any()):
             keep |= mass_mask(pooled_block_probs(q, k, ctx, bs)[0], p.gamma) & query_aware[..., None, None]
@@ -89,10 +89,10 @@ def _last_rows_pooled(q, k, ctx, bs, last_q, nkb, first_k):
     rows_valid = (ctx.q_pos[None, start:] >= ctx.kv_start[:, None]).to(torch.float32)  # [B,L]
     pq = (q[:, :, start:].float() * rows_valid[:, None, :, None]).sum(2)
     pq = pq / rows_valid.sum(-1).clamp_min(1)[:, None, None]  # [B,H,D]
-    if ctx.layout is not None and int(ctx.k_pos[0]) == 0:
+    if ctx.layout is not None and ctx.k_first == 0:
         from ..kernels.triton_estimators import _block_means as sum_pool  # fp32 sums, no fp32 copy of k
 
-        pk, counts = sum_pool(k, ctx.layout.kv_start.long(), bs)
+        pk, counts = sum_pool(k, ctx.layout.kv_start.long(), bs, ctx.layout.max_kv_start)
         k_has = counts > 0  # [B,nkb]
     else:
         k_valid = ctx.k_pos[None, :] >= ctx.kv_start[:, None]
@@ -100,7 +100,7 @@ def _last_rows_pooled(q, k, ctx, bs, last_q, nkb, first_k):
         k_has = k_has[:, 0]
     scores = softcapped(torch.einsum("bhd,bhkd->bhk", pq, pk.float()) * ctx.scale, ctx.softcap)
     k_start = (first_k + torch.arange(nkb, device=q.device)) * bs
-    allowed = k_has & (k_start[None, :] <= ctx.q_pos[-1])  # [B,nkb]
+    allowed = k_has & (k_start[None, :] <= ctx.q_last)  # [B,nkb]
     probs = torch.softmax(scores.masked_fill(~allowed[:, None], float("-inf")), -1)
     return probs.nan_to_num(0.0)
 
@@ -113,11 +113,11 @@ def lines_to_blocks(columns, diagonals, ctx, bs, first_q, nqb, first_k, nkb):
     # Query block qb spans positions [p0, p1], key block kb keys [c0, c1]: diagonals p - j in
     # [p0 - c1, p1 - c0] cross the tile; any kept one there (prefix sums) keeps the block.
     qb_abs = first_q + torch.arange(nqb, device=dev)
-    p0 = torch.clamp(qb_abs * bs, min=int(ctx.q_pos[0]))
-    p1 = torch.clamp(qb_abs * bs + bs - 1, max=int(ctx.q_pos[-1]))
+    p0 = torch.clamp(qb_abs * bs, min=ctx.q_first)
+    p1 = torch.clamp(qb_abs * bs + bs - 1, max=ctx.q_last)
     kb_abs = first_k + torch.arange(nkb, device=dev)
-    c0 = torch.clamp(kb_abs * bs, min=int(ctx.k_pos[0]))
-    c1 = torch.clamp(kb_abs * bs + bs - 1, max=int(ctx.k_pos[-1]))
+    c0 = torch.clamp(kb_abs * bs, min=ctx.k_first)
+    c1 = torch.clamp(kb_abs * bs + bs - 1, max=ctx.k_last)
     n = diagonals.shape[-1]
     lo = (p0[:, None] - c1[None, :]).clamp(0, n)
     hi = (p1[:, None] - c0[None, :]).clamp(-1, n - 1)

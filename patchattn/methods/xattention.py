@@ -37,7 +37,7 @@ class XAttention(SparseMethod):
 
         p = self.params
         bs = p.block_size
-        q_pos0, k_pos0 = int(ctx.q_pos[0]), int(ctx.k_pos[0])
+        q_pos0, k_pos0 = ctx.q_first, ctx.k_first
         skip = (-q_pos0) % bs  # rows before the first block boundary: a partial block, kept dense
         if k_pos0 % bs or skip >= q.shape[-2]:
             return AllPairs()
