@@ -68,6 +68,28 @@ def test_accuracy_by_depth_quarters():
     assert accuracy_by_depth(samples, scores) == [0.5, 1.0, None, 0.5]
 
 
+def test_passkey_paired_statistics():
+    """Wilson intervals and the exact McNemar test against values worked out by hand: only
+    prompts where the plans disagree count, and p is the two-sided binomial tail."""
+    from patchattn.evals.bench.calibration_quality import paired_exact_test, passkey_comparisons, wilson_interval
+
+    lo, hi = wilson_interval(17, 20)
+    assert (round(lo, 3), round(hi, 3)) == (0.640, 0.948)
+    assert wilson_interval(0, 20)[0] == 0.0 and round(wilson_interval(0, 20)[1], 3) == 0.161
+    # 2 discordant prompts, both for b: p = 2 * (1/2)^2 = 0.5; agreements do not matter
+    assert paired_exact_test([1, 1, 0, 0, 1], [1, 1, 1, 1, 1]) == {"only_first": 0, "only_second": 2, "p": 0.5}
+    # 6 vs 0: p = 2 / 64
+    assert paired_exact_test([1] * 6 + [0] * 4, [0] * 10)["p"] == pytest.approx(2 / 64)
+    assert paired_exact_test([1, 0], [1, 0])["p"] == 1.0
+    with pytest.raises(ValueError, match="different lengths"):
+        paired_exact_test([1], [1, 0])
+    rows = {"calibrated": {"passkey_scores": {"8": [1.0] * 7 + [0.0]}},
+            "uniform": {"passkey_scores": {"8": [0.0] * 2 + [1.0] * 6}}}
+    (c,) = passkey_comparisons(rows, [8])
+    assert (c["first_correct"], c["second_correct"], c["only_first"], c["only_second"]) == (7, 6, 2, 1)
+    assert c["p"] == pytest.approx(1.0)  # 2 vs 1 of 3: 2 * P(X <= 1) = 2 * 4/8 -> capped at 1
+
+
 def test_rescore_saved_completions(tmp_path):
     """--rescore rebuilds the samples from a result file's seed / lengths / count and scores its
     completions per depth quarter, without a model forward."""
@@ -101,6 +123,7 @@ def test_evaluate_records_numeric_answers():
     samples = synthetic.generate_samples("passkey", tok, 200, 4, seed=3)
     row = evaluate(model, tok, None, "", 0, 0, {200: samples}, batch_size=4, progress=False)
     numeric = row["passkey_numeric_answers"]["200"]
+    assert sum(row["passkey_scores"]["200"]) / 4 == row["passkey"]["200"]  # per prompt, for paired tests
     opens = [t.strip()[:1].isdigit() for t in row["completions"]["200"]]
     assert numeric["share"] == sum(opens) / 4
     if numeric["accuracy"] is not None:  # every correct answer opens with the number

@@ -111,6 +111,56 @@ def answer_split(scores: List[float], completions: List[str]) -> Tuple[float, Op
     return len(numeric) / len(completions), (sum(numeric) / len(numeric) if numeric else None)
 
 
+def wilson_interval(correct: int, n: int, z: float = 1.96) -> Tuple[float, float]:
+    """95 % Wilson score interval of an accuracy of `correct` / `n` (sane at 0 / n and n / n,
+    unlike the normal approximation)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def paired_exact_test(a: List[float], b: List[float]) -> dict:
+    """Exact two-sided McNemar test of two plans scored on the same prompts: only prompts that
+    one plan gets right and the other wrong count. Returns the discordant counts and p (1.0
+    without any discordant prompt)."""
+    if len(a) != len(b):
+        raise ValueError(f"paired scores of different lengths: {len(a)} and {len(b)}")
+    only_a = sum(1 for x, y in zip(a, b) if x > y)
+    only_b = sum(1 for x, y in zip(a, b) if y > x)
+    n = only_a + only_b
+    tail = sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1)) / 2 ** n if n else 1.0
+    return {"only_first": only_a, "only_second": only_b, "p": min(1.0, 2 * tail)}
+
+
+def passkey_comparisons(rows: Dict[str, dict], lengths: List[int], first: str = "calibrated") -> List[dict]:
+    """`first`'s passkey answers against every other row's, per length: accuracies with Wilson
+    intervals and the paired exact test (is a difference of a few prompts more than chance?)."""
+    out = []
+    for other in [r for r in rows if r != first]:
+        for n in lengths:
+            a, b = rows[first]["passkey_scores"][str(n)], rows[other]["passkey_scores"][str(n)]
+            test = paired_exact_test(a, b)
+            out.append({"first": first, "second": other, "length": n, "samples": len(a),
+                        "first_correct": int(sum(a)), "second_correct": int(sum(b)),
+                        "first_interval": [_r4(x) for x in wilson_interval(int(sum(a)), len(a))],
+                        "second_interval": [_r4(x) for x in wilson_interval(int(sum(b)), len(b))], **test})
+    return out
+
+
+def comparison_lines(comparisons: List[dict]) -> List[str]:
+    return [f"{c['first']} vs {c['second']} @{c['length']}: {c['first_correct']}/{c['samples']} "
+            f"[{c['first_interval'][0]:.2f}, {c['first_interval'][1]:.2f}] vs {c['second_correct']}/{c['samples']} "
+            f"[{c['second_interval'][0]:.2f}, {c['second_interval'][1]:.2f}]; right only in the first / second: "
+            f"{c['only_first']} / {c['only_second']}, exact McNemar p = {c['p']:.3g}" for c in comparisons]
+
+
+def _r4(x: float) -> float:
+    return round(x, 4)
+
+
 @torch.inference_mode()
 def evaluate(model, tokenizer, plan: Optional[Plan], text: str, tokens: int, window: int,
              passkey: Dict[int, list], batch_size: int, progress: bool) -> dict:
@@ -122,7 +172,7 @@ def evaluate(model, tokenizer, plan: Optional[Plan], text: str, tokens: int, win
         _sync(device)
         start = time.perf_counter()
         ppl = perplexity(model, tokenizer, text, tokens, window, progress=progress) if tokens else {"ppl": None, "tokens": 0}
-        acc, completions, by_depth, numeric = {}, {}, {}, {}
+        acc, completions, by_depth, numeric, per_prompt = {}, {}, {}, {}, {}
         for length, samples in passkey.items():
             scores, outs = [], []
             for i in range(0, len(samples), batch_size):
@@ -132,6 +182,7 @@ def evaluate(model, tokenizer, plan: Optional[Plan], text: str, tokens: int, win
                 scores += [synthetic.score(s.task, s, t) for s, t in zip(batch, texts)]
                 outs += texts
             acc[str(length)] = sum(scores) / len(scores)
+            per_prompt[str(length)] = scores
             completions[str(length)] = outs
             by_depth[str(length)] = accuracy_by_depth(samples, scores)
             share, numeric_acc = answer_split(scores, outs)
@@ -139,10 +190,30 @@ def evaluate(model, tokenizer, plan: Optional[Plan], text: str, tokens: int, win
         _sync(device)
         density = float(stats(model).density) if plan is not None else 1.0
         return {"density": density, "ppl": ppl["ppl"], "ppl_tokens": ppl["tokens"], "passkey": acc,
-                "passkey_by_depth": by_depth, "passkey_numeric_answers": numeric, "completions": completions, "seconds": time.perf_counter() - start}
+                "passkey_scores": per_prompt, "passkey_by_depth": by_depth, "passkey_numeric_answers": numeric, "completions": completions, "seconds": time.perf_counter() - start}
     finally:
         if plan is not None:
             unpatch_model(model)
+
+
+def saved_passkey_scores(data: dict, tokenizer) -> Dict[int, Tuple[list, Dict[str, List[float]]]]:
+    """Per length of a saved result (this script's or plan_ablation's JSON): the passkey samples
+    rebuilt from its seed, and each row's per-prompt scores of its stored completions. Where the
+    file stores an accuracy, the rebuilt scores must reproduce it (else the prompts differ)."""
+    out = {}
+    for length in data["lengths"]:
+        samples = synthetic.generate_samples("passkey", tokenizer, int(length), data["samples"], seed=data["seed"],
+                                             haystack=data.get("haystack"))
+        scores = {}
+        for name, row in data["rows"].items():
+            texts = row["completions"][str(length)]
+            scores[name] = [synthetic.score(s.task, s, t) for s, t in zip(samples, texts)]
+            stored = row.get("passkey", {}).get(str(length))
+            if stored is not None and abs(sum(scores[name]) / len(scores[name]) - stored) > 1e-9:
+                raise ValueError(f"row {name!r} at {length}: the rebuilt prompts give accuracy "
+                                 f"{sum(scores[name]) / len(scores[name])}, the file says {stored}")
+        out[int(length)] = (samples, scores)
+    return out
 
 
 def main(argv=None) -> int:
@@ -248,13 +319,17 @@ def main(argv=None) -> int:
         print("\nacceptance: " + ", ".join(f"{k}={'PASS' if v else 'FAIL'}" for k, v in checks.items()))
     else:
         print("\nacceptance checks need every row and perplexity: not evaluated in this (partial) run")
+    paired = passkey_comparisons(rows, lengths) if "calibrated" in rows else []
+    if paired:
+        print("\npasskey, paired on the same prompts (95 % Wilson intervals):\n" + "\n".join(comparison_lines(paired)))
     result = {
         "model": args.model, "plan": str(args.plan), "plan_calibration": {k: v for k, v in (plan.calibration or {}).items()
                                                                            if k != "heads"},
         "device": device, "dtype": args.dtype, "torch": torch.__version__, "machine": platform.machine(),
         "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
         "text": str(args.text), "tokens": args.tokens, "window": args.window, "lengths": lengths,
-        "samples": args.samples, "seed": args.seed, "matched": matched, "rows": rows, "checks": checks,
+        "samples": args.samples, "seed": args.seed, "haystack": args.haystack, "matched": matched, "rows": rows,
+        "checks": checks, "passkey_paired": paired,
         "table": table, "seconds": time.perf_counter() - started,
     }
     if args.out:

@@ -41,7 +41,7 @@ from patchattn.evals.perplexity import read_text
 from patchattn.models import load, load_tokenizer
 
 from .calibration_quality import (DEFAULT_PLAN, DEFAULT_TEXT, DEPTH_QUARTERS, UNIFORM, accuracy_by_depth, answer_split,
-                                  evaluate)
+                                  comparison_lines, evaluate, passkey_comparisons, saved_passkey_scores)
 
 HeadTable = List[List[dict]]  # [layer][q_head] -> {"method", "params"}
 
@@ -127,19 +127,22 @@ def rescore(files: List[str], tokenizer) -> str:
     header = " / ".join(f"{lo:.2f}-{hi:.2f}" for lo, hi in DEPTH_QUARTERS)
     lines = [f"| file | variant | length | passkey | by needle depth ({header}) | numeric answers | "
              "accuracy of numeric answers |", "|---|---|---|---|---|---|---|"]
+    paired = []
     for f in files:
         data = json.loads(Path(f).read_text())
-        seed, n = data["seed"], data["samples"]
-        for length in data["lengths"]:
-            samples = synthetic.generate_samples("passkey", tokenizer, int(length), n, seed=seed,
-                                                 haystack=data.get("haystack"))
-            for name, row in data["rows"].items():
-                outs = row["completions"][str(length)]
-                scores = [synthetic.score(s.task, s, t) for s, t in zip(samples, outs)]
+        for length, (samples, by_row) in saved_passkey_scores(data, tokenizer).items():
+            for name, scores in by_row.items():
+                outs = data["rows"][name]["completions"][str(length)]
                 numeric, numeric_acc = answer_split(scores, outs)
                 lines.append(f"| {Path(f).name} | `{name}` | {length} | {sum(scores) / len(scores):.2f} | "
                              f"{_quarters(accuracy_by_depth(samples, scores))} | {numeric:.2f} | "
                              f"{_quarters([numeric_acc])} |")
+                data["rows"][name].setdefault("passkey_scores", {})[str(length)] = scores
+        if "calibrated" in data["rows"]:  # a calibration_quality result: the paired comparison too
+            paired += [f"{Path(f).name}: {line}" for line in
+                       comparison_lines(passkey_comparisons(data["rows"], [int(n) for n in data["lengths"]]))]
+    if paired:
+        lines += ["", "Paired on the same prompts (95 % Wilson intervals):", *paired]
     return "\n".join(lines)
 
 
