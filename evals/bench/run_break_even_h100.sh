@@ -2,7 +2,7 @@
 # One GPU call (about 4 minutes) after the per-layer syncs were removed: the no-sync GPU test, then
 # the break-even picture that sets backends.KERNEL_BREAK_EVEN: attention-only method timings at
 # 12k / 16k / 20k with their host time, 4-layer Llama-3-8B-shaped TTFT at 12k / 16k / 20k, and the
-# 30-layer SmolLM2-135M-shaped TTFT at 40k / 48k (where the width rule puts a 16k threshold).
+# 30-layer SmolLM2-135M-shaped TTFT at 16k (a repeat of the A/B call's slow row) and 40k / 48k (where the width rule puts a 16k threshold).
 # PATCHATTN_DENSE_BELOW=0: the kernels run at every length.
 # Usage: OUT=/some/dir bash evals/bench/run_break_even_h100.sh   (wheels for pydantic in .whl/)
 set -u
@@ -20,7 +20,7 @@ timeout 150 python3 -m patchattn.evals.bench.prefill --timing queued --seqlens "
 echo "prefill rc=$?" >> "$OUT/prefill_break_even_${GPU}.log"
 grep "^| [0-9]\|TTFT N=.*dense [0-9]\|break-even\|rc=" "$OUT/prefill_break_even_${GPU}.log"; echo "t=$(( $(date +%s) - T0 ))"
 timeout 80 python3 -m patchattn.evals.bench.prefill --timing queued --seqlens "" --vs-variants "" --methods "" \
-  --break-even-seqlens "" --ttft-seqlens 40k,48k --ttft-layers 30 --ttft-shape smollm2-135m \
+  --break-even-seqlens "" --ttft-seqlens 16k,40k,48k --ttft-layers 30 --ttft-shape smollm2-135m \
   --ttft-methods vertical_slash_g64,block_topk --out "$OUT/ttft_smollm2_shape_${GPU}.json" \
   > "$OUT/ttft_smollm2_shape_${GPU}.log" 2>&1
 echo "smollm2 ttft rc=$?" >> "$OUT/ttft_smollm2_shape_${GPU}.log"
