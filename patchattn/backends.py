@@ -82,11 +82,16 @@ VS_FLAT_SLASH = os.environ.get("PATCHATTN_VS_FLAT_SLASH", "0") == "1"
 # With the FlashAttention-3-order Gluon kernel, two runs at 16k and 24k (h200/prefill_break_even_r{1,2}
 # _h200.json): 16k 0.88-1.03x (vertical_slash) and 1.00-1.08x (block_topk), level with SDPA; 24k
 # 1.88-1.94x and 1.82-2.05x. So both move to 24k; the methods not timed at 24k keep 32k.
+# Once a patched layer stopped syncing the device (host work now overlaps the GPU's), one H100 and
+# two H200 runs (h100/sync_ab_1207/, h200/break_even_1207/) gave, attention only: vertical_slash
+# 1.02x / 0.89x / 0.90x at 16k and 1.93x / 1.41x at 20k; block_topk 0.82x at 12k, 1.61x / 1.44x /
+# 1.40x at 16k; TTFT of 4 Llama-3-8B-shaped layers 1.09-1.17x at 16k for both. So vertical_slash
+# moves to 20k and block_topk to 16k.
 # The plan's own dense_below applies on top. PATCHATTN_DENSE_BELOW=<int> overrides every entry.
 KERNEL_BREAK_EVEN = {
     "streaming": 32768,
-    "vertical_slash": 24576,
-    "block_topk": 24576,
+    "vertical_slash": 20480,
+    "block_topk": 16384,
     "flexprefill": 32768,
     "xattention": 32768,
 }
