@@ -7,6 +7,9 @@
 #   into $OUT/prefill_density_sweep_NAME_${GPU}.json and $OUT/kernel_variants_fixed_NAME_${GPU}.json
 #   (environment variables set by the caller apply to both); each density row also gets
 #   RATIO_ROUNDS (default 5) interleaved SDPA / block-sparse rounds (prefill --ratio-rounds).
+# h200_smollm2_ttft TIMEOUT SEQLENS NAME: TTFT of the 30-layer SmolLM2-135M-shaped model, dense vs
+#   vertical_slash_g64 / block_topk, at SEQLENS (e.g. 8k,16k), into $OUT/NAME_${GPU}.json / .log;
+#   prints the TTFT lines.
 
 h200_setup() {
   python3 -m pip install -q --no-deps --no-index .whl/*.whl 2>&1 | tail -1
@@ -23,6 +26,15 @@ h200_pytest() {
   timeout "$limit" python3 -m pytest -m gpu "$@" -q -p no:cacheprovider > "$log" 2>&1
   echo "pytest rc=$?" >> "$log"
   grep -E "FAIL|passed|failed|rc=" "$log" | tail -6; echo "t=$(( $(date +%s) - T0 ))"
+}
+
+h200_smollm2_ttft() {
+  local log="$OUT/$3_${GPU}.log"
+  timeout "$1" python3 -m patchattn.evals.bench.prefill --timing queued --seqlens "" --vs-variants "" --methods "" \
+    --break-even-seqlens "" --ttft-seqlens "$2" --ttft-layers 30 --ttft-shape smollm2-135m \
+    --ttft-methods vertical_slash_g64,block_topk --out "$OUT/$3_${GPU}.json" > "$log" 2>&1
+  echo "smollm2 ttft rc=$?" >> "$log"
+  grep "TTFT N=.*dense [0-9]\|rc=" "$log"; echo "$3 t=$(( $(date +%s) - T0 ))"
 }
 
 h200_sweep_and_fixed() {

@@ -19,9 +19,4 @@ timeout 150 python3 -m patchattn.evals.bench.prefill --timing queued --seqlens "
   --out "$OUT/prefill_break_even_${GPU}.json" > "$OUT/prefill_break_even_${GPU}.log" 2>&1
 echo "prefill rc=$?" >> "$OUT/prefill_break_even_${GPU}.log"
 grep "^| [0-9]\|TTFT N=.*dense [0-9]\|break-even\|rc=" "$OUT/prefill_break_even_${GPU}.log"; echo "t=$(( $(date +%s) - T0 ))"
-timeout 80 python3 -m patchattn.evals.bench.prefill --timing queued --seqlens "" --vs-variants "" --methods "" \
-  --break-even-seqlens "" --ttft-seqlens 16k,40k,48k --ttft-layers 30 --ttft-shape smollm2-135m \
-  --ttft-methods vertical_slash_g64,block_topk --out "$OUT/ttft_smollm2_shape_${GPU}.json" \
-  > "$OUT/ttft_smollm2_shape_${GPU}.log" 2>&1
-echo "smollm2 ttft rc=$?" >> "$OUT/ttft_smollm2_shape_${GPU}.log"
-grep "TTFT N=.*dense [0-9]\|rc=" "$OUT/ttft_smollm2_shape_${GPU}.log"; echo "t=$(( $(date +%s) - T0 ))"
+h200_smollm2_ttft 80 16k,40k,48k ttft_smollm2_shape

@@ -24,9 +24,4 @@ timeout 90 python3 -m patchattn.evals.bench.profile_ttft --n 16k --layers 4 --me
   --sort cpu --rows 30 --out "$OUT/profile_ttft_16k_cpu_${GPU}.json" > "$OUT/profile_ttft_16k_cpu_${GPU}.log" 2>&1
 echo "profile rc=$?" >> "$OUT/profile_ttft_16k_cpu_${GPU}.log"
 grep "wall\|rc=" "$OUT/profile_ttft_16k_cpu_${GPU}.log"; echo "t=$(( $(date +%s) - T0 ))"
-timeout 100 python3 -m patchattn.evals.bench.prefill --timing queued --seqlens "" --vs-variants "" --methods "" \
-  --break-even-seqlens "" --ttft-seqlens 8k,16k,32k --ttft-layers 30 --ttft-shape smollm2-135m \
-  --ttft-methods vertical_slash_g64,block_topk --out "$OUT/ttft_smollm2_shape_${GPU}.json" \
-  > "$OUT/ttft_smollm2_shape_${GPU}.log" 2>&1
-echo "smollm2 ttft rc=$?" >> "$OUT/ttft_smollm2_shape_${GPU}.log"
-grep "TTFT N=.*dense [0-9]\|rc=" "$OUT/ttft_smollm2_shape_${GPU}.log"; echo "t=$(( $(date +%s) - T0 ))"
+h200_smollm2_ttft 100 8k,16k,32k ttft_smollm2_shape

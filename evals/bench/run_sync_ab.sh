@@ -22,12 +22,7 @@ short() {  # $1: tag
     --out "$OUT/prefill_short_$1_${GPU}.json" > "$OUT/prefill_short_$1_${GPU}.log" 2>&1
   echo "prefill rc=$?" >> "$OUT/prefill_short_$1_${GPU}.log"
   grep "^| [0-9]\|TTFT N=.*dense [0-9]\|rc=" "$OUT/prefill_short_$1_${GPU}.log" | tail -8
-  timeout 70 python3 -m patchattn.evals.bench.prefill --timing queued --seqlens "" --vs-variants "" --methods "" \
-    --break-even-seqlens "" --ttft-seqlens 8k,16k,32k,64k --ttft-layers 30 --ttft-shape smollm2-135m \
-    --ttft-methods vertical_slash_g64,block_topk --out "$OUT/ttft_smollm2_shape_$1_${GPU}.json" \
-    > "$OUT/ttft_smollm2_shape_$1_${GPU}.log" 2>&1
-  echo "smollm2 ttft rc=$?" >> "$OUT/ttft_smollm2_shape_$1_${GPU}.log"
-  grep "TTFT N=.*dense [0-9]\|rc=" "$OUT/ttft_smollm2_shape_$1_${GPU}.log"; echo "$1 t=$(( $(date +%s) - T0 ))"
+  h200_smollm2_ttft 70 8k,16k,32k,64k "ttft_smollm2_shape_$1"
 }
 short new
 cp -r stage/ab3/* .
