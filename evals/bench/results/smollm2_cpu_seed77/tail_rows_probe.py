@@ -1,6 +1,10 @@
-"""Probe: dense heads keep dense rows except the last R query rows, which use a VS selection."""
+"""Probe: dense heads keep dense rows except the last R query rows, which use a VS selection.
+
+    python evals/bench/results/smollm2_cpu_seed77/tail_rows_probe.py tail|base R FRACTION LENGTH SEED
+(the logs beside it: `tail 64 0.131 4096 77` and `base 64 0.131 4096 77`; `base` runs the plan unchanged)."""
 import sys, time, json, torch
-from patchattn import Plan, patch_model, unpatch_model, reset_stats, stats
+from patchattn import Plan, patch_model, reset_stats, stats
+from patchattn.evals.bench.calibration_quality import DEFAULT_PLAN
 from patchattn.evals import synthetic
 from patchattn.evals.runner import greedy_generate
 from patchattn.models import load
@@ -19,7 +23,6 @@ class Tail(ColumnDiagonalSelection):
         sparse = super().rows(q_pos, k_pos)
         return sparse | (q_pos < self.cut)[None, None, :, None]
 
-orig = dense_mod.Dense.select
 def tail_select(self, q, k, ctx):
     n = ctx.kv_len
     if k.shape[1] != q.shape[1]:
@@ -33,9 +36,8 @@ if mode == "tail":
     dense_mod.Dense.select = tail_select
 
 model, tok = load("smollm2-135m", dtype=torch.float32, device="cpu")
-plan = Plan.load("/work/main/patchattn/plans/smollm2-135m.budget.json")
+plan = Plan.load(DEFAULT_PLAN)
 samples = synthetic.generate_samples("passkey", tok, n_len, 20, seed=seed)
-import os; os.environ.setdefault("PATCHATTN_DENSE_BELOW", "0")
 patch_model(model, plan); reset_stats(model)
 t = time.time(); scores = []; outs = []
 for i in range(0, 20, 10):
