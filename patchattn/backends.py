@@ -63,6 +63,11 @@ VS_BLOCK_M = int(os.environ.get("PATCHATTN_VS_BLOCK_M", 64))
 # tile list (the compiler can prefetch across segments) instead of a loop per segment. Off: slower
 # on H200 end to end, 62.6 vs 40.8 ms at 128k, 8.8 vs 6.5 ms at 32k (h200/prefill_gluon_h200.json).
 VS_FLAT_SLASH = os.environ.get("PATCHATTN_VS_FLAT_SLASH", "0") == "1"
+# The vertical_slash index and kept-pair count come from one Triton launch
+# (kernels/triton_index.py) instead of ~160 torch operations, whose host cost bound the layer
+# below ~32k. PATCHATTN_VS_FUSED_INDEX=0 builds them with torch (benchmarks flip this module flag
+# to time both). The flat slash loop always uses the torch index.
+VS_FUSED_INDEX = os.environ.get("PATCHATTN_VS_FUSED_INDEX", "1") != "0"
 
 # Prompt length below which a layer runs dense on the kernel backend, per method, from the H100
 # benchmark (evals/bench/results/prefill_h100.json, "methods" rows). At 8k every method loses to
@@ -378,15 +383,19 @@ def run_group(selection: Selection, query, key, value, heads: torch.Tensor, layo
         diags = selection.diagonals.expand(b, h, n)
         if cols.shape[-1] != n or diags.shape[-1] != n:
             return None
-        index = ta.vertical_slash_index(cols, diags, n_q=layout.n_q, q_offset=layout.q_offset,
-                                        kv_start=layout.kv_start, sliding_window=layout.sliding_window,
-                                        block_m=VS_BLOCK_M, flat_slash_block_n=64 if VS_FLAT_SLASH else None,
-                                        max_columns=selection.max_columns, max_diagonals=selection.max_diagonals)
+        where = dict(n_q=layout.n_q, q_offset=layout.q_offset, kv_start=layout.kv_start,
+                     sliding_window=layout.sliding_window)
+        bounds = dict(max_columns=selection.max_columns, max_diagonals=selection.max_diagonals)
+        if VS_FUSED_INDEX and not VS_FLAT_SLASH:
+            from .kernels.triton_index import vertical_slash_index_and_kept
+
+            index, kept = vertical_slash_index_and_kept(cols, diags, block_m=VS_BLOCK_M, **where, **bounds)
+        else:
+            index = ta.vertical_slash_index(cols, diags, block_m=VS_BLOCK_M,
+                                            flat_slash_block_n=64 if VS_FLAT_SLASH else None, **where, **bounds)
+            kept = ta.vertical_slash_pair_counts(cols, diags, index=index, computed=False, **where)["kept"]
         o, _ = ta.vertical_slash_attention(q, k, v, cols, diags, index=index, out=out, block_m=VS_BLOCK_M, **opts)
         kernel_calls["vertical_slash"] += 1
-        kept = ta.vertical_slash_pair_counts(cols, diags, n_q=layout.n_q, q_offset=layout.q_offset,
-                                             kv_start=layout.kv_start, sliding_window=layout.sliding_window,
-                                             index=index, computed=False)["kept"]
         return o, kept, "triton_vertical_slash"
     else:
         return None

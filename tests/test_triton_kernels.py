@@ -232,10 +232,26 @@ def _check_vertical_slash(bsz, hq, hkv, n_q, n_k, d, bm, bn, q_offset, kv_start,
     extra["kept_ok_bounded"] = torch.equal(
         vertical_slash_pair_counts(col, diag, n_q=n_q, index=bounded, computed=False, **opts)["kept"].cpu(), kept)
     extra["kept_ok_masks"] = torch.equal(vertical_slash_pair_counts(col, diag, n_q=n_q, **opts)["kept"].cpu(), kept)
+    if not flat:  # the one-launch index (what patched layers use) against the torch one, field by field
+        extra["fused_index_equal"], extra["fused_kept_ok"] = _fused_index_agrees(
+            index, col, diag, kept, n_q=n_q, block_m=bm, **opts)
+        bounds = dict(max_columns=int(col.sum(-1).max()), max_diagonals=int(diag.sum(-1).max()))
+        extra["fused_bounded_equal"], _ = _fused_index_agrees(bounded, col, diag, kept, n_q=n_q, block_m=bm, **opts,
+                                                              **bounds)
     return dict(out=rel_err(o, ref), lse=_lse_err(lse, ref_lse), nan=bool(o.isnan().any()),
                 kept_ok=torch.equal(counts["kept"].cpu(), kept),
                 base_ok=torch.equal(counts["base"].cpu(), base.sum((-1, -2)).expand(bsz, hq).cpu()),
                 computed_ge_kept=bool((counts["computed"] >= counts["kept"]).all()), **extra)
+
+
+def _fused_index_agrees(index, col, diag, kept, **kwargs):
+    """(every field of the one-launch index equals `index`'s, its kept-pair count equals `kept`)."""
+    from patchattn.kernels.triton_index import vertical_slash_index_and_kept
+
+    fused, fused_kept = vertical_slash_index_and_kept(col, diag, **kwargs)
+    fields = ("v_idx", "v_lo", "v_mid", "v_hi", "seg_lo", "seg_hi", "seg_cnt", "seg_full", "d_idx")
+    same = all(torch.equal(getattr(fused, f).cpu(), getattr(index, f).cpu()) for f in fields)
+    return same and fused.block_m == index.block_m, torch.equal(fused_kept.cpu(), kept)
 
 
 def _brute_last_q(q, k, scale, pos, kvs, softcap):
@@ -608,6 +624,8 @@ def _assert_result(name, res):
         if check is check_vertical_slash:
             assert res["kept_ok"] and res["base_ok"] and res["computed_ge_kept"], res
             assert res["kept_ok_bounded"] and res["kept_ok_masks"], res
+            if not kw.get("flat"):
+                assert res["fused_index_equal"] and res["fused_kept_ok"] and res["fused_bounded_equal"], res
             assert res.get("flat_equals_nested", 0.0) == 0.0, res  # same tiles, same order: bit-equal
             assert res["bounded_lists_shorter"] and res["bounded_equals_full"] == 0.0, res
             if "dense_columns" in name:
