@@ -48,7 +48,7 @@ def _compact(mask_row, out_row, n, out_len, limit, offs, CHUNK: tl.constexpr):
     """Write the indices j < limit where mask_row[j] != 0, ascending, into out_row[0:out_len]
     (entries past out_len dropped) and pad the rest with _INDEX_PAD. Returns how many are kept,
     before the out_len bound."""
-    count = 0
+    count = tl.sum(tl.zeros([CHUNK], tl.int32), 0)  # an int32 scalar: loop-carried values keep one type
     for start in range(0, n, CHUNK):
         j = start + offs
         keep = (tl.load(mask_row + j, mask=j < n, other=0) != 0) & (j < limit)
@@ -108,8 +108,8 @@ def _vs_index_kernel(
     # Segments: runs of kept diagonals less than BLOCK_M + 1 apart (they cover touching key ranges
     # for a block of BLOCK_M rows). A diagonal d also counts the valid keys [max(kv_start, p_lo - d),
     # p_hi - d] that no kept column covers.
-    seg_lo_n = 0
-    seg_hi_n = 0
+    seg_lo_n = tl.sum(tl.zeros([CHUNK], tl.int32), 0)
+    seg_hi_n = seg_lo_n
     for start in range(0, d_len, CHUNK):
         s = start + offs
         d = tl.load(d_row + s, mask=s < d_len, other=1 << 30).to(tl.int64)
