@@ -1025,3 +1025,21 @@ def test_estimators_gpu(one_config):
 
 if __name__ == "__main__":
     _worker(sys.argv[1:])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_vertical_slash_fused_index_long_gpu():
+    """The one-launch index at a length where every loop of the kernel runs many chunks (40k keys,
+    626 query blocks, lists bounded as a method bounds them), with left padding, against torch."""
+    torch.manual_seed(0)
+    n, bsz, heads = 40_000, 2, 8
+    col, diag, _ = random_vs_masks(bsz, heads, 1, n, n - 1, 0.01, 0.02, "cuda", diag_group=64)
+    kvs = torch.tensor([0, 1234], dtype=torch.int32, device="cuda")
+    from patchattn.kernels.triton_attention import vertical_slash_index, vertical_slash_pair_counts
+
+    bounds = dict(max_columns=int(col.sum(-1).max()), max_diagonals=int(diag.sum(-1).max()))
+    index = vertical_slash_index(col, diag, n_q=n, kv_start=kvs, block_m=64, **bounds)
+    kept = vertical_slash_pair_counts(col, diag, n_q=n, kv_start=kvs, index=index, computed=False)["kept"]
+    same, kept_ok = _fused_index_agrees(index, col, diag, kept.cpu(), n_q=n, kv_start=kvs, block_m=64, **bounds)
+    assert same and kept_ok
