@@ -92,10 +92,18 @@ VS_FUSED_INDEX = os.environ.get("PATCHATTN_VS_FUSED_INDEX", "1") != "0"
 # 1.02x / 0.89x / 0.90x at 16k and 1.93x / 1.41x at 20k; block_topk 0.82x at 12k, 1.61x / 1.44x /
 # 1.40x at 16k; TTFT of 4 Llama-3-8B-shaped layers 1.09-1.17x at 16k for both. So vertical_slash
 # moves to 20k and block_topk to 16k.
+# With the one-launch vertical_slash index (kernels/triton_index.py; H100, h100/fused_index_1207/):
+# vertical_slash attention only 1.57-2.50x at 16k over three runs (0.75x with the torch index in the
+# same call), 0.98-1.47x at 12k; TTFT of 4 layers 1.16-1.17x at 16k, 1.05-1.10x at 12k: 16k.
+# streaming (its selection takes the same index): 0.97-0.99x at 16k, 1.37x at 24k in two runs, TTFT
+# 1.08x at 24k: 24k. flexprefill / xattention: 0.71x / 0.98x at 16k, 1.04x / 1.08x at 32k (density
+# 0.73-0.76 on the structured inputs): they keep 32k. Their density follows the attention itself:
+# on a random-weight model's near-uniform attention they keep ~0.90 of the pairs and its 32k TTFT
+# ran 0.93x / 0.95x of dense.
 # The plan's own dense_below applies on top. PATCHATTN_DENSE_BELOW=<int> overrides every entry.
 KERNEL_BREAK_EVEN = {
-    "streaming": 32768,
-    "vertical_slash": 20480,
+    "streaming": 24576,
+    "vertical_slash": 16384,
     "block_topk": 16384,
     "flexprefill": 32768,
     "xattention": 32768,
