@@ -4,9 +4,10 @@ kept pairs.
 `triton_attention.vertical_slash_index` and `vertical_slash_pair_counts` build the same result out
 of about 160 torch operations (compactions, searches, segment bounds). Each is a launch with its
 own host cost, so below ~32k a patched vertical_slash layer was bound by its host work, not by the
-GPU (h200/break_even_1207: 4.1 ms of host time per call at 16k, where dense SDPA takes 3.8 ms).
-This kernel does all of it in one program per (batch, head) row: the torch functions stay the
-reference it is tested against.
+GPU (4.1-4.8 ms of host time per call at 16k, where dense SDPA takes 3.8 ms). This kernel does all
+of it in one program per (batch, head) row (host time 1.4-2.4 ms per call, 1.57-2.50x SDPA at 16k
+on H100: evals/bench/results/h100/fused_index_1207/); the torch functions stay the reference it is
+tested against.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import triton.language as tl
 from .triton_attention import _INDEX_PAD, VerticalSlashIndex
 from .triton_estimators import kv_start_tensor
 
+_PAD = tl.constexpr(_INDEX_PAD)  # pads every list: sorts after any key index / diagonal
 _CHUNK = 1024  # mask entries per step of the compaction loops
 _QB_CHUNK = 256  # query blocks (or segments) per step of the search loops
 
@@ -49,7 +51,7 @@ def _compact(mask_row, out_row, n, out_len, limit, offs, CHUNK: tl.constexpr):
     (entries past out_len dropped) and pad the rest with _INDEX_PAD. Returns how many are kept,
     before the out_len bound."""
     count = tl.sum(tl.zeros([CHUNK], tl.int32), 0)  # an int32 scalar: loop-carried values keep one type
-    for start in range(0, n, CHUNK):
+    for start in range(0, tl.minimum(n, limit), CHUNK):
         j = start + offs
         keep = (tl.load(mask_row + j, mask=j < n, other=0) != 0) & (j < limit)
         rank = count + tl.cumsum(keep.to(tl.int32), 0) - 1
@@ -57,7 +59,7 @@ def _compact(mask_row, out_row, n, out_len, limit, offs, CHUNK: tl.constexpr):
         count += tl.sum(keep.to(tl.int32), 0)
     for start in range(0, out_len, CHUNK):
         s = start + offs
-        tl.store(out_row + s, tl.full([CHUNK], 1 << 30, tl.int32), mask=(s >= count) & (s < out_len))
+        tl.store(out_row + s, tl.full([CHUNK], _PAD, tl.int32), mask=(s >= count) & (s < out_len))
     return count
 
 
@@ -92,18 +94,18 @@ def _vs_index_kernel(
     # Kept columns, ascending; the vertical part of the kept pairs: column j is seen by the query
     # positions [max(j, p_lo), min(p_hi, j + win - 1)] when j >= kv_start.
     col_row = ColMask + b.to(tl.int64) * sc_b + h.to(tl.int64) * sc_h
-    n_cols = _compact(col_row, v_row, n_k, v_len, n_k, offs, CHUNK)
+    _compact(col_row, v_row, n_k, v_len, n_k, offs, CHUNK)
     # Kept diagonals, ascending (those at or past a sliding window can never be valid).
-    n_diags = _compact(DiagMask + b.to(tl.int64) * sd_b + h.to(tl.int64) * sd_h, d_row, n_k, d_len, diag_limit,
+    _compact(DiagMask + b.to(tl.int64) * sd_b + h.to(tl.int64) * sd_h, d_row, n_k, d_len, diag_limit,
                        offs, CHUNK)
     tl.debug_barrier()  # the lists above are read back by every thread below
 
     kept = tl.zeros([CHUNK], tl.int64)
     for start in range(0, v_len, CHUNK):
         s = start + offs
-        j = tl.load(v_row + s, mask=s < v_len, other=1 << 30).to(tl.int64)
+        j = tl.load(v_row + s, mask=s < v_len, other=_PAD).to(tl.int64)
         rows = tl.minimum(j + win - 1, p_hi) - tl.maximum(j, p_lo) + 1
-        kept += tl.where((j < (1 << 30)) & (j >= kvs) & (rows > 0), rows, 0)
+        kept += tl.where((j < _PAD) & (j >= kvs) & (rows > 0), rows, 0)
 
     # Segments: runs of kept diagonals less than BLOCK_M + 1 apart (they cover touching key ranges
     # for a block of BLOCK_M rows). A diagonal d also counts the valid keys [max(kv_start, p_lo - d),
@@ -112,11 +114,11 @@ def _vs_index_kernel(
     seg_hi_n = seg_lo_n
     for start in range(0, d_len, CHUNK):
         s = start + offs
-        d = tl.load(d_row + s, mask=s < d_len, other=1 << 30).to(tl.int64)
-        prev = tl.load(d_row + s - 1, mask=(s >= 1) & (s < d_len), other=-(1 << 30)).to(tl.int64)
-        nxt = tl.load(d_row + s + 1, mask=s + 1 < d_len, other=1 << 30).to(tl.int64)
-        nxt = tl.where(s + 1 < d_len, nxt, 2 * (1 << 30))
-        real = d < (1 << 30)
+        d = tl.load(d_row + s, mask=s < d_len, other=_PAD).to(tl.int64)
+        prev = tl.load(d_row + s - 1, mask=(s >= 1) & (s < d_len), other=-_PAD).to(tl.int64)
+        nxt = tl.load(d_row + s + 1, mask=s + 1 < d_len, other=_PAD).to(tl.int64)
+        nxt = tl.where(s + 1 < d_len, nxt, 2 * _PAD)
+        real = d < _PAD
         starts = real & (d - prev > BLOCK_M)
         ends = real & (nxt - d > BLOCK_M)
         rank = seg_lo_n + tl.cumsum(starts.to(tl.int32), 0) - 1
@@ -131,7 +133,7 @@ def _vs_index_kernel(
         kept += tl.where(real, hi - lo - in_cols, 0)
     for start in range(0, d_len, CHUNK):
         s = start + offs
-        pad = tl.full([CHUNK], 1 << 30, tl.int32)
+        pad = tl.full([CHUNK], _PAD, tl.int32)
         tl.store(seg_lo_row + s, pad, mask=(s >= seg_lo_n) & (s < d_len))
         tl.store(seg_hi_row + s, pad, mask=(s >= seg_hi_n) & (s < d_len))
     tl.store(Kept + pid64, tl.sum(kept, 0))
@@ -141,10 +143,10 @@ def _vs_index_kernel(
     for start in range(0, d_len, QB_CHUNK):
         s = start + tl.arange(0, QB_CHUNK)
         live = s < d_len
-        lo = tl.load(seg_lo_row + s, mask=live, other=1 << 30).to(tl.int64)
-        hi = tl.load(seg_hi_row + s, mask=live, other=1 << 30).to(tl.int64)
+        lo = tl.load(seg_lo_row + s, mask=live, other=_PAD).to(tl.int64)
+        hi = tl.load(seg_hi_row + s, mask=live, other=_PAD).to(tl.int64)
         run = _count_below(d_row, d_len, hi, d_steps, True) - _count_below(d_row, d_len, lo, d_steps, False)
-        full = (lo < (1 << 30)) & (run == hi - lo + 1)
+        full = (lo < _PAD) & (run == hi - lo + 1)
         tl.store(SegFull + pid64 * d_len + s, full.to(tl.int32), mask=live)
 
     # Per query block: the slots of the columns it may see ([v_lo, v_hi); [v_lo, v_mid) lie at or
