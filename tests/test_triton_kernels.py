@@ -369,42 +369,30 @@ def check_pooled(bsz, hq, hkv, n_q, n_k, d, bs, kv_start):
 
 
 class _HostReads:
-    """Records the operators that read a tensor's value back to the host (on CUDA each one waits
-    for the GPU: `.item()`, `int(t)`, `bool(t)`, `torch.equal`, `nonzero`). The kernel path of
-    vertical_slash / block_topk / streaming makes none (the GPU test `test_kernel_prefill_never_syncs_gpu`
-    checks host-to-device copies too); `_assert_result` gives the other methods' counts."""
-
-    READS = ("aten._local_scalar_dense", "aten.equal", "aten.nonzero", "aten.is_nonzero")
-    # Not counted as work: views and metadata, and the copies the Triton interpreter makes of
-    # kernel arguments (on CUDA a Triton launch issues no torch operator at all).
-    NOT_WORK = {"view", "expand", "unsqueeze", "squeeze", "slice", "select", "transpose", "permute", "alias",
-                "detach", "split_with_sizes", "split", "unbind", "as_strided", "set_", "empty", "new_empty", "copy_",
-                "lift_fresh"}
+    """Records, inside one function, the operators that read a tensor's value back to the host
+    (on CUDA each one waits for the GPU: `.item()`, `int(t)`, `bool(t)`, `torch.equal`, `nonzero`)
+    and how many torch operators do work (on CUDA about one launch and its host cost each), as
+    `evals/bench/host_ops.py` counts them. The kernel path of vertical_slash / block_topk /
+    streaming reads nothing back (the GPU test `test_kernel_prefill_never_syncs_gpu` checks
+    host-to-device copies too); `_assert_result` gives the other methods' counts."""
 
     def __init__(self):
         self.ops = []
-        self.work = 0  # torch operators that do work (on CUDA: about one launch and its host cost each)
+        self.work = 0
 
     @contextlib.contextmanager
     def around(self, module, name):
-        """Record the reads made inside module.name (the function swapped for a recording one)."""
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        record = self
-
-        class Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                name = str(func.overloadpacket)
-                if name in _HostReads.READS:
-                    record.ops.append(str(func))
-                record.work += name.split(".")[-1] not in _HostReads.NOT_WORK
-                return func(*args, **(kwargs or {}))
+        """Record the operators issued inside module.name (the function swapped for a recording one)."""
+        from patchattn.evals.bench.host_ops import OpCounter
 
         original = getattr(module, name)
 
         def recorded(*args, **kwargs):
-            with Mode():
-                return original(*args, **kwargs)
+            with OpCounter() as counter:
+                out = original(*args, **kwargs)
+            self.ops += counter.reads
+            self.work += counter.work
+            return out
 
         setattr(module, name, recorded)
         try:
@@ -841,22 +829,10 @@ def test_tma_allocator_is_installed_unless_the_user_set_one():
 # ----------------------------------------------------------------------------- CPU: interpreter worker
 
 
-def _patch_interpreter_for_numpy2():
-    """Triton 3.6's interpreter keeps scalars as 1-element arrays and converts loop bounds with
-    int(array), which NumPy >= 2.4 rejects; take the element instead."""
-    import triton.runtime.interpreter as interp
-
-    original = interp._patch_lang_tensor
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    interp._patch_lang_tensor = patched
-
-
 def _worker(names):
-    _patch_interpreter_for_numpy2()
+    from patchattn.kernels.interpreter_compat import patch_interpreter_for_numpy2
+
+    patch_interpreter_for_numpy2()
     results = {}
     for name in names:
         torch.manual_seed(0)
