@@ -96,8 +96,8 @@ def _vs_index_kernel(
     col_row = ColMask + b.to(tl.int64) * sc_b + h.to(tl.int64) * sc_h
     _compact(col_row, v_row, n_k, v_len, n_k, offs, CHUNK)
     # Kept diagonals, ascending (those at or past a sliding window can never be valid).
-    _compact(DiagMask + b.to(tl.int64) * sd_b + h.to(tl.int64) * sd_h, d_row, n_k, d_len, diag_limit,
-                       offs, CHUNK)
+    diag_row = DiagMask + b.to(tl.int64) * sd_b + h.to(tl.int64) * sd_h
+    _compact(diag_row, d_row, n_k, d_len, diag_limit, offs, CHUNK)
     tl.debug_barrier()  # the lists above are read back by every thread below
 
     kept = tl.zeros([CHUNK], tl.int64)
