@@ -1,4 +1,6 @@
 # Shared by the run_*_h200.sh GPU calls (sourced, from the repository root).
+# h200_begin: the start of every run_*.sh script: cd to the repository root, OUT defaults to
+#   /tmp/out and is created, then h200_setup.
 # h200_setup: install the carried wheels (.whl/) and this checkout, export the offline settings,
 #   set GPU (h100 / h200: the result files' suffix), start the clock T0.
 # h200_pytest TIMEOUT LOG [PYTEST ARGS...]: `pytest -m gpu` under a timeout into LOG, with its rc
@@ -10,6 +12,13 @@
 # h200_smollm2_ttft TIMEOUT SEQLENS NAME: TTFT of the 30-layer SmolLM2-135M-shaped model, dense vs
 #   vertical_slash_g64 / block_topk, at SEQLENS (e.g. 8k,16k), into $OUT/NAME_${GPU}.json / .log;
 #   prints the TTFT lines.
+
+h200_begin() {
+  cd "$(dirname "${BASH_SOURCE[0]}")/../.." || return
+  OUT=${OUT:-/tmp/out}
+  mkdir -p "$OUT"
+  h200_setup
+}
 
 h200_setup() {
   python3 -m pip install -q --no-deps --no-index .whl/*.whl 2>&1 | tail -1

@@ -7,11 +7,9 @@
 # environment settings, as TAG_variant.
 # Usage: OUT=/some/dir TAG=name BEFORE=path bash evals/bench/run_ab_h200.sh   (wheels for pydantic in .whl/)
 set -u
-cd "$(dirname "$0")/../.."
-OUT=${OUT:-/tmp/out}; TAG=${TAG:-ab}; BEFORE=${BEFORE:?a path to the other gluon_attention.py}; VARIANT=${VARIANT:-}
-mkdir -p "$OUT"
-. evals/bench/h200_lib.sh
-h200_setup
+TAG=${TAG:-ab}; BEFORE=${BEFORE:?a path to the other gluon_attention.py}; VARIANT=${VARIANT:-}
+. "$(dirname "$0")/h200_lib.sh"
+h200_begin
 h200_pytest "${PYTEST_LIMIT:-200}" "$OUT/pytest_gpu_${TAG}_h200.log" tests/test_triton_kernels.py
 AFTER=$(mktemp)
 cp kernels/gluon_attention.py "$AFTER"

@@ -8,11 +8,8 @@
 # methods: METHODS=streaming,flexprefill,xattention LENGTHS=16k,24k,32k TTFT_LENGTHS=16k,32k SMOL_LENGTHS=""
 # Usage: OUT=/some/dir [TAG=...] bash evals/bench/run_break_even_h100.sh   (wheels for pydantic in .whl/)
 set -u
-cd "$(dirname "$0")/../.."
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-. evals/bench/h200_lib.sh
-h200_setup
+. "$(dirname "$0")/h200_lib.sh"
+h200_begin
 METHODS=${METHODS:-vertical_slash_g64,block_topk}
 LENGTHS=${LENGTHS:-12k,16k,20k}
 TTFT_LENGTHS=${TTFT_LENGTHS-$LENGTHS}

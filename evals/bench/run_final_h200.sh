@@ -9,11 +9,8 @@
 # PYTEST_LIMIT (default 170) bounds the test run; PYTEST_LIMIT=0 skips it.
 # Usage: OUT=/some/dir bash evals/bench/run_final_h200.sh   (wheels for pydantic in .whl/)
 set -u
-cd "$(dirname "$0")/../.."
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-. evals/bench/h200_lib.sh
-h200_setup
+. "$(dirname "$0")/h200_lib.sh"
+h200_begin
 [ "${PYTEST_LIMIT:-170}" = 0 ] || h200_pytest "${PYTEST_LIMIT:-170}" "$OUT/pytest_gpu_final_${GPU}.log" tests
 for q in ${QBUFFERS-3 2}; do
   PATCHATTN_GLUON_Q_BUFFERS=$q h200_sweep_and_fixed "q${q}"

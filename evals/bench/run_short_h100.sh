@@ -7,11 +7,8 @@
 # every length (the default thresholds would make the short rows dense).
 # Usage: OUT=/some/dir bash evals/bench/run_short_h100.sh   (wheels for pydantic in .whl/)
 set -u
-cd "$(dirname "$0")/../.."
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-. evals/bench/h200_lib.sh
-h200_setup
+. "$(dirname "$0")/h200_lib.sh"
+h200_begin
 [ "${PYTEST_LIMIT:-230}" = 0 ] || h200_pytest "${PYTEST_LIMIT:-230}" "$OUT/pytest_gpu_${GPU}.log" tests
 export PATCHATTN_DENSE_BELOW=0
 timeout 200 python3 -m patchattn.evals.bench.prefill --timing queued --seqlens "" --vs-variants "" \

@@ -7,11 +7,8 @@
 # kernels run at every length.
 # Usage: OUT=/some/dir bash evals/bench/run_sync_ab.sh   (wheels in .whl/, old files in stage/ab3/)
 set -u
-cd "$(dirname "$0")/../.."
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-. evals/bench/h200_lib.sh
-h200_setup
+. "$(dirname "$0")/h200_lib.sh"
+h200_begin
 h200_pytest "${PYTEST_LIMIT:-150}" "$OUT/pytest_gpu_sync_${GPU}.log" tests/test_dynamic_methods.py \
   tests/test_triton_kernels.py -k "${PYTEST_K:-never_syncs or kernel_backend or patched_model or vertical_slash_gpu or estimators_gpu}"
 export PATCHATTN_DENSE_BELOW=0
