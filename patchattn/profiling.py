@@ -102,6 +102,15 @@ def _budget_json(b: Union[int, BudgetRule]):
     return b.model_dump(mode="json") if isinstance(b, BudgetRule) else int(b)
 
 
+def _vs_params(c) -> Dict:
+    """vertical_slash's fixed (non-budget) params; spread_q only when set, so that plans
+    calibrated without it keep their bytes."""
+    params = {"last_q": c.last_q, "sink": c.sink, "window": c.window}
+    if c.spread_q:
+        params["spread_q"] = c.spread_q
+    return params
+
+
 @dataclass
 class OptionSpace:
     """The candidate head configurations, in a fixed order (the option index)."""
@@ -109,7 +118,7 @@ class OptionSpace:
     dense: bool = True
     stream_sink: int = 4
     stream_windows: List[Union[int, BudgetRule]] = field(default_factory=list)
-    vs_params: Dict = field(default_factory=dict)  # last_q, sink, window
+    vs_params: Dict = field(default_factory=dict)  # last_q, sink, window (, spread_q)
     vs_pairs: List[Tuple[Union[int, BudgetRule], Union[int, BudgetRule]]] = field(default_factory=list)
     block_size: int = 64
     block_topk: List[Union[int, BudgetRule]] = field(default_factory=list)
@@ -122,7 +131,7 @@ class OptionSpace:
             space.stream_windows = [w for w in cand.streaming.window.rules(reference_length) if w != 0]
         if cand.vertical_slash is not None:
             c = cand.vertical_slash
-            space.vs_params = {"last_q": c.last_q, "sink": c.sink, "window": c.window}
+            space.vs_params = _vs_params(c)
             space.vs_pairs = [(v, s) for v in c.vertical.rules(reference_length) for s in c.slash.rules(reference_length)]
         if cand.block_topk is not None:
             space.block_size = cand.block_topk.block_size
@@ -140,7 +149,7 @@ class OptionSpace:
                 space.stream_sink = params.sink
                 space.stream_windows.append(params.window)
             elif spec["method"] == "vertical_slash":
-                space.vs_params = {"last_q": params.last_q, "sink": params.sink, "window": params.window}
+                space.vs_params = _vs_params(params)
                 space.vs_pairs.append((params.vertical, params.slash))
             elif spec["method"] == "block_topk" and params.top_k is not None:
                 space.block_size = params.block_size
@@ -280,7 +289,7 @@ def layer_option_stats(space: OptionSpace, q, k, rows, scale, softcap, layer: in
     if space.vs_pairs:
         p = space.vs_params
         ctx = _causal_ctx(length, device, scale, softcap, layer)
-        vscore, sscore = estimate_vertical_slash(q[None], k[None], ctx, p["last_q"])
+        vscore, sscore = estimate_vertical_slash(q[None], k[None], ctx, p["last_q"], p.get("spread_q", 0))
         vv, vi = _unique_budgets([v for v, _ in space.vs_pairs], length, device)
         ss, si = _unique_budgets([s for _, s in space.vs_pairs], length, device)
         nv, ns = vv.numel() + 1, ss.numel() + 1

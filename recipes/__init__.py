@@ -85,6 +85,7 @@ class VerticalSlashCandidates(_Strict):
     last_q: int = Field(default=64, ge=1)
     sink: int = Field(default=4, ge=0)
     window: int = Field(default=64, ge=1)
+    spread_q: int = Field(default=0, ge=0)  # vertical_slash's rows spread over the prompt
 
 
 class BlockTopKCandidates(_Strict):

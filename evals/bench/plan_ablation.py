@@ -7,11 +7,12 @@
 A variant is a base plan followed by edits, `BASE|SELECTOR->REPLACEMENT|...`:
 
 * BASE: `dense`, `plan` (the --plan file), `plan=PATH` (another plan file for the same model),
-  `vs@S` (uniform vertical_slash, vertical = slash = S*N) or `stream@S` (uniform streaming,
-  window S*N);
+  `vs@S` (uniform vertical_slash, vertical = slash = S*N), `vsr@S` (as vs@S, its columns and
+  diagonals chosen from the last 64 rows plus 64 rows spread over the prompt: spread_q=64) or
+  `stream@S` (uniform streaming, window S*N);
 * SELECTOR: `all`, `method:NAME` (heads the current variant runs with NAME), `layers:A-B`
   (layers A..B-1), `retrieval` (the plan's calibration.retrieval_heads), `heads:L.H,L.H`;
-* REPLACEMENT: `dense`, `vs@S`, `stream@S`, `plan` (the --plan file's spec for that head) or
+* REPLACEMENT: `dense`, `vs@S`, `vsr@S`, `stream@S`, `plan` (the --plan file's spec for that head) or
   `plan=PATH`.
 
 Per variant: realized density, passkey accuracy per length (greedy, batched) and per quarter
@@ -46,13 +47,21 @@ from .calibration_quality import (DEFAULT_PLAN, DEFAULT_TEXT, DEPTH_QUARTERS, UN
 HeadTable = List[List[dict]]  # [layer][q_head] -> {"method", "params"}
 
 
+# vsr@S: vs@S whose estimator also scores SPREAD_Q rows spread over the prompt (vertical_slash's
+# spread_q), not only the last 64.
+SPREAD_Q = 64
+
+
 def _uniform_spec(token: str) -> dict:
-    families = {"vs": "uniform_vertical_slash", "stream": "uniform_streaming"}
+    families = {"vs": "uniform_vertical_slash", "vsr": "uniform_vertical_slash", "stream": "uniform_streaming"}
     name, _, scale = token.partition("@")
     if name not in families or not scale:
-        raise ValueError(f"unknown plan token {token!r}: expected dense, plan, vs@SCALE or stream@SCALE")
+        raise ValueError(f"unknown plan token {token!r}: expected dense, plan, vs@SCALE, vsr@SCALE or stream@SCALE")
     method, params = UNIFORM[families[name]]
-    return {"method": method, "params": params(float(scale))}
+    params = params(float(scale))
+    if name == "vsr":
+        params = {**params, "spread_q": SPREAD_Q}
+    return {"method": method, "params": params}
 
 
 def _table(plan: Plan) -> HeadTable:
@@ -81,8 +90,8 @@ def _selector(text: str, plan: Plan) -> Callable[[int, int, dict], bool]:
 
 
 def _spec_source(token: str, planned: HeadTable, model) -> Callable[[int, int], dict]:
-    """(layer, q_head) -> spec for a BASE / REPLACEMENT token: plan, plan=PATH, dense, vs@S or
-    stream@S."""
+    """(layer, q_head) -> spec for a BASE / REPLACEMENT token: plan, plan=PATH, dense, vs@S,
+    vsr@S or stream@S."""
     if token == "plan":
         return lambda l, h: planned[l][h]
     if token.startswith("plan="):

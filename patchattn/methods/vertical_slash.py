@@ -9,6 +9,11 @@ scores. The top `vertical` columns and top `slash` diagonals are kept for every 
 ceil(slash / slash_group) groups kept). A lone diagonal costs the tile kernel a whole
 query-block x key-tile of scores for one kept pair per row; a group of 64 adjacent diagonals
 fills its tiles at least half, so the kernel computes at most about twice what it keeps.
+
+`spread_q` > 0 adds that many query rows evenly spaced over the rows before the last `last_q`
+to the scored rows (each row's softmax sums to 1, so every sampled row counts once). The columns
+and diagonals the last rows attend to serve the early rows badly (SmolLM2-135M, wikitext windows
+of 4096, uniform density 0.235: +19 % perplexity), and perplexity needs every row.
 """
 
 from typing import Annotated, Union
@@ -35,11 +40,13 @@ class VerticalSlash(SparseMethod):
         sink: Annotated[int, Field(ge=0)] = 4
         window: Annotated[int, Field(ge=1)] = 64
         slash_group: Annotated[int, Field(ge=1)] = 1
+        # Extra rows spread over the prompt (0: only the last `last_q` rows, as before).
+        spread_q: Annotated[int, Field(ge=0)] = 0
 
     def select(self, q, k, ctx):
         n = ctx.kv_len
         p = self.params
-        vertical_scores, slash_scores = estimate_vertical_slash(q, k, ctx, p.last_q)
+        vertical_scores, slash_scores = estimate_vertical_slash(q, k, ctx, p.last_q, p.spread_q)
         vertical, slash = resolve_budget(p.vertical, n), resolve_budget(p.slash, n)
         columns = sink_columns(ctx, p.sink) | top_mask(vertical_scores, vertical)
         diagonals = local_diagonals(ctx, p.window) | top_group_mask(slash_scores, slash, p.slash_group)
@@ -83,23 +90,46 @@ def top_group_mask(scores: torch.Tensor, count: int, group: int) -> torch.Tensor
     return keep.repeat_interleave(group, dim=-1)[..., :n]
 
 
-def estimate_vertical_slash(q, k, ctx, last_q: int):
-    """Attention of the last `last_q` query rows, summed per key column and per diagonal."""
+def estimate_vertical_slash(q, k, ctx, last_q: int, spread_q: int = 0):
+    """Attention of the last `last_q` query rows, summed per key column and per diagonal; with
+    `spread_q` > 0 also of `spread_q` rows evenly spaced over the rows before them."""
     m = q.shape[-2]
     start = max(0, m - last_q)
+    vertical, slash = _row_scores(q[:, :, start:], k, ctx, ctx.q_pos[start:], lambda: ctx.base_rows(start, m))
+    if spread_q > 0 and start > 0:
+        # The columns the last rows attend to serve the early rows badly, and perplexity needs
+        # every row: add the softmax rows of a sample spread over the rest of the prompt.
+        rows = spread_rows(start, spread_q)
+        for c in range(0, len(rows), 128):  # the kernel estimator takes at most 128 rows a call
+            chunk = rows[c:c + 128]
+            idx = torch.tensor(chunk, device=q.device)
+            v, s = _row_scores(q[:, :, idx], k, ctx, ctx.q_pos[idx], lambda: _gathered_base_rows(ctx, chunk))
+            vertical += v
+            slash += s
+    return vertical, slash
+
+
+def spread_rows(start: int, count: int) -> list:
+    """min(count, start) distinct row indices in [0, start), evenly spaced (interval midpoints)."""
+    count = min(count, start)
+    return sorted({(2 * i + 1) * start // (2 * count) for i in range(count)})
+
+
+def _row_scores(q_rows, k, ctx, rows_pos, base_rows):
+    """Vertical and slash scores of the query rows q_rows [B,H,L,D] at positions rows_pos [L];
+    base_rows() gives their causal / padding mask [B|1,1,L,N] (a padding row, with no key, adds 0)."""
     layout = ctx.layout
-    if layout is not None and layout.sliding_window is None and m - start <= 128:
+    if layout is not None and layout.sliding_window is None and q_rows.shape[-2] <= 128:
         # Kernel path: the fused Triton estimator (same causal + left-padding semantics, no
         # [B, H, last_q, N] score tensor).
         from ..kernels.triton_estimators import last_q_scores
 
-        return last_q_scores(q[:, :, start:], k, scale=ctx.scale, q_positions=ctx.q_pos[start:],
+        return last_q_scores(q_rows, k, scale=ctx.scale, q_positions=rows_pos,
                              kv_start=layout.kv_start, softcap=ctx.softcap, impl="triton")
-    if k.shape[1] != q.shape[1]:  # GQA keys (gqa_keys): one key head per query head for the matmul
-        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-    rows_pos = ctx.q_pos[start:]
-    scores = softcapped(torch.matmul(q[:, :, start:], k.transpose(-1, -2)).float() * ctx.scale, ctx.softcap)
-    keep = ctx.base_rows(start, m)  # [B,1,L,N]
+    if k.shape[1] != q_rows.shape[1]:  # GQA keys (gqa_keys): one key head per query head for the matmul
+        k = k.repeat_interleave(q_rows.shape[1] // k.shape[1], dim=1)
+    scores = softcapped(torch.matmul(q_rows, k.transpose(-1, -2)).float() * ctx.scale, ctx.softcap)
+    keep = base_rows()  # [B,1,L,N]
     probs = torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1).nan_to_num(0.0)
     vertical = probs.sum(dim=-2)  # [B,H,N]
     n = ctx.kv_len
@@ -107,3 +137,17 @@ def estimate_vertical_slash(q, k, ctx, last_q: int):
     slash = torch.zeros_like(vertical)
     slash.scatter_add_(-1, diag.reshape(1, 1, -1).expand(*probs.shape[:2], -1), probs.flatten(-2))
     return vertical, slash
+
+
+def _gathered_base_rows(ctx, rows: list) -> torch.Tensor:
+    """ctx's base mask (causal, padding, window) for the sorted row indices `rows`: one
+    base_rows call per run of consecutive rows."""
+    runs = []
+    for r in rows:
+        if runs and runs[-1][1] == r:
+            runs[-1][1] = r + 1
+        else:
+            runs.append([r, r + 1])
+    parts = [ctx.base_rows(a, b) for a, b in runs]
+    batch = max(p.shape[0] for p in parts)
+    return torch.cat([p.expand(batch, *p.shape[1:]) for p in parts], dim=-2)
