@@ -292,17 +292,27 @@ def _kernel_tiles(block_size: int, q_offset: int, head_dim: int) -> Optional[Tup
 TILE_MAX = 128
 
 
+# Lists of unbounded selections (mass thresholds: xattention, flexprefill) up to this size take
+# every row's full width instead of reading the longest row back (a device sync, which stalls
+# the host's queue of the next layers while short prompts are host-bound). Larger lists come
+# from long prompts, whose GPU work dwarfs one sync, and would cost memory (128 MiB at 128k
+# tokens, 32 heads, 128-token blocks).
+FULL_WIDTH_LIST_BYTES = 32 << 20
+
+
 def lists_from_blocks(keep: torch.Tensor, max_count: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """bool [..., nkb] -> (ascending kept block ids int32 [..., maxk], count int32 [...]).
 
     A cumulative-sum scatter instead of a sort: O(elements). maxk is `max_count` (a bound on any
-    row's kept blocks that the caller guarantees; rows past it would be cut) or else read from
-    the mask, one host sync.
+    row's kept blocks that the caller guarantees; rows past it would be cut), else the full width
+    nkb while the list stays under FULL_WIDTH_LIST_BYTES, else read from the mask (one host sync).
     """
     count = keep.sum(-1, dtype=torch.int32)
     if max_count is not None:
         maxk = max(1, min(max_count, keep.shape[-1]))
         count = count.clamp(max=maxk)  # a broken bound drops blocks, never reads past the list
+    elif keep.numel() * 4 <= FULL_WIDTH_LIST_BYTES:
+        maxk = max(1, keep.shape[-1])
     else:
         maxk = max(1, int(count.max())) if count.numel() else 1
     slot = keep.cumsum(-1, dtype=torch.int32) - 1
