@@ -656,16 +656,23 @@ def test_block_sparse_tuning_tiles_divide_the_list_blocks():
     assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in kept} == {(32, 32)}
 
 
-def test_block_lists_with_a_host_bound_match_the_mask():
+def test_block_lists_with_a_host_bound_match_the_mask(monkeypatch):
     """lists_from_blocks with a bound (block_topk's top_k + 2, no device sync) gives the lists
-    read from the mask, padded to the bound; a broken bound cuts rows, never overruns them."""
+    read from the mask, padded to the bound; a broken bound cuts rows, never overruns them.
+    Without a bound, small lists take the full row width (no sync) and large ones the longest
+    row's, read back."""
+    from patchattn import backends
     from patchattn.backends import lists_from_blocks
 
     g = torch.Generator().manual_seed(7)
     keep = torch.rand(2, 3, 7, 11, generator=g) < 0.35
+    full, full_count = lists_from_blocks(keep)
+    assert full.shape[-1] == 11
+    monkeypatch.setattr(backends, "FULL_WIDTH_LIST_BYTES", keep.numel() * 4 - 1)
     index, count = lists_from_blocks(keep)
     width = int(keep.sum(-1).max())
-    assert index.shape[-1] == width
+    assert index.shape[-1] == width and torch.equal(full_count, count)
+    assert torch.equal(full[..., :width], index)  # the same lists, the full width padded past them
     bounded, bcount = lists_from_blocks(keep, max_count=width + 3)
     assert bounded.shape[-1] == width + 3 and torch.equal(bcount, count)
     for b, h, r in zip(*[t.flatten() for t in torch.meshgrid(*map(torch.arange, keep.shape[:3]), indexing="ij")]):
