@@ -213,7 +213,6 @@ def test_patched_model_kernel_vs_reference_gpu(one_config, monkeypatch):
     ("block_topk", {"block_size": 128, "top_k": 4}),
     ("streaming", {"sink": 4, "window": 256}),
     ("xattention", {"block_size": 128, "stride": 16, "threshold": 0.9}),
-    ("flexprefill", {"block_size": 128, "gamma": 0.9, "tau": 0.1}),
 ])
 def test_kernel_prefill_never_syncs_gpu(one_config, monkeypatch, name, params):
     """The patched attention calls of a prefill on the kernels (batch 1, no padding) make no

@@ -44,13 +44,14 @@ class FlexPrefill(SparseMethod):
 
         first_q = ctx.q_first // bs
         nqb = ctx.q_last // bs - first_q + 1
-        # Both branches are built for every head and the choice is a select: skipping a branch
-        # no head takes would read query_aware back (a device sync per layer).
-        aware_blocks = mass_mask(pooled_block_probs(q, k, ctx, bs)[0], p.gamma)
-        columns = mass_mask(_normalise(vertical), p.gamma)
-        diagonals = mass_mask(_normalise(slash), p.gamma)
-        vs_blocks = lines_to_blocks(columns, diagonals, ctx, bs, first_q, nqb, first_k, nkb)
-        keep = torch.where(query_aware[..., None, None], aware_blocks, vs_blocks)
+        keep = torch.zeros(*q.shape[:2], nqb, nkb, dtype=torch.bool, device=q.device)
+        if bool(query_aware.any()):
+            keep |= mass_mask(pooled_block_probs(q, k, ctx, bs)[0], p.gamma) & query_aware[..., None, None]
+        if not bool(query_aware.all()):
+            columns = mass_mask(_normalise(vertical), p.gamma)
+            diagonals = mass_mask(_normalise(slash), p.gamma)
+            vs = lines_to_blocks(columns, diagonals, ctx, bs, first_q, nqb, first_k, nkb)
+            keep |= vs & ~query_aware[..., None, None]
         q_blocks = first_q + torch.arange(nqb, device=q.device)
         k_blocks = first_k + torch.arange(nkb, device=q.device)
         sink_block = torch.div(ctx.kv_start, bs, rounding_mode="floor")[:, None, None, None]
