@@ -178,7 +178,7 @@ def test_recipe_spread_q_reaches_the_plan_params_only_when_set():
     """A recipe's vertical_slash `spread_q` is profiled and written into each candidate's params;
     without it the candidates' params are unchanged (plans calibrated before keep their bytes)."""
     from patchattn.profiling import OptionSpace
-    from recipes import Candidates
+    from patchattn.recipes import Candidates
 
     base = {"vertical": {"fractions": [0.01]}, "slash": {"fractions": [0.01]}}
     with_spread = OptionSpace.from_candidates(Candidates(vertical_slash={**base, "spread_q": 32}), 4096)
