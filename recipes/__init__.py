@@ -211,6 +211,9 @@ class Recipe(_Strict):
             del data["sensitivity"]
         elif data["sensitivity"]["temper"] == 1.0:  # unset: the hash before the option
             del data["sensitivity"]["temper"]
+        vs = (data.get("candidates") or {}).get("vertical_slash")
+        if vs is not None and vs["spread_q"] == 0:  # unset: the hash before the option
+            del vs["spread_q"]
         text = json.dumps(data, sort_keys=True)
         return "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:16]
 

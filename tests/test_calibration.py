@@ -1,6 +1,7 @@
 """Calibration: profiling signals, recipes, allocation, provenance, determinism, CLI, heatmap."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -490,3 +491,18 @@ def test_sensitivity_recipe_reweights_and_caches(stories, tmp_path, monkeypatch)
         monkeypatch.setattr(calibration, name, lambda *a, **k: (_ for _ in ()).throw(AssertionError("cached")))
     again = tiny_calibrate(model, tok, cache=tmp_path, recipe=dict(TINY, sensitivity={"prompts": 2}))
     assert again.to_json() == weighted.to_json()
+
+
+
+def test_shipped_plan_records_the_hash_of_the_shipped_recipe():
+    """Options added to the recipe schema keep the hash of recipes that leave them unset, so the
+    shipped plan's provenance still names the shipped recipe (a rerun reproduces it)."""
+    import patchattn
+
+    shipped = Path(patchattn.__file__).parent / "plans" / "smollm2-135m.budget.json"
+    plan = json.loads(shipped.read_text())
+    assert plan["calibration"]["recipe"]["hash"] == load_recipe("budget").digest()
+    vs = TINY["candidates"]["vertical_slash"]  # spread_q: 0 is the unset hash, any other value a new one
+    same = dict(TINY, candidates=dict(TINY["candidates"], vertical_slash=dict(vs, spread_q=0)))
+    other = dict(TINY, candidates=dict(TINY["candidates"], vertical_slash=dict(vs, spread_q=16)))
+    assert load_recipe(same).digest() == load_recipe(TINY).digest() != load_recipe(other).digest()
