@@ -74,10 +74,10 @@ def _brute(q, k, padding, rows, scale, softcap=None):
 
 
 def test_spread_rows_are_distinct_evenly_spaced_and_in_range():
-    assert spread_rows(100, 4) == [12, 37, 62, 87]
-    assert spread_rows(5, 64) == [0, 1, 2, 3, 4]  # fewer rows than asked: all of them
+    assert spread_rows(100, 4).tolist() == [12, 37, 62, 87]
+    assert spread_rows(5, 64).tolist() == [0, 1, 2, 3, 4]  # fewer rows than asked: all of them
     for start, count in [(4032, 64), (33, 32), (1, 1), (130, 7)]:
-        rows = spread_rows(start, count)
+        rows = spread_rows(start, count).tolist()
         assert len(rows) == min(start, count) and len(set(rows)) == len(rows)
         assert rows == sorted(rows) and 0 <= rows[0] and rows[-1] < start
         gaps = [b - a for a, b in zip(rows, rows[1:])]
@@ -115,7 +115,7 @@ def test_spread_scores_match_bruteforce(shape, last_q, spread_q, softcap):
     ctx.softcap = softcap
     n = q.shape[-2]
     start = n - last_q
-    rows = spread_rows(start, spread_q) + list(range(start, n))
+    rows = spread_rows(start, spread_q).tolist() + list(range(start, n))
     if shape[-1]:  # some spread rows fall in the padding of the last batch row
         assert any(r < shape[-1] for r in rows)
     v, s = estimate_vertical_slash(q, k, ctx, last_q, spread_q)

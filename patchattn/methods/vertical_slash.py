@@ -97,22 +97,22 @@ def estimate_vertical_slash(q, k, ctx, last_q: int, spread_q: int = 0):
     start = max(0, m - last_q)
     vertical, slash = _row_scores(q[:, :, start:], k, ctx, ctx.q_pos[start:], lambda: ctx.base_rows(start, m))
     if spread_q > 0 and start > 0:
-        # The columns the last rows attend to serve the early rows badly, and perplexity needs
-        # every row: add the softmax rows of a sample spread over the rest of the prompt.
-        rows = spread_rows(start, spread_q)
-        for c in range(0, len(rows), 128):  # the kernel estimator takes at most 128 rows a call
+        rows = spread_rows(start, spread_q, q.device)
+        for c in range(0, rows.numel(), 128):  # the kernel estimator takes at most 128 rows a call
             chunk = rows[c:c + 128]
-            idx = torch.tensor(chunk, device=q.device)
-            v, s = _row_scores(q[:, :, idx], k, ctx, ctx.q_pos[idx], lambda: _gathered_base_rows(ctx, chunk))
+            v, s = _row_scores(q[:, :, chunk], k, ctx, ctx.q_pos[chunk],
+                               lambda: _gathered_base_rows(ctx, chunk.tolist()))
             vertical += v
             slash += s
     return vertical, slash
 
 
-def spread_rows(start: int, count: int) -> list:
-    """min(count, start) distinct row indices in [0, start), evenly spaced (interval midpoints)."""
+def spread_rows(start: int, count: int, device=None) -> torch.Tensor:
+    """min(count, start) row indices in [0, start), ascending, evenly spaced (interval midpoints;
+    at most one per unit of spacing start / count >= 1, so distinct). Built on `device`: no
+    host-to-device copy on the kernel path."""
     count = min(count, start)
-    return sorted({(2 * i + 1) * start // (2 * count) for i in range(count)})
+    return (2 * torch.arange(count, device=device) + 1) * start // (2 * count)
 
 
 def _row_scores(q_rows, k, ctx, rows_pos, base_rows):
