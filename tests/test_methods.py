@@ -7,7 +7,7 @@ import torch
 from patchattn import get_method
 from patchattn.kernels.reference import dense_reference
 from patchattn.patching import causal_lazy_mask, run_method
-from tiny_models import stable_seed
+from tiny_models import padded_causal_ctx, stable_seed
 
 SPARSE = [
     ("streaming", {"sink": 2, "window": 7}),
@@ -91,18 +91,11 @@ def test_column_diagonal_bounds_hold(method_name, params, shape):
     """The kernel index keeps at most `max_columns` / `max_diagonals` entries per row and would
     drop the rest: every row's kept columns and diagonals must fit the bounds the method gives
     (ties in the scores included: topk keeps exactly the budget)."""
-    from patchattn.methods.base import AttnContext
-
     b, h, hkv, n, d, pad = shape
     g = torch.Generator().manual_seed(stable_seed("bounds", method_name, shape))
     q, k = torch.randn(b, h, n, d, generator=g), torch.randn(b, hkv, n, d, generator=g)
     k[:, :, : n // 3] = 0.0  # tied scores over a third of the keys
-    padding = torch.ones(b, n, dtype=torch.long)
-    padding[-1, :pad] = 0
-    mask = causal_lazy_mask(b, n, n, padding if pad else None)
-    q_pos, k_pos = mask.positions()
-    ctx = AttnContext(q_pos=q_pos, k_pos=k_pos, kv_start=mask.kv_start(), base_rows=mask.rows, scale=d ** -0.5,
-                      softcap=None, layer=0)
+    _, _, ctx = padded_causal_ctx(b, n, pad, d ** -0.5)
     method = get_method(method_name)(get_method(method_name).validate_params(params))
     sel = method.select(q, k.repeat_interleave(h // hkv, dim=1), ctx)
     assert sel.max_columns is not None and sel.max_diagonals is not None

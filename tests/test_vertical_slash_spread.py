@@ -11,10 +11,9 @@ import torch
 
 from patchattn import get_method
 from patchattn.kernels.reference import dense_reference, softcapped
-from patchattn.methods.base import AttnContext
 from patchattn.methods.vertical_slash import estimate_vertical_slash, spread_rows
-from patchattn.patching import causal_lazy_mask, run_method
-from tiny_models import stable_seed
+from patchattn.patching import run_method
+from tiny_models import padded_causal_ctx, stable_seed
 
 SHAPES = [  # batch, q heads, kv heads, prompt length, head dim, left padding of the last row
     (1, 4, 4, 64, 16, 0),
@@ -27,12 +26,7 @@ def _inputs(shape, *tag):
     b, h, hkv, n, d, pad = shape
     g = torch.Generator().manual_seed(stable_seed("spread", shape, *tag))
     q, k = torch.randn(b, h, n, d, generator=g), torch.randn(b, hkv, n, d, generator=g)
-    padding = torch.ones(b, n, dtype=torch.long)
-    padding[-1, :pad] = 0
-    mask = causal_lazy_mask(b, n, n, padding if pad else None)
-    q_pos, k_pos = mask.positions()
-    ctx = AttnContext(q_pos=q_pos, k_pos=k_pos, kv_start=mask.kv_start(), base_rows=mask.rows, scale=d ** -0.5,
-                      softcap=None, layer=0)
+    padding, mask, ctx = padded_causal_ctx(b, n, pad, d ** -0.5)
     return q, k, padding, mask, ctx
 
 
@@ -142,22 +136,16 @@ def test_spread_selection_runs_and_matches_bruteforce_attention(shape):
 
 
 _KERNEL_CHECK = r"""
-import types, torch
+import torch
 from patchattn.methods.vertical_slash import estimate_vertical_slash
-from patchattn.methods.base import AttnContext
-from patchattn.patching import causal_lazy_mask
+from tiny_models import padded_causal_ctx
 torch.manual_seed(0)
 for b, h, hkv, n, d, pad, last_q, spread_q in [(2, 4, 2, 200, 16, 30, 16, 40), (1, 2, 1, 300, 16, 0, 8, 150)]:
     q, k = torch.randn(b, h, n, d), torch.randn(b, hkv, n, d)
-    padding = torch.ones(b, n, dtype=torch.long)
-    padding[-1, :pad] = 0
-    mask = causal_lazy_mask(b, n, n, padding if pad else None)
-    q_pos, k_pos = mask.positions()
-    kw = dict(q_pos=q_pos, k_pos=k_pos, kv_start=mask.kv_start(), base_rows=mask.rows, scale=d ** -0.5,
-              softcap=None, layer=0)
-    layout = types.SimpleNamespace(sliding_window=None, kv_start=mask.kv_start().to(torch.int32))
-    tv, ts = estimate_vertical_slash(q, k, AttnContext(**kw), last_q, spread_q)
-    kv, ks = estimate_vertical_slash(q, k, AttnContext(**kw, layout=layout), last_q, spread_q)
+    _, _, torch_ctx = padded_causal_ctx(b, n, pad, d ** -0.5)
+    _, _, kernel_ctx = padded_causal_ctx(b, n, pad, d ** -0.5, estimator_layout=True)
+    tv, ts = estimate_vertical_slash(q, k, torch_ctx, last_q, spread_q)
+    kv, ks = estimate_vertical_slash(q, k, kernel_ctx, last_q, spread_q)
     err = max((kv - tv).abs().max().item(), (ks - ts).abs().max().item())
     assert err < 1e-4, err
 print("ok")
@@ -198,20 +186,13 @@ def test_spread_kernel_path_matches_torch_path_gpu(dtype):
     """On the GPU the Triton estimator's scores for the last and the spread rows (batch 2, left
     padding, GQA, 4096 keys, 64 + 200 rows: two chunks of spread rows) match the torch path on the
     same inputs within 1e-2 of the largest score."""
-    import types
-
     g = torch.Generator(device="cuda").manual_seed(stable_seed("spread-gpu", str(dtype)))
     b, h, hkv, n, d = 2, 8, 2, 4096, 128
     q = torch.randn(b, h, n, d, device="cuda", generator=g).to(dtype)
     k = torch.randn(b, hkv, n, d, device="cuda", generator=g).to(dtype)
-    padding = torch.ones(b, n, dtype=torch.long, device="cuda")
-    padding[-1, :300] = 0
-    mask = causal_lazy_mask(b, n, n, padding, device=torch.device("cuda"))
-    q_pos, k_pos = mask.positions()
-    kw = dict(q_pos=q_pos, k_pos=k_pos, kv_start=mask.kv_start(), base_rows=mask.rows, scale=d ** -0.5,
-              softcap=None, layer=0)
-    layout = types.SimpleNamespace(sliding_window=None, kv_start=mask.kv_start().to(torch.int32))
-    tv, ts = estimate_vertical_slash(q.float(), k.float(), AttnContext(**kw), 64, 200)
-    kv, ks = estimate_vertical_slash(q, k, AttnContext(**kw, layout=layout), 64, 200)
+    _, _, torch_ctx = padded_causal_ctx(b, n, 300, d ** -0.5, device="cuda")
+    _, _, kernel_ctx = padded_causal_ctx(b, n, 300, d ** -0.5, device="cuda", estimator_layout=True)
+    tv, ts = estimate_vertical_slash(q.float(), k.float(), torch_ctx, 64, 200)
+    kv, ks = estimate_vertical_slash(q, k, kernel_ctx, 64, 200)
     for got, want in ((kv, tv), (ks, ts)):
         assert (got.float() - want).abs().max().item() <= 1e-2 * want.abs().max().item()

@@ -53,3 +53,25 @@ def stable_seed(*parts) -> int:
     salted per process, which made parametrised inputs, and so these tests, vary between runs)."""
     return zlib.crc32(repr(parts).encode())
 
+
+
+def padded_causal_ctx(batch: int, n: int, pad: int, scale: float, device=None, estimator_layout: bool = False):
+    """A causal n x n mask whose last batch row is left-padded by `pad` tokens, and the
+    AttnContext a method's select() sees for it: (padding, mask, ctx). `estimator_layout` gives
+    the ctx the minimal kernel layout (no sliding window, kv_start) that sends the estimators down
+    their Triton path."""
+    import types
+
+    from patchattn.methods.base import AttnContext
+    from patchattn.patching import causal_lazy_mask
+
+    padding = torch.ones(batch, n, dtype=torch.long, device=device)
+    padding[-1, :pad] = 0
+    mask = causal_lazy_mask(batch, n, n, padding if pad else None,
+                            device=None if device is None else torch.device(device))
+    q_pos, k_pos = mask.positions()
+    layout = (types.SimpleNamespace(sliding_window=None, kv_start=mask.kv_start().to(torch.int32))
+              if estimator_layout else None)
+    ctx = AttnContext(q_pos=q_pos, k_pos=k_pos, kv_start=mask.kv_start(), base_rows=mask.rows, scale=scale,
+                      softcap=None, layer=0, layout=layout)
+    return padding, mask, ctx
