@@ -128,3 +128,27 @@ def test_evaluate_records_numeric_answers():
     assert numeric["share"] == sum(opens) / 4
     if numeric["accuracy"] is not None:  # every correct answer opens with the number
         assert numeric["share"] * numeric["accuracy"] == pytest.approx(row["passkey"]["200"])
+
+
+@needs(STORIES)
+def test_first_token_margin_agrees_with_greedy_decoding():
+    """A prompt's first-token margin is > 0 exactly where greedy decoding's first token is the
+    answer's first token, and left padding in a batch does not change the margins."""
+    from patchattn import models
+    from patchattn.evals import synthetic
+    from patchattn.evals.bench.calibration_quality import first_token_margins
+
+    model, tok = models.load(str(STORIES))
+    samples = synthetic.generate_samples("passkey", tok, 200, 4, seed=3)
+    samples += synthetic.generate_samples("passkey", tok, 180, 2, seed=4)  # shorter: left-padded in the batch
+    margins = first_token_margins(model, tok, samples)
+    alone = [first_token_margins(model, tok, [s])[0] for s in samples]
+    assert margins == pytest.approx(alone, abs=1e-4)
+    for s, m in zip(samples, margins):
+        first = tok(s.prompt + " " + s.answers[0])["input_ids"][len(tok(s.prompt)["input_ids"])]
+        out = model(**tok(s.prompt, return_tensors="pt"), logits_to_keep=1).logits[0, -1]
+        assert (m > 0) == (int(out.argmax()) == first)
+        # the margin is the answer token's logit minus the best other one's
+        others = out.clone()
+        others[first] = float("-inf")
+        assert m == pytest.approx(float(out[first] - others.max()), abs=1e-4)

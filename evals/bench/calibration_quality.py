@@ -162,8 +162,39 @@ def _r4(x: float) -> float:
 
 
 @torch.inference_mode()
+def first_token_margins(model, tokenizer, samples: list) -> List[float]:
+    """Per sample (one batch, left-padded): the logit of its answer's first token minus the
+    best other token's logit, at the prompt's last position (one prefill, no decoding).
+    Greedy decoding starts the answer exactly where the margin is > 0. On SmolLM2 passkey
+    prompts that token is the space before the digits, so the margin measures the choice
+    between answering with the number and answering in words, the only way those prompts fail."""
+    device = next(model.parameters()).device
+    targets = []
+    for s in samples:
+        prompt_ids = tokenizer(s.prompt)["input_ids"]
+        joint = tokenizer(s.prompt + " " + s.answers[0])["input_ids"]
+        if joint[:len(prompt_ids)] != prompt_ids or len(joint) == len(prompt_ids):
+            raise ValueError("the answer's first token is not separable from the prompt's tokens; "
+                             "first-token scoring needs a prompt that ends on a token boundary")
+        targets.append(joint[len(prompt_ids)])
+    enc = tokenizer([s.prompt for s in samples], return_tensors="pt", padding=True, padding_side="left").to(device)
+    extra = {}
+    if len(samples) > 1:
+        mask = enc["attention_mask"]
+        extra = {"attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
+    logits = model(input_ids=enc["input_ids"], use_cache=False, logits_to_keep=1, **extra).logits[:, -1].float()
+    target = torch.tensor(targets, device=logits.device)
+    chosen = logits.gather(1, target[:, None])[:, 0]
+    others = logits.scatter(1, target[:, None], float("-inf")).amax(-1)
+    return (chosen - others).tolist()
+
+
+@torch.inference_mode()
 def evaluate(model, tokenizer, plan: Optional[Plan], text: str, tokens: int, window: int,
-             passkey: Dict[int, list], batch_size: int, progress: bool) -> dict:
+             passkey: Dict[int, list], batch_size: int, progress: bool, first_token: bool = False) -> dict:
+    """Realized density, perplexity and passkey accuracy of `plan` (None: dense). first_token:
+    score passkey from each prompt's next-token margin (first_token_margins) instead of decoding;
+    the row then has `passkey_margins` and no completions."""
     device = next(model.parameters()).device
     if plan is not None:
         patch_model(model, plan)
@@ -172,25 +203,38 @@ def evaluate(model, tokenizer, plan: Optional[Plan], text: str, tokens: int, win
         _sync(device)
         start = time.perf_counter()
         ppl = perplexity(model, tokenizer, text, tokens, window, progress=progress) if tokens else {"ppl": None, "tokens": 0}
-        acc, completions, by_depth, numeric, per_prompt = {}, {}, {}, {}, {}
+        acc, completions, by_depth, numeric, per_prompt, margins = {}, {}, {}, {}, {}, {}
         for length, samples in passkey.items():
-            scores, outs = [], []
+            scores, outs, length_margins = [], [], []
             for i in range(0, len(samples), batch_size):
                 batch = samples[i:i + batch_size]
+                if first_token:
+                    batch_margins = first_token_margins(model, tokenizer, batch)
+                    length_margins += batch_margins
+                    scores += [float(m > 0) for m in batch_margins]
+                    continue
                 texts, _ = greedy_generate(model, tokenizer, [s.prompt for s in batch],
                                            batch[0].max_new_tokens, batch[0].stop)
                 scores += [synthetic.score(s.task, s, t) for s, t in zip(batch, texts)]
                 outs += texts
             acc[str(length)] = sum(scores) / len(scores)
             per_prompt[str(length)] = scores
-            completions[str(length)] = outs
             by_depth[str(length)] = accuracy_by_depth(samples, scores)
-            share, numeric_acc = answer_split(scores, outs)
-            numeric[str(length)] = {"share": share, "accuracy": numeric_acc}
+            if first_token:
+                margins[str(length)] = length_margins
+            else:
+                completions[str(length)] = outs
+                share, numeric_acc = answer_split(scores, outs)
+                numeric[str(length)] = {"share": share, "accuracy": numeric_acc}
         _sync(device)
         density = float(stats(model).density) if plan is not None else 1.0
-        return {"density": density, "ppl": ppl["ppl"], "ppl_tokens": ppl["tokens"], "passkey": acc,
-                "passkey_scores": per_prompt, "passkey_by_depth": by_depth, "passkey_numeric_answers": numeric, "completions": completions, "seconds": time.perf_counter() - start}
+        row = {"density": density, "ppl": ppl["ppl"], "ppl_tokens": ppl["tokens"], "passkey": acc,
+               "passkey_scores": per_prompt, "passkey_by_depth": by_depth}
+        if first_token:
+            row["passkey_margins"] = margins
+        else:
+            row.update(passkey_numeric_answers=numeric, completions=completions)
+        return {**row, "seconds": time.perf_counter() - start}
     finally:
         if plan is not None:
             unpatch_model(model)

@@ -16,7 +16,11 @@ A variant is a base plan followed by edits, `BASE|SELECTOR->REPLACEMENT|...`:
   `plan=PATH`.
 
 Per variant: realized density, passkey accuracy per length (greedy, batched) and per quarter
-of needle depth, and wikitext perplexity when --tokens > 0. `--rescore FILE...` re-scores the
+of needle depth, and wikitext perplexity when --tokens > 0. `--first-token` scores passkey from
+one prefill per prompt instead of decoding: right where the answer's first token has the largest
+logit, plus the mean margin of that logit over the best other token (a graded signal: which way,
+and how far, an edit moves the number-or-words choice); `--min-depth 0.5` keeps the prompts whose
+needle sits in the second half, where plans differ. `--rescore FILE...` re-scores the
 completions saved in earlier result files per depth quarter (no model forward; the samples are
 rebuilt from each file's seed, lengths, sample count and haystack). Use a passkey --seed other
 than the one reported in calibration_quality.py, so that exploring variants does not tune on
@@ -139,6 +143,9 @@ def rescore(files: List[str], tokenizer) -> str:
     paired = []
     for f in files:
         data = json.loads(Path(f).read_text())
+        if data.get("first_token") or data.get("min_depth"):
+            raise ValueError(f"{f}: a --first-token / --min-depth run saves no completions of the full sample set; "
+                             "its per-prompt scores and margins are in the file itself")
         for length, (samples, by_row) in saved_passkey_scores(data, tokenizer).items():
             for name, scores in by_row.items():
                 outs = data["rows"][name]["completions"][str(length)]
@@ -171,6 +178,11 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--first-token", action="store_true",
+                   help="score passkey from one prefill per prompt: right where the answer's first token has the "
+                        "largest logit, with the mean logit margin (faster, and graded; no completions are saved)")
+    p.add_argument("--min-depth", type=float, default=0.0,
+                   help="keep only the passkey prompts whose needle depth is >= this (0.5: the half where plans differ)")
     p.add_argument("--out")
     args = p.parse_args(argv)
     if args.rescore:
@@ -186,20 +198,23 @@ def main(argv=None) -> int:
     variants = [v.strip() for v in args.variants.split(";") if v.strip()]
     built = {v: build_variant(model, plan, v) for v in variants}  # parse everything before the long work
     lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
-    passkey = {n: synthetic.generate_samples("passkey", tokenizer, n, args.samples, seed=args.seed,
-                                             haystack=args.haystack) for n in lengths}
+    passkey = {n: [s for s in synthetic.generate_samples("passkey", tokenizer, n, args.samples, seed=args.seed,
+                                                         haystack=args.haystack) if s.depth >= args.min_depth]
+               for n in lengths}
     text = read_text(args.text) if args.tokens else ""
     rows = {}
     started = time.perf_counter()
 
     def table() -> str:
+        margin_head = "".join(f" | mean margin@{n}" for n in lengths) if args.first_token else ""
         lines = ["| variant | density | " + " | ".join(f"passkey@{n} (by depth quarter)" for n in lengths)
-                 + " | ppl |", "|" + "---|" * (3 + len(lengths))]
+                 + margin_head + " | ppl |", "|" + "---|" * (3 + len(lengths) * (1 + args.first_token))]
         for v, r in rows.items():
             ppl = f"{r['ppl']:.3f}" if r["ppl"] is not None else "–"
+            margins = "".join(f" | {_mean(r['passkey_margins'][str(n)]):+.3f}" for n in lengths) if args.first_token else ""
             lines.append(f"| `{v}` | {r['density']:.4f} | "
                          + " | ".join(f"{r['passkey'][str(n)]:.2f} ({_quarters(r['passkey_by_depth'][str(n)])})"
-                                      for n in lengths) + f" | {ppl} |")
+                                      for n in lengths) + f"{margins} | {ppl} |")
         return "\n".join(lines)
 
     def save() -> None:  # after every variant, so a time limit keeps the finished rows
@@ -208,6 +223,7 @@ def main(argv=None) -> int:
                       "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
                       "torch": torch.__version__, "machine": platform.machine(), "lengths": lengths,
                       "samples": args.samples, "seed": args.seed, "haystack": args.haystack, "tokens": args.tokens,
+                      "first_token": args.first_token, "min_depth": args.min_depth,
                       "rows": rows,
                       "table": table(), "seconds": time.perf_counter() - started}
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -215,13 +231,18 @@ def main(argv=None) -> int:
 
     for v in variants:
         plan_v = None if v == "dense" else built[v]
-        rows[v] = evaluate(model, tokenizer, plan_v, text, args.tokens, args.window, passkey, args.batch_size, False)
+        rows[v] = evaluate(model, tokenizer, plan_v, text, args.tokens, args.window, passkey, args.batch_size, False,
+                           first_token=args.first_token)
         rows[v]["methods"] = dict(sorted(_count_methods(built[v]).items()))
         print(f"{v}: density {rows[v]['density']:.4f}, passkey {rows[v]['passkey']}, ppl {rows[v]['ppl']} "
               f"({rows[v]['seconds']:.0f} s)", flush=True)
         save()
     print(f"\n{args.model} on {device} ({args.dtype}); passkey {args.samples} samples, seed {args.seed}\n\n{table()}")
     return 0
+
+
+def _mean(xs: List[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
 
 
 def _count_methods(plan: Plan) -> Counter:
