@@ -494,6 +494,103 @@ def sensitivity_weights(e2e_kl: torch.Tensor, local_loss: torch.Tensor, temper: 
     return w / w.mean().clamp_min(1e-30)
 
 
+def _probe_option(specs: List[dict], dens_cal: torch.Tensor, lengths: List[int], length: int, target: float) -> int:
+    """Index of the vertical_slash candidate whose mean density at the calibration length
+    nearest `length` is closest to `target` (what a head "runs sparse" as in the probes)."""
+    j = min(range(len(lengths)), key=lambda i: (abs(lengths[i] - length), i))
+    vs = [i for i, sp in enumerate(specs) if sp["method"] == "vertical_slash"]
+    return min(vs, key=lambda i: (abs(float(dens_cal[j, :, i].mean()) - target), i))
+
+
+def _mean_nll(model, ids: torch.Tensor) -> float:
+    with torch.inference_mode():
+        logits = model(input_ids=ids, use_cache=False).logits[0, :-1].double()
+    return float(torch.nn.functional.cross_entropy(logits, ids[0, 1:]))
+
+
+def answer_switches(model, tokenizer, choice: torch.Tensor, specs: List[dict], probe: int, may_switch: torch.Tensor,
+                    rcp, length: int, text_ids: Sequence[int], seed: int, progress) -> Tuple[torch.Tensor, dict]:
+    """(choice with the switched heads on `probe`, record): the recipe's `answers` stage (see
+    recipes.Answers). choice [layers * heads] indexes `specs`; the dense heads tried are those
+    whose `may_switch` [layers * heads] is set (the recipe allows them the probe option)."""
+    from .evals import synthetic
+    from .patching import patched
+    from .profiling import answer_margins, answer_token
+
+    a = rcp.answers
+    cfg = text_config(model.config)
+    n_layers, n_heads = cfg.num_hidden_layers, cfg.num_attention_heads
+    device = next(model.parameters()).device
+    samples = [s for s in synthetic.generate_samples(a.task, tokenizer, length, 4 * a.prompts, seed=seed + 20_000)
+               if s.depth is not None and s.depth >= a.min_depth][:a.prompts]
+    if len(samples) < a.prompts:
+        raise RecipeError(f"answers: only {len(samples)} of {4 * a.prompts} {a.task} prompts have a needle at "
+                          f"depth >= {a.min_depth}; lower answers.min_depth")
+    prompts = [(torch.tensor([tokenizer(s.prompt)["input_ids"]], device=device),
+                answer_token(tokenizer, s.prompt, s.answers[0])) for s in samples]
+    dense = [i for i in range(choice.numel()) if specs[int(choice[i])]["method"] == "dense" and bool(may_switch[i])]
+    layers = decoder_layers(model)
+
+    def plan_of(ch):
+        table = [[specs[int(ch[l * n_heads + h])] for h in range(n_heads)] for l in range(n_layers)]
+        return build_plan(model, table, {"tool": "patchattn.calibrate: answers"})
+
+    def margin(ch, outputs=None, upto=0) -> float:
+        total = 0.0
+        for j, (ids, target) in enumerate(prompts):
+            with patched(model, plan_of(ch)), _replayed(layers or [], outputs[j] if outputs else [], upto), \
+                    torch.inference_mode():
+                logits = model(input_ids=ids, use_cache=False, logits_to_keep=1).logits[:, -1]
+            total += float(answer_margins(logits, [target])[0])
+        return total / len(prompts)
+
+    bar = tqdm(total=len(dense) + 1, desc="calibrate: answers", disable=not progress)
+    # The allocated plan once, recording every layer's output per prompt for the replays.
+    outputs: List[List] = [[None] * n_layers for _ in prompts]
+    hooks = [layer.register_forward_hook(lambda mod, args, out, l=l: outputs[current[0]].__setitem__(l, out))
+             for l, layer in enumerate(layers or [])]
+    current = [0]
+    base = 0.0
+    try:
+        for j, (ids, target) in enumerate(prompts):
+            current[0] = j
+            with patched(model, plan_of(choice)), torch.inference_mode():
+                logits = model(input_ids=ids, use_cache=False, logits_to_keep=1).logits[:, -1]
+            base += float(answer_margins(logits, [target])[0]) / len(prompts)
+    finally:
+        for hk in hooks:
+            hk.remove()
+    bar.update(1)
+    gains = {}
+    for i in dense:
+        trial = choice.clone()
+        trial[i] = probe
+        gains[i] = margin(trial, outputs if layers else None, (i // n_heads) if layers else 0) - base
+        bar.update(1)
+    bar.close()
+    switched = sorted((i for i in dense if gains[i] > a.min_gain), key=lambda i: (-gains[i], i))
+    ids = torch.tensor([list(text_ids[:length])], device=device)
+    with patched(model, plan_of(choice)):
+        nll_before = _mean_nll(model, ids)
+    nll_after, final = nll_before, choice
+    while switched:
+        final = choice.clone()
+        final[switched] = probe
+        with patched(model, plan_of(final)):
+            nll_after = _mean_nll(model, ids)
+        if nll_after - nll_before <= a.max_nll_increase:
+            break
+        switched.pop()  # undo the smallest gain, try again
+        final, nll_after = choice, nll_before
+    record = {"task": a.task, "prompts": len(prompts), "length": length,
+              "depths": [_r(s.depth) for s in samples], "probe": specs[probe], "base_margin": _r(base),
+              "gains": {f"{i // n_heads}.{i % n_heads}": _r(gains[i]) for i in dense},
+              "switched": [[i // n_heads, i % n_heads] for i in sorted(switched)],
+              "final_margin": _r(margin(final)) if switched else _r(base),
+              "nll": {"allocated": _r(nll_before, 5), "switched": _r(nll_after, 5)}}
+    return final, record
+
+
 def calibrate(model, tokenizer, prompts: PromptSource = None, recipe: Union[str, Path, dict, Recipe] = "budget", *,
               target_density: Optional[float] = None, target_recall: Optional[float] = None,
               lengths: Sequence[int] = (4096, 8192), check_length: Optional[int] = None, samples: int = 8,
@@ -596,11 +693,7 @@ def calibrate(model, tokenizer, prompts: PromptSource = None, recipe: Union[str,
         sens_len = rcp.sensitivity.length or lengths[0]
         if sens_len > n_max:
             raise ValueError(f"sensitivity.length={sens_len} is longer than the calibration prompts ({n_max} tokens)")
-        # Probe: the vertical_slash candidate whose mean density at the calibration length
-        # nearest sens_len is closest to the target.
-        j = min(range(len(lengths)), key=lambda i: (abs(lengths[i] - sens_len), i))
-        vs = [i for i, sp in enumerate(specs) if sp["method"] == "vertical_slash"]
-        probe = min(vs, key=lambda i: (abs(float(dens_cal[j, :, i].mean()) - rcp.target_density), i))
+        probe = _probe_option(specs, dens_cal, lengths, sens_len, rcp.target_density)
         sens_key = _sha(json.dumps({"version": 2, "profile": profile_key, "probe": specs[probe], "length": sens_len,
                                     "prompts": rcp.sensitivity.prompts}, sort_keys=True).encode())
         sens_file = Path(cache) / f"sensitivity-{sens_key[7:]}.pt" if cache else None
@@ -639,6 +732,14 @@ def calibrate(model, tokenizer, prompts: PromptSource = None, recipe: Union[str,
         protected = retrieval.flatten() >= rcp.retrieval.threshold
         retrieval_heads = protected.nonzero().flatten().tolist()
         choice = torch.where(protected, 0, 1)
+    answers, t_ans = None, None
+    if rcp.answers is not None:
+        ans_len = rcp.answers.length or lengths[0]
+        t_ans = time.perf_counter()
+        probe = _probe_option(specs, dens_cal, lengths, ans_len, rcp.target_density)
+        choice, answers = answer_switches(model, tokenizer, choice, specs, probe, allowed[:, probe], rcp, ans_len,
+                                          prompt_ids[0], seed, progress)
+        t_ans = time.perf_counter() - t_ans
     rows_m = torch.arange(m)
     expected = {n: float(mean[n]["density"].reshape(m, o)[rows_m, choice].mean()) for n in all_lengths}
     if rcp.max_density is not None and max(expected[n] for n in lengths) > rcp.max_density:
@@ -684,6 +785,8 @@ def calibrate(model, tokenizer, prompts: PromptSource = None, recipe: Union[str,
     }
     if sensitivity is not None:
         calibration["layer_sensitivity"] = sensitivity
+    if answers is not None:
+        calibration["answers"] = answers
     plan = build_plan(model, head_specs, calibration)
 
     # ---- verify: the real methods on a dense forward at the check length
@@ -706,6 +809,7 @@ def calibrate(model, tokenizer, prompts: PromptSource = None, recipe: Union[str,
 
     phases = {"profile_s": round(t_prof, 3), "retrieval_s": round(t_ret, 3), "verify_s": round(t_ver, 3),
               **({"sensitivity_s": round(t_sens, 3)} if t_sens is not None else {}),
+              **({"answers_s": round(t_ans, 3)} if t_ans is not None else {}),
               "total_s": round(time.perf_counter() - t0, 3)}
     if timing is not None:
         timing.update(phases)

@@ -405,6 +405,27 @@ def profile_prompt(model, ids: Sequence[int], lengths: Sequence[int], space: Opt
     return out
 
 
+# ----------------------------------------------------------------------------- answers
+def answer_token(tokenizer, prompt: str, answer: str) -> int:
+    """The first token of the answer where it follows `prompt` after a space (`prompt` +
+    " " + `answer` must tokenize as `prompt`'s tokens followed by the answer's)."""
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    joint = tokenizer(prompt + " " + answer)["input_ids"]
+    if joint[:len(prompt_ids)] != prompt_ids or len(joint) == len(prompt_ids):
+        raise ValueError("the answer's first token is not separable from the prompt's tokens; "
+                         "answer margins need a prompt that ends on a token boundary")
+    return joint[len(prompt_ids)]
+
+
+def answer_margins(logits: torch.Tensor, targets: Sequence[int]) -> torch.Tensor:
+    """[B] logit of each row's target token minus the best other token's logit (logits [B, V],
+    the next-token logits at the prompt's end). Greedy decoding starts the answer exactly where
+    the margin is > 0; its size says how firmly."""
+    logits = logits.float()
+    target = torch.as_tensor(list(targets), device=logits.device)[:, None]
+    return logits.gather(1, target)[:, 0] - logits.scatter(1, target, float("-inf")).amax(-1)
+
+
 # ----------------------------------------------------------------------------- retrieval
 def _needle_token_positions(tokenizer, text: str, needles: Sequence[str], n_tokens: int) -> Optional[set]:
     spans = []

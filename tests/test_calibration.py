@@ -506,3 +506,90 @@ def test_shipped_plan_records_the_hash_of_the_shipped_recipe():
     same = dict(TINY, candidates=dict(TINY["candidates"], vertical_slash=dict(vs, spread_q=0)))
     other = dict(TINY, candidates=dict(TINY["candidates"], vertical_slash=dict(vs, spread_q=16)))
     assert load_recipe(same).digest() == load_recipe(TINY).digest() != load_recipe(other).digest()
+
+
+# ----------------------------------------------------------------------------- answers stage
+def test_answers_recipe_errors_name_the_key():
+    with pytest.raises(RecipeError, match=r"answers\.prompts"):
+        load_recipe(dict(TINY, answers={"prompts": 0}))
+    with pytest.raises(RecipeError, match=r"answers\.min_depth"):
+        load_recipe(dict(TINY, answers={"min_depth": 1.5}))
+    with pytest.raises(RecipeError, match="answers: revises the dense heads of budget recipes"):
+        load_recipe(dict(TINY, kind="target_recall", target_recall=0.9, answers={}))
+    no_vs = {k: v for k, v in TINY["candidates"].items() if k != "vertical_slash"}
+    with pytest.raises(RecipeError, match="answers: heads switch to a vertical_slash candidate"):
+        load_recipe(dict(TINY, candidates=no_vs, answers={}))
+    assert load_recipe(dict(TINY, answers=None)).digest() == load_recipe(TINY).digest()
+    assert load_recipe(dict(TINY, answers={})).digest() != load_recipe(TINY).digest()
+
+
+ANSWERS = {"length": 200, "prompts": 2, "min_gain": 0.0, "max_nll_increase": 1.0}
+
+
+@needs(STORIES)
+def test_answers_stage_switches_the_heads_that_raise_the_margin(stories):
+    """Every dense head of the allocated plan is tried; a head's gain is the margin change a
+    full forward of the plan with that head switched gives (the replayed prefix changes
+    nothing); heads gaining more than min_gain run the probe in the result, the others stay."""
+    from patchattn.calibration import build_plan
+    from patchattn.evals import synthetic
+    from patchattn.patching import patched
+    from patchattn.profiling import answer_margins, answer_token
+
+    model, tok = stories
+    plain = tiny_calibrate(model, tok)
+    plan = tiny_calibrate(model, tok, recipe=dict(TINY, answers=ANSWERS))
+    info = plan.calibration["answers"]
+    n_layers, n_heads = model.config.num_hidden_layers, model.config.num_attention_heads
+    dense = [(l, h) for l in range(n_layers) for h in range(n_heads) if plain.head_spec(l, h).method == "dense"]
+    assert sorted(info["gains"]) == sorted(f"{l}.{h}" for l, h in dense)
+    switched = {(l, h) for l, h in info["switched"]}
+    assert switched == {(l, h) for l, h in dense if info["gains"][f"{l}.{h}"] > 0}
+    assert switched and len(switched) < len(dense)  # this tiny case has both kinds
+    for l, h in dense:
+        spec = plan.head_spec(l, h)
+        if (l, h) in switched:
+            assert spec.method == info["probe"]["method"]
+            assert all(spec.params[k] == v for k, v in info["probe"]["params"].items())
+        else:
+            assert spec.method == "dense"
+    samples = [s for s in synthetic.generate_samples("passkey", tok, 200, 8, seed=20_000) if s.depth >= 0.5][:2]
+    assert info["depths"] == [round(s.depth, 4) for s in samples]
+
+    def margin(p):
+        total = 0.0
+        for s in samples:
+            ids = torch.tensor([tok(s.prompt)["input_ids"]])
+            with patched(model, p), torch.no_grad():
+                logits = model(input_ids=ids, use_cache=False).logits[:, -1]
+            total += float(answer_margins(logits, [answer_token(tok, s.prompt, s.answers[0])])[0])
+        return total / len(samples)
+
+    def with_probe(heads):
+        table = [[dict(method=sp.method, params=sp.params) for sp in (plain.head_spec(l, h) for h in range(n_heads))]
+                 for l in range(n_layers)]
+        for l, h in heads:
+            table[l][h] = info["probe"]
+        return build_plan(model, table, {})
+
+    assert info["base_margin"] == pytest.approx(margin(plain), abs=1e-4)
+    later = max(dense)  # a head whose layer has a replayed prefix
+    assert later[0] > 0
+    assert info["gains"][f"{later[0]}.{later[1]}"] == pytest.approx(margin(with_probe([later])) - margin(plain), abs=2e-4)
+    assert info["final_margin"] == pytest.approx(margin(with_probe(switched)), abs=1e-4)
+    assert plan.calibration["expected_density"]["128"] < plain.calibration["expected_density"]["128"]
+
+
+@needs(STORIES)
+def test_answers_stage_undoes_switches_that_cost_text_loss(stories):
+    """With no next-token loss allowed, switches are undone (smallest gain first) until the text
+    loss does not rise: the record shows a loss no higher than the allocated plan's."""
+    model, tok = stories
+    free = tiny_calibrate(model, tok, recipe=dict(TINY, answers=ANSWERS)).calibration["answers"]
+    assert free["nll"]["switched"] > free["nll"]["allocated"]  # the switches cost text loss here
+    strict = tiny_calibrate(model, tok, recipe=dict(TINY, answers=dict(ANSWERS, max_nll_increase=0.0)))
+    info = strict.calibration["answers"]
+    assert len(info["switched"]) < len(free["switched"])
+    assert info["nll"]["switched"] <= info["nll"]["allocated"]
+    by_gain = sorted(free["switched"], key=lambda lh: -free["gains"][f"{lh[0]}.{lh[1]}"])
+    assert sorted(info["switched"]) == sorted(by_gain[:len(info["switched"])])

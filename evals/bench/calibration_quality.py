@@ -35,6 +35,7 @@ from patchattn.evals import synthetic
 from patchattn.evals.perplexity import perplexity, read_text, token_windows
 from patchattn.evals.runner import greedy_generate
 from patchattn.models import load
+from patchattn.profiling import answer_margins, answer_token
 
 DEFAULT_PLAN = Path(__file__).resolve().parents[2] / "patchattn" / "plans" / "smollm2-135m.budget.json"
 DEFAULT_TEXT = Path(__file__).resolve().parents[3] / "shared" / "assets" / "corpora" / "wikitext-2-raw" / "wiki.test.raw"
@@ -169,24 +170,14 @@ def first_token_margins(model, tokenizer, samples: list) -> List[float]:
     prompts that token is the space before the digits, so the margin measures the choice
     between answering with the number and answering in words, the only way those prompts fail."""
     device = next(model.parameters()).device
-    targets = []
-    for s in samples:
-        prompt_ids = tokenizer(s.prompt)["input_ids"]
-        joint = tokenizer(s.prompt + " " + s.answers[0])["input_ids"]
-        if joint[:len(prompt_ids)] != prompt_ids or len(joint) == len(prompt_ids):
-            raise ValueError("the answer's first token is not separable from the prompt's tokens; "
-                             "first-token scoring needs a prompt that ends on a token boundary")
-        targets.append(joint[len(prompt_ids)])
+    targets = [answer_token(tokenizer, s.prompt, s.answers[0]) for s in samples]
     enc = tokenizer([s.prompt for s in samples], return_tensors="pt", padding=True, padding_side="left").to(device)
     extra = {}
     if len(samples) > 1:
         mask = enc["attention_mask"]
         extra = {"attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
-    logits = model(input_ids=enc["input_ids"], use_cache=False, logits_to_keep=1, **extra).logits[:, -1].float()
-    target = torch.tensor(targets, device=logits.device)
-    chosen = logits.gather(1, target[:, None])[:, 0]
-    others = logits.scatter(1, target[:, None], float("-inf")).amax(-1)
-    return (chosen - others).tolist()
+    logits = model(input_ids=enc["input_ids"], use_cache=False, logits_to_keep=1, **extra).logits[:, -1]
+    return answer_margins(logits, targets).tolist()
 
 
 @torch.inference_mode()
