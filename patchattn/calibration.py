@@ -494,11 +494,16 @@ def sensitivity_weights(e2e_kl: torch.Tensor, local_loss: torch.Tensor, temper: 
     return w / w.mean().clamp_min(1e-30)
 
 
-def _probe_option(specs: List[dict], dens_cal: torch.Tensor, lengths: List[int], length: int, target: float) -> int:
+def _probe_option(specs: List[dict], dens_cal: torch.Tensor, lengths: List[int], length: int, target: float,
+                  balanced: bool = False) -> int:
     """Index of the vertical_slash candidate whose mean density at the calibration length
-    nearest `length` is closest to `target` (what a head "runs sparse" as in the probes)."""
+    nearest `length` is closest to `target` (what a head "runs sparse" as in the probes).
+    balanced: only candidates with equal vertical and slash budgets (the uniform family), where
+    the recipe offers any."""
     j = min(range(len(lengths)), key=lambda i: (abs(lengths[i] - length), i))
     vs = [i for i, sp in enumerate(specs) if sp["method"] == "vertical_slash"]
+    if balanced:
+        vs = [i for i in vs if specs[i]["params"]["vertical"] == specs[i]["params"]["slash"]] or vs
     return min(vs, key=lambda i: (abs(float(dens_cal[j, :, i].mean()) - target), i))
 
 
@@ -569,7 +574,7 @@ def answer_switches(model, tokenizer, choice: torch.Tensor, specs: List[dict], p
         bar.update(1)
     bar.close()
     switched = sorted((i for i in dense if gains[i] > a.min_gain), key=lambda i: (-gains[i], i))
-    ids = torch.tensor([list(text_ids[:length])], device=device)
+    ids = torch.tensor([list(text_ids[:a.text_tokens])], device=device)
     with patched(model, plan_of(choice)):
         nll_before = _mean_nll(model, ids)
     nll_after, final = nll_before, choice
@@ -586,7 +591,6 @@ def answer_switches(model, tokenizer, choice: torch.Tensor, specs: List[dict], p
               "depths": [_r(s.depth) for s in samples], "probe": specs[probe], "base_margin": _r(base),
               "gains": {f"{i // n_heads}.{i % n_heads}": _r(gains[i]) for i in dense},
               "switched": [[i // n_heads, i % n_heads] for i in sorted(switched)],
-              "final_margin": _r(margin(final)) if switched else _r(base),
               "nll": {"allocated": _r(nll_before, 5), "switched": _r(nll_after, 5)}}
     return final, record
 
@@ -736,7 +740,9 @@ def calibrate(model, tokenizer, prompts: PromptSource = None, recipe: Union[str,
     if rcp.answers is not None:
         ans_len = rcp.answers.length or lengths[0]
         t_ans = time.perf_counter()
-        probe = _probe_option(specs, dens_cal, lengths, ans_len, rcp.target_density)
+        # Balanced budgets: on SmolLM2-135M a layer-0 head that gains as uniform vertical_slash
+        # (0.13 N columns and diagonals) loses with 0.04 N columns and 0.16 N diagonals.
+        probe = _probe_option(specs, dens_cal, lengths, ans_len, rcp.target_density, balanced=True)
         choice, answers = answer_switches(model, tokenizer, choice, specs, probe, allowed[:, probe], rcp, ans_len,
                                           prompt_ids[0], seed, progress)
         t_ans = time.perf_counter() - t_ans
@@ -901,8 +907,12 @@ def calibrate_main(argv: Optional[List[str]] = None) -> int:
         print(f"  verified at {cal['verify']['length']}: recall {cal['verify']['mean_recall']}, "
               f"output error {cal['verify']['mean_fidelity_error']}")
     print(f"  methods: {cal['methods']}")
-    print(f"  time: {timing['total_s']} s calibrate + {timing['load_model_s']} s model load "
-          f"(profile {timing['profile_s']} s, retrieval {timing['retrieval_s']} s, verify {timing['verify_s']} s)")
+    if "answers" in cal:
+        switched = ", ".join(f"{l}.{h}" for l, h in cal["answers"]["switched"]) or "none"
+        print(f"  answers: dense heads switched to vertical_slash: {switched}")
+    phases = ", ".join(f"{k[:-2]} {v} s" for k, v in timing.items()
+                       if k.endswith("_s") and k not in ("total_s", "load_model_s"))
+    print(f"  time: {timing['total_s']} s calibrate + {timing['load_model_s']} s model load ({phases})")
     if args.png:
         from .heatmap import plan_heatmap
 

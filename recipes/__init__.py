@@ -167,16 +167,19 @@ class Sensitivity(_Strict):
 class Answers(_Strict):
     """Dense heads that talk the model out of answering (budget recipes).
 
-    After the allocation, every head it left dense is tried alone as the vertical_slash candidate
-    closest to the target density (the sensitivity probe) on synthetic needle prompts with known
-    answers: the change of the right answer's first-token margin (its logit minus the best other
-    token's) is the head's gain. Heads gaining more than `min_gain` are switched together; while
-    the switched plan raises the mean next-token loss of the first calibration prompt (cut to
-    `length`) by more than `max_nll_increase` nats over the allocated plan, the smallest-gain
-    switch is undone. Why: on SmolLM2-135M some dense heads of layer 0 move long repetitive
-    prompts toward answers in words ("a special key that ...") instead of the number the model
-    found, at no perplexity cost when sparse. Costs, per prompt, about one forward at `length`
-    per dense head (layers before the head's are replayed, not recomputed) plus two text forwards."""
+    After the allocation, every head it left dense (and allowed the probe) is tried alone as the
+    vertical_slash candidate with equal vertical and slash budgets closest to the target density,
+    on synthetic needle prompts with known answers: the change of the right answer's first-token
+    margin (its logit minus the best other token's) is the head's gain. Heads gaining more than
+    `min_gain` are switched together; while the switched plan raises the mean next-token loss on
+    the first `text_tokens` tokens of the first calibration prompt by more than
+    `max_nll_increase` nats over the allocated plan, the smallest-gain switch is undone.
+    Why: on SmolLM2-135M single dense heads of layer 0 move long repetitive prompts toward
+    answers in words ("a special key that ...") instead of the number the model found, the same
+    way on every prompt, and cost no perplexity as vertical_slash. Costs, per prompt, about one
+    forward at `length` per dense head (layers before the head's are replayed, not recomputed),
+    plus two or more text forwards. Gains are measured one head at a time; their sum is not
+    re-measured."""
 
     task: str = "passkey"
     prompts: int = Field(default=1, ge=1, description="needle prompts (their needles in the last part, see min_depth)")
@@ -187,6 +190,7 @@ class Answers(_Strict):
     min_gain: float = Field(default=0.02, ge=0, description="mean margin gain (logits) that makes a head a switch")
     max_nll_increase: float = Field(default=0.005, ge=0, description=(
         "most the switches may add to the mean next-token loss, in nats (0.005: about +0.5 % perplexity)"))
+    text_tokens: int = Field(default=2048, ge=16, description="tokens of the calibration prompt the text loss is taken on")
 
 
 class Recipe(_Strict):

@@ -576,7 +576,6 @@ def test_answers_stage_switches_the_heads_that_raise_the_margin(stories):
     later = max(dense)  # a head whose layer has a replayed prefix
     assert later[0] > 0
     assert info["gains"][f"{later[0]}.{later[1]}"] == pytest.approx(margin(with_probe([later])) - margin(plain), abs=2e-4)
-    assert info["final_margin"] == pytest.approx(margin(with_probe(switched)), abs=1e-4)
     assert plan.calibration["expected_density"]["128"] < plain.calibration["expected_density"]["128"]
 
 
