@@ -1,6 +1,7 @@
 """Plan variants of evals/bench/plan_ablation.py: each edit lands on exactly the heads it names."""
 
 import pytest
+import torch
 
 from patchattn.evals.bench.plan_ablation import build_variant
 from patchattn.plan import Plan
@@ -146,7 +147,8 @@ def test_first_token_margin_agrees_with_greedy_decoding():
     assert margins == pytest.approx(alone, abs=1e-4)
     for s, m in zip(samples, margins):
         first = tok(s.prompt + " " + s.answers[0])["input_ids"][len(tok(s.prompt)["input_ids"])]
-        out = model(**tok(s.prompt, return_tensors="pt"), logits_to_keep=1).logits[0, -1]
+        with torch.no_grad():
+            out = model(**tok(s.prompt, return_tensors="pt"), logits_to_keep=1).logits[0, -1]
         assert (m > 0) == (int(out.argmax()) == first)
         # the margin is the answer token's logit minus the best other one's
         others = out.clone()
