@@ -78,19 +78,24 @@ def _stopped(tokenizer, tokens: List[int], stop: Sequence[str]) -> bool:
     return any(s and s in text for s in stop)
 
 
+def left_padded(tokenizer, prompts: Sequence[str], device) -> Tuple[torch.Tensor, dict]:
+    """(input_ids, extra forward kwargs) for a batch of prompts, left-padded so that every
+    row's next token sits at the right edge. Batch 1 has no padding: no mask is passed, so the
+    model (and a sparse patch) sees plain causal attention."""
+    enc = tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="left").to(device)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    if len(prompts) == 1:
+        return ids, {}
+    return ids, {"attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
+
+
 @torch.inference_mode()
 def greedy_generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int,
                     stop: Sequence[str] = (), prefill_repeats: int = 1) -> Tuple[List[str], float]:
     """Greedy completions of `prompts` (one batch) and the seconds the prompt forward took
     (the fastest of `prefill_repeats` identical forwards)."""
     device = model.device
-    # Left padding: every row's next token then sits at the right edge.
-    enc = tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="left").to(device)
-    ids, mask = enc["input_ids"], enc["attention_mask"]
-    # Batch 1 has no padding: pass no mask, so the model (and a sparse patch) sees plain causal.
-    extra = {}
-    if len(prompts) > 1:
-        extra = {"attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
+    ids, extra = left_padded(tokenizer, prompts, device)
     prefill_s, out = float("inf"), None
     for _ in range(max(1, prefill_repeats)):
         out = None  # free the previous repeat's KV cache before the next forward
@@ -114,6 +119,7 @@ def greedy_generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: in
         if all(done) or step == max_new_tokens - 1:
             break
         if "attention_mask" in extra:
+            mask = extra["attention_mask"]
             mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=-1)
             extra.update(attention_mask=mask, position_ids=extra["position_ids"][:, -1:] + 1)
         extra[cache_arg] = _cache_of(out)

@@ -408,6 +408,18 @@ def decoder_layers(model) -> Optional[List[torch.nn.Module]]:
 
 
 @contextmanager
+def _recorded(layers: List[torch.nn.Module], outputs: List):
+    """outputs[i] receives layer i's output during the forwards inside (for `_replayed`)."""
+    hooks = [layer.register_forward_hook(lambda mod, args, out, i=i: outputs.__setitem__(i, out))
+             for i, layer in enumerate(layers)]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+@contextmanager
 def _replayed(layers: List[torch.nn.Module], outputs: List, upto: int):
     """Layers [0, upto) return the outputs recorded from a forward on the same inputs instead of
     computing them again (they are dense in both runs, so the values are the same)."""
@@ -461,13 +473,8 @@ def layer_sensitivity(model, prompt_ids, probe: dict, length: int, rcp, seed: in
         # One dense forward gives the probe's local losses (verify_plan), the reference
         # log-probabilities and the layer outputs to replay.
         outputs: List = [None] * n_layers
-        hooks = [layer.register_forward_hook(lambda mod, args, out, j=j: outputs.__setitem__(j, out))
-                 for j, layer in enumerate(layers or [])]
-        try:
+        with _recorded(layers or [], outputs):
             probed = verify_plan(model, everywhere, full[:length], rows, logits_rows=rows)
-        finally:
-            for h in hooks:
-                h.remove()
         local_kl += probed["kl"] / len(prompts)
         local_lost += (1 - probed["recall"]) / len(prompts)
         ref = probed["log_probs"]
@@ -540,37 +547,26 @@ def answer_switches(model, tokenizer, choice: torch.Tensor, specs: List[dict], p
         table = [[specs[int(ch[l * n_heads + h])] for h in range(n_heads)] for l in range(n_layers)]
         return build_plan(model, table, {"tool": "patchattn.calibrate: answers"})
 
-    def margin(ch, outputs=None, upto=0) -> float:
+    # Every prompt's layer outputs under the allocated plan, replayed below a probed head's layer.
+    outputs: List[List] = [[None] * n_layers for _ in prompts]
+
+    def margin(ch, upto: int = 0, record: bool = False) -> float:
         total = 0.0
-        for j, (ids, target) in enumerate(prompts):
-            with patched(model, plan_of(ch)), _replayed(layers or [], outputs[j] if outputs else [], upto), \
-                    torch.inference_mode():
+        for (ids, target), out in zip(prompts, outputs):
+            with patched(model, plan_of(ch)), _recorded((layers or []) if record else [], out), \
+                    _replayed(layers or [], out, upto if layers else 0), torch.inference_mode():
                 logits = model(input_ids=ids, use_cache=False, logits_to_keep=1).logits[:, -1]
             total += float(answer_margins(logits, [target])[0])
         return total / len(prompts)
 
     bar = tqdm(total=len(dense) + 1, desc="calibrate: answers", disable=not progress)
-    # The allocated plan once, recording every layer's output per prompt for the replays.
-    outputs: List[List] = [[None] * n_layers for _ in prompts]
-    hooks = [layer.register_forward_hook(lambda mod, args, out, l=l: outputs[current[0]].__setitem__(l, out))
-             for l, layer in enumerate(layers or [])]
-    current = [0]
-    base = 0.0
-    try:
-        for j, (ids, target) in enumerate(prompts):
-            current[0] = j
-            with patched(model, plan_of(choice)), torch.inference_mode():
-                logits = model(input_ids=ids, use_cache=False, logits_to_keep=1).logits[:, -1]
-            base += float(answer_margins(logits, [target])[0]) / len(prompts)
-    finally:
-        for hk in hooks:
-            hk.remove()
+    base = margin(choice, record=True)
     bar.update(1)
     gains = {}
     for i in dense:
         trial = choice.clone()
         trial[i] = probe
-        gains[i] = margin(trial, outputs if layers else None, (i // n_heads) if layers else 0) - base
+        gains[i] = margin(trial, upto=i // n_heads) - base
         bar.update(1)
     bar.close()
     switched = sorted((i for i in dense if gains[i] > a.min_gain), key=lambda i: (-gains[i], i))

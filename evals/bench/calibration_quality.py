@@ -33,7 +33,7 @@ import torch
 from patchattn import Plan, patch_model, reset_stats, stats, unpatch_model
 from patchattn.evals import synthetic
 from patchattn.evals.perplexity import perplexity, read_text, token_windows
-from patchattn.evals.runner import greedy_generate
+from patchattn.evals.runner import greedy_generate, left_padded
 from patchattn.models import load
 from patchattn.profiling import answer_margins, answer_token
 
@@ -171,12 +171,8 @@ def first_token_margins(model, tokenizer, samples: list) -> List[float]:
     between answering with the number and answering in words, the only way those prompts fail."""
     device = next(model.parameters()).device
     targets = [answer_token(tokenizer, s.prompt, s.answers[0]) for s in samples]
-    enc = tokenizer([s.prompt for s in samples], return_tensors="pt", padding=True, padding_side="left").to(device)
-    extra = {}
-    if len(samples) > 1:
-        mask = enc["attention_mask"]
-        extra = {"attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
-    logits = model(input_ids=enc["input_ids"], use_cache=False, logits_to_keep=1, **extra).logits[:, -1]
+    ids, extra = left_padded(tokenizer, [s.prompt for s in samples], device)
+    logits = model(input_ids=ids, use_cache=False, logits_to_keep=1, **extra).logits[:, -1]
     return answer_margins(logits, targets).tolist()
 
 
