@@ -91,6 +91,51 @@ def test_passkey_paired_statistics():
     assert c["p"] == pytest.approx(1.0)  # 2 vs 1 of 3: 2 * P(X <= 1) = 2 * 4/8 -> capped at 1
 
 
+def test_merge_split_run_parts(tmp_path):
+    """--merge joins the rows of a run split by --rows into one table with the acceptance checks,
+    keeps each row's device, and refuses parts that disagree on a setting, repeat a row, or whose
+    uniform rows were matched to another density."""
+    import json
+
+    from patchattn.evals.bench.calibration_quality import main, merge_parts
+
+    settings = {"model": "m", "plan": "p.json", "plan_calibration": {"recipe_hash": "h"}, "dtype": "float32",
+                "text": "w.raw", "tokens": 64, "window": 32, "lengths": [8], "samples": 2, "seed": 1,
+                "haystack": None, "torch": "2.x", "seconds": 1.0}
+
+    def row(density, ppl, scores):
+        return {"density": density, "ppl": ppl, "passkey": {"8": sum(scores) / len(scores)},
+                "passkey_scores": {"8": scores}}
+
+    gpu = {**settings, "device": "cuda", "gpu": "H100", "target_density": None, "matched": {},
+           "rows": {"calibrated": row(0.23, 10.2, [1.0, 1.0])}}
+    cpu = {**settings, "device": "cpu", "gpu": None, "target_density": 0.23,
+           "matched": {"uniform_vertical_slash": {"scale": 0.1}, "uniform_streaming": {"scale": 0.1}},
+           "rows": {"uniform_streaming": row(0.231, 12.0, [0.0, 0.0]),
+                    "uniform_vertical_slash": row(0.229, 11.0, [1.0, 0.0])}}
+    dense = {**settings, "device": "cpu", "gpu": None, "target_density": None, "matched": {},
+             "rows": {"dense": row(1.0, 10.0, [0.0, 1.0])}}
+    merged = merge_parts([cpu, gpu, dense], ["u.json", "c.json", "d.json"])
+    assert list(merged["rows"]) == ["dense", "calibrated", "uniform_vertical_slash", "uniform_streaming"]
+    assert merged["row_devices"]["calibrated"]["gpu"] == "H100" and merged["row_devices"]["dense"]["device"] == "cpu"
+    assert merged["checks"] == {"density_le_0.25": True, "passkey_ge_dense": True, "ppl_within_3pct": True,
+                                "beats_uniform_ppl": True, "beats_uniform_passkey": True}
+    assert "| calibrated | 0.2300 | 1.00 | 10.200 | +2.00 % |" in merged["table"]
+    with pytest.raises(ValueError, match="'seed' differs"):
+        merge_parts([gpu, {**dense, "seed": 2}], ["c.json", "d.json"])
+    with pytest.raises(ValueError, match="row 'dense' is in both d.json and e.json"):
+        merge_parts([dense, dense], ["d.json", "e.json"])
+    with pytest.raises(ValueError, match="matched to density 0.3"):
+        merge_parts([gpu, {**cpu, "target_density": 0.3}], ["c.json", "u.json"])
+    # the CLI writes the merged file
+    names = []
+    for name, part in (("c.json", gpu), ("u.json", cpu), ("d.json", dense)):
+        (tmp_path / name).write_text(json.dumps(part))
+        names.append(str(tmp_path / name))
+    assert main(["--merge", ",".join(names), "--out", str(tmp_path / "all.json")]) == 0
+    assert json.loads((tmp_path / "all.json").read_text())["checks"]["beats_uniform_passkey"] is True
+
+
 def test_rescore_saved_completions(tmp_path):
     """--rescore rebuilds the samples from a result file's seed / lengths / count and scores its
     completions per depth quarter, without a model forward."""

@@ -247,6 +247,87 @@ def saved_passkey_scores(data: dict, tokenizer) -> Dict[int, Tuple[list, Dict[st
     return out
 
 
+def summarize(rows: Dict[str, dict], lengths: List[int]) -> Tuple[str, dict, List[dict]]:
+    """(markdown table, acceptance checks, paired passkey comparisons) of a run's rows. The checks
+    need every row and perplexity ({} otherwise); the comparisons need the calibrated row."""
+    dense_ppl = rows["dense"]["ppl"] if "dense" in rows else None
+
+    def ppl_cells(r):
+        if r["ppl"] is None:
+            return "– | –"
+        delta = f"{100 * (r['ppl'] / dense_ppl - 1):+.2f} %" if dense_ppl else "–"
+        return f"{r['ppl']:.3f} | {delta}"
+
+    header = "| plan | realized density | " + " | ".join(f"passkey@{n}" for n in lengths) + \
+             " | wikitext ppl | vs dense |"
+    lines = [header, "|" + "---|" * (4 + len(lengths))]
+    for name, r in rows.items():
+        acc = " | ".join(f"{r['passkey'][str(n)]:.2f}" for n in lengths)
+        lines.append(f"| {name} | {r['density']:.4f} | {acc} | {ppl_cells(r)} |")
+
+    checks = {}
+    if all(r in rows for r in ("dense", "calibrated", *UNIFORM)) and all(r["ppl"] is not None for r in rows.values()):
+        cal = rows["calibrated"]
+        checks = {
+            "density_le_0.25": cal["density"] <= 0.25,
+            "passkey_ge_dense": all(cal["passkey"][str(n)] >= rows["dense"]["passkey"][str(n)] for n in lengths),
+            "ppl_within_3pct": cal["ppl"] <= 1.03 * dense_ppl,
+            "beats_uniform_ppl": all(cal["ppl"] < rows[f]["ppl"] for f in UNIFORM),
+            "beats_uniform_passkey": all(cal["passkey"][str(n)] >= rows[f]["passkey"][str(n)] for f in UNIFORM for n in lengths),
+        }
+    paired = passkey_comparisons(rows, lengths) if "calibrated" in rows else []
+    return "\n".join(lines), checks, paired
+
+
+def print_summary(table: str, checks: dict, paired: List[dict]) -> None:
+    print(table)
+    if checks:
+        print("\nacceptance: " + ", ".join(f"{k}={'PASS' if v else 'FAIL'}" for k, v in checks.items()))
+    else:
+        print("\nacceptance checks need every row and perplexity: not evaluated in this (partial) run")
+    if paired:
+        print("\npasskey, paired on the same prompts (95 % Wilson intervals):\n" + "\n".join(comparison_lines(paired)))
+
+
+# What every part of a split run must agree on before its rows can share one table.
+SHARED_SETTINGS = ("model", "plan_calibration", "dtype", "text", "tokens", "window", "lengths", "samples", "seed",
+                   "haystack")
+
+
+def merge_parts(parts: List[dict], names: List[str]) -> dict:
+    """One result from the JSON files of a run split by --rows (across calls or machines): the
+    settings must agree (the same plan, prompts and text), every row must come from one part, and
+    uniform rows must have been matched to the calibrated row's density. Each row keeps the device
+    it ran on."""
+    first = parts[0]
+    for name, part in zip(names[1:], parts[1:]):
+        for key in SHARED_SETTINGS:
+            if part.get(key) != first.get(key):
+                raise ValueError(f"{name}: {key!r} differs from {names[0]}'s ({part.get(key)!r} vs {first.get(key)!r})")
+    rows, row_devices, matched = {}, {}, {}
+    for name, part in zip(names, parts):
+        for row, value in part["rows"].items():
+            if row in rows:
+                raise ValueError(f"row {row!r} is in both {row_devices[row]['file']} and {name}")
+            rows[row] = value
+            row_devices[row] = {"file": name, "device": part["device"], "gpu": part.get("gpu"), "torch": part["torch"]}
+        matched.update(part.get("matched", {}))
+    if "calibrated" in rows:
+        density = rows["calibrated"]["density"]
+        for name, part in zip(names, parts):
+            target = part.get("target_density")
+            if part.get("matched") and target is not None and abs(target - density) > 1e-9:
+                raise ValueError(f"{name}: its uniform rows were matched to density {target}, "
+                                 f"the calibrated row's is {density}")
+    order = [r for r in ("dense", "calibrated", *UNIFORM) if r in rows]
+    rows = {r: rows[r] for r in order}
+    table, checks, paired = summarize(rows, first["lengths"])
+    return {**{k: first.get(k) for k in ("model", "plan", *SHARED_SETTINGS)}, "parts": names,
+            "row_devices": {r: row_devices[r] for r in order}, "matched": matched, "rows": rows,
+            "checks": checks, "passkey_paired": paired, "table": table,
+            "seconds": sum(p["seconds"] for p in parts)}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
@@ -270,7 +351,21 @@ def main(argv=None) -> int:
                    help="family=scale,... : use these uniform scales (from an earlier search) instead of searching")
     p.add_argument("--target-density", type=float, default=None,
                    help="density the uniform plans match when the calibrated row is not run")
+    p.add_argument("--merge", default="",
+                   help="A.json,B.json,... : no run; one table and the acceptance checks from the results of "
+                        "a run split by --rows")
     args = p.parse_args(argv)
+    if args.merge:
+        names = [x for x in args.merge.split(",") if x]
+        merged = merge_parts([json.loads(Path(x).read_text()) for x in names], names)
+        print(f"\n{merged['model']} ({merged['dtype']}); rows from {', '.join(names)}; devices: "
+              + ", ".join(f"{r} {d['gpu'] or d['device']}" for r, d in merged["row_devices"].items()) + "\n")
+        print_summary(merged["table"], merged["checks"], merged["passkey_paired"])
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(merged, indent=2) + "\n")
+            print(f"wrote {args.out}")
+        return 0
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     model, tokenizer = load(args.model, dtype=getattr(torch, args.dtype), device=device)
@@ -317,49 +412,18 @@ def main(argv=None) -> int:
         print(f"{family}: scale {scale}, density {rows[family]['density']:.4f}, ppl {rows[family]['ppl']}, "
               f"passkey {rows[family]['passkey']}", flush=True)
 
-    dense_ppl = rows["dense"]["ppl"] if "dense" in rows else None
-
-    def ppl_cells(r):
-        if r["ppl"] is None:
-            return "– | –"
-        delta = f"{100 * (r['ppl'] / dense_ppl - 1):+.2f} %" if dense_ppl else "–"
-        return f"{r['ppl']:.3f} | {delta}"
-
-    header = "| plan | realized density | " + " | ".join(f"passkey@{n}" for n in lengths) + \
-             " | wikitext ppl | vs dense |"
-    lines = [header, "|" + "---|" * (4 + len(lengths))]
-    for name, r in rows.items():
-        acc = " | ".join(f"{r['passkey'][str(n)]:.2f}" for n in lengths)
-        lines.append(f"| {name} | {r['density']:.4f} | {acc} | {ppl_cells(r)} |")
-    table = "\n".join(lines)
-
-    checks = {}
-    if all(r in rows for r in ("dense", "calibrated", *UNIFORM)) and args.tokens:
-        cal = rows["calibrated"]
-        checks = {
-            "density_le_0.25": cal["density"] <= 0.25,
-            "passkey_ge_dense": all(cal["passkey"][str(n)] >= rows["dense"]["passkey"][str(n)] for n in lengths),
-            "ppl_within_3pct": cal["ppl"] <= 1.03 * dense_ppl,
-            "beats_uniform_ppl": all(cal["ppl"] < rows[f]["ppl"] for f in UNIFORM),
-            "beats_uniform_passkey": all(cal["passkey"][str(n)] >= rows[f]["passkey"][str(n)] for f in UNIFORM for n in lengths),
-        }
+    table, checks, paired = summarize(rows, lengths)
     print(f"\n{args.model} on {device} ({args.dtype}); ppl: {args.tokens} tokens of {Path(args.text).name}, "
           f"windows of {args.window}; passkey: {args.samples} samples per length, seed {args.seed}\n")
-    print(table)
-    if checks:
-        print("\nacceptance: " + ", ".join(f"{k}={'PASS' if v else 'FAIL'}" for k, v in checks.items()))
-    else:
-        print("\nacceptance checks need every row and perplexity: not evaluated in this (partial) run")
-    paired = passkey_comparisons(rows, lengths) if "calibrated" in rows else []
-    if paired:
-        print("\npasskey, paired on the same prompts (95 % Wilson intervals):\n" + "\n".join(comparison_lines(paired)))
+    print_summary(table, checks, paired)
     result = {
         "model": args.model, "plan": str(args.plan), "plan_calibration": {k: v for k, v in (plan.calibration or {}).items()
                                                                            if k != "heads"},
         "device": device, "dtype": args.dtype, "torch": torch.__version__, "machine": platform.machine(),
         "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
         "text": str(args.text), "tokens": args.tokens, "window": args.window, "lengths": lengths,
-        "samples": args.samples, "seed": args.seed, "haystack": args.haystack, "matched": matched, "rows": rows,
+        "samples": args.samples, "seed": args.seed, "haystack": args.haystack, "target_density": target,
+        "matched": matched, "rows": rows,
         "checks": checks, "passkey_paired": paired,
         "table": table, "seconds": time.perf_counter() - started,
     }
