@@ -328,6 +328,12 @@ def merge_parts(parts: List[dict], names: List[str]) -> dict:
             "seconds": sum(p["seconds"] for p in parts)}
 
 
+def _write_json(path: str, data: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(data, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
@@ -362,9 +368,7 @@ def main(argv=None) -> int:
               + ", ".join(f"{r} {d['gpu'] or d['device']}" for r, d in merged["row_devices"].items()) + "\n")
         print_summary(merged["table"], merged["checks"], merged["passkey_paired"])
         if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps(merged, indent=2) + "\n")
-            print(f"wrote {args.out}")
+            _write_json(args.out, merged)
         return 0
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
@@ -428,9 +432,7 @@ def main(argv=None) -> int:
         "table": table, "seconds": time.perf_counter() - started,
     }
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.out}")
+        _write_json(args.out, result)
     return 0
 
 
